@@ -1,0 +1,120 @@
+"""Pipeline name -> pipeline. The node, the CLI and notebooks look pipelines up here.
+
+A pipeline is a plain function ``run(study, params, ctx) -> list[QuantitativeMap | ReconImage]`` with a typed
+parameter list, so it can run from a notebook with arrays in and maps out, with no server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from pipelines.types import ImageStudy, PipelineOutput, RawStudy
+
+InputKind = Literal["raw", "images"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One settable parameter: ``--set name=value`` on the CLI, ``params:`` in a site route."""
+
+    type: type
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+
+    def parse(self, name: str, value: Any) -> Any:
+        try:
+            if self.type is bool and isinstance(value, str):
+                low = value.strip().lower()
+                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                out: Any = low in ("1", "true", "yes", "on")
+            else:
+                out = self.type(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"parameter {name!r}: {value!r} is not a valid {self.type.__name__}") from None
+        if self.choices is not None and out not in self.choices:
+            raise ValueError(f"parameter {name!r}: {out!r} is not one of {', '.join(map(str, self.choices))}")
+        return out
+
+
+@dataclass
+class RunContext:
+    """What a pipeline may use from its environment: a device, a cache folder, a logger, progress bars."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cache_dir: Path | None = None
+    progress: bool = False
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("pipelines"))
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    name: str
+    input_kind: InputKind
+    summary: str
+    run: Callable[[Any, dict[str, Any], RunContext], list[PipelineOutput]]
+    params: dict[str, Param] = field(default_factory=dict)
+
+    def resolve_params(self, given: dict[str, Any] | None) -> dict[str, Any]:
+        """Defaults overlaid with ``given``; unknown names and bad values are errors that list what is valid."""
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.params))
+        if unknown:
+            valid = ", ".join(sorted(self.params)) or "none"
+            raise ValueError(f"pipeline {self.name!r} has no parameter {', '.join(map(repr, unknown))} "
+                             f"(valid: {valid})")
+        return {k: (p.parse(k, given[k]) if k in given else p.default) for k, p in self.params.items()}
+
+    def __call__(self, study: RawStudy | ImageStudy, params: dict[str, Any] | None = None,
+                 ctx: RunContext | None = None) -> list[PipelineOutput]:
+        want = RawStudy if self.input_kind == "raw" else ImageStudy
+        if not isinstance(study, want):
+            what = "raw MR data (ISMRMRD)" if self.input_kind == "raw" else "an image series (DICOM)"
+            raise ValueError(f"pipeline {self.name!r} takes {what}, got {type(study).__name__}")
+        return self.run(study, self.resolve_params(params), ctx or RunContext())
+
+
+_REGISTRY: dict[str, PipelineSpec] = {}
+
+
+def register(spec: PipelineSpec) -> PipelineSpec:
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
+        raise ValueError(f"pipeline {spec.name!r} is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load_builtin() -> None:
+    # Importing a pipeline module registers it; kept lazy so `import pipelines.registry` stays cheap.
+    from pipelines import builtin  # noqa: F401
+
+
+def get_pipeline(name: str) -> PipelineSpec:
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown pipeline {name!r}: registered are {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_pipelines() -> list[PipelineSpec]:
+    _load_builtin()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else CPU; ``cuda`` without a GPU is an error that says so."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but no CUDA GPU is available (use 'auto' or 'cpu')")
+    if preference not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {preference!r}")
+    return torch.device(preference)

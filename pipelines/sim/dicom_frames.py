@@ -1,0 +1,225 @@
+"""Write MRF frames of a :class:`SimulatedStudy` as a DICOM MR Image Storage series (one instance per frame).
+
+This is the "image input" a scanner would push over C-STORE when it reconstructs the fingerprint frames itself.
+
+Choices:
+
+* **Pixels.** Magnitude of ``images`` (default ``study.fingerprints``), uint16, with one scale for the whole series:
+  ``stored = round(|image| * 4000 / max|images|)``. A series-wide scale keeps the frames comparable to each other,
+  which is all fingerprint matching needs (it normalises each voxel's time course). No RescaleSlope/Intercept:
+  the MR Image IOD does not include the Modality LUT module, so stored values *are* the pixel values; the scale
+  factor is written in ImageComments for humans. BitsStored 16, so any ``images`` fit.
+* **Timing.** Per frame: FlipAngle, RepetitionTime, EchoTime from the schedule; InversionTime is the preparation
+  TI (the same on every frame: the time from inversion to a frame is TI + the TRs before it, which a reader
+  recovers from the TRs). AcquisitionTime/ContentTime advance with the schedule from the study time.
+* **Order.** InstanceNumber = TemporalPositionIdentifier = AcquisitionNumber = frame + 1;
+  NumberOfTemporalPositions = number of frames.
+* **UIDs.** Deterministic, so rerunning a simulation gives the same instances: ``2.25.<uuid5>`` derived from the
+  study UID, series number and seed. The SeriesInstanceUID is ``study.study.series_instance_uid`` when set and the
+  default images (the fingerprints) are written; any other ``images`` get a derived series UID, so two different
+  image sets never share a series.
+* Explicit VR Little Endian, file meta with our implementation class UID, character set ISO_IR 192 (UTF-8) so
+  non-ASCII patient names survive.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, UID, MRImageStorage
+from pydicom.valuerep import format_number_as_ds
+
+from pipelines.sim.study import SimulatedStudy
+
+# Largest stored value: leaves headroom below 4095 so a 12-bit display pipeline never clips.
+MAX_STORED_VALUE = 4000
+# Name-space for UUID-derived UIDs (uuid5 of this namespace + our key strings).
+_UID_NAMESPACE = uuid.UUID("6f1c0d0e-6a3b-5c1e-9b7d-3e5a2f4c8d10")
+
+
+def deterministic_uid(*parts: object) -> str:
+    """A valid DICOM UID (2.25.<128-bit integer>) that depends only on ``parts``."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(str(p) for p in parts)).int}"
+
+
+def _ds(value: float) -> str:
+    # DS holds at most 16 characters; format_number_as_ds keeps the most digits that fit.
+    return format_number_as_ds(float(value))
+
+
+def _frame_times(study: SimulatedStudy, n_frames: int) -> tuple[list[str], str]:
+    """Acquisition time of each frame (TM) and the study date, '' where the study has no date/time."""
+    d, t = study.study.study_date, study.study.study_time.split(".")[0]
+    if not (len(d) == 8 and d.isdigit() and len(t) == 6 and t.isdigit()):
+        return [""] * n_frames, d
+    start = datetime.strptime(d + t, "%Y%m%d%H%M%S")
+    seq = study.sequence
+    offsets = (seq.ti_ms or 0.0) + np.concatenate([[0.0], np.cumsum(seq.tr_ms)[: n_frames - 1]])
+    times = [(start + timedelta(milliseconds=float(ms))).strftime("%H%M%S.%f") for ms in offsets]
+    return times, d
+
+
+def write_dicom_frames(
+    study: SimulatedStudy,
+    out_dir: str | Path,
+    images: np.ndarray | None = None,
+    series_number: int = 100,
+) -> list[Path]:
+    """Write one MR Image Storage instance per frame of ``images`` ([frames, y, x], default the fingerprints).
+
+    Returns the written paths (``out_dir/frame_0001.dcm`` ...), in frame order.
+    """
+    default_images = images is None
+    imgs = np.abs(np.asarray(study.fingerprints if images is None else images))
+    if imgs.ndim == 4 and imgs.shape[1] == 1:
+        imgs = imgs[:, 0]
+    if imgs.ndim != 3:
+        raise ValueError(f"images must be [frames, y, x], got shape {imgs.shape}")
+    n_frames, rows, cols = imgs.shape
+    g = study.geometry
+    if (rows, cols) != tuple(g.matrix):
+        raise ValueError(f"images are {rows}x{cols} but the study geometry is {g.matrix[0]}x{g.matrix[1]}")
+    seq = study.sequence
+    if seq.n_frames != n_frames:
+        raise ValueError(f"{n_frames} image frames but the sequence {seq.name!r} has {seq.n_frames}")
+    if not np.all(np.isfinite(imgs)):
+        raise ValueError("images contain NaN or infinite values")
+
+    peak = float(imgs.max())
+    scale = MAX_STORED_VALUE / peak if peak > 0 else 1.0
+    stored = np.clip(np.rint(imgs * scale), 0, 65535).astype(np.uint16)
+
+    info = study.study
+    study_uid = info.study_instance_uid or deterministic_uid("study", info.patient_id, study.seed)
+    key = (study_uid, series_number, study.seed)
+    if default_images and info.series_instance_uid:
+        series_uid = info.series_instance_uid
+    else:
+        series_uid = deterministic_uid("series", *key)
+    frame_of_ref = info.frame_of_reference_uid or g.frame_of_reference_uid or deterministic_uid("for", study_uid)
+    times, date = _frame_times(study, n_frames)
+    b0 = float(study.field_strength_T)
+    row_dir = np.asarray(g.orientation[:3], dtype=np.float64)
+    col_dir = np.asarray(g.orientation[3:], dtype=np.float64)
+    position = np.asarray(g.positions[0], dtype=np.float64)
+    slice_location = float(np.dot(position, np.cross(row_dir, col_dir)))
+    inversion = seq.ti_ms is not None
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for f in range(n_frames):
+        sop_uid = deterministic_uid("instance", *key, f)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = "RECON_NODE_SIM"
+
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        # SOP common
+        ds.SOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.InstanceCreationDate = date
+        ds.InstanceCreationTime = times[0].split(".")[0] if times[0] else ""
+        # Patient
+        ds.PatientName = info.patient_name
+        ds.PatientID = info.patient_id
+        ds.PatientBirthDate = info.patient_birth_date
+        ds.PatientSex = info.patient_sex if info.patient_sex in ("M", "F", "O") else ""
+        # General study
+        ds.StudyInstanceUID = study_uid
+        ds.StudyDate = info.study_date
+        ds.StudyTime = info.study_time
+        ds.ReferringPhysicianName = info.referring_physician
+        ds.StudyID = info.study_id
+        ds.AccessionNumber = info.accession_number
+        if info.study_description:
+            ds.StudyDescription = info.study_description
+        # General series
+        ds.Modality = "MR"
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = series_number
+        ds.SeriesDate = info.study_date
+        ds.SeriesTime = info.study_time
+        ds.SeriesDescription = info.series_description or f"MRF {seq.name} frames"
+        if info.protocol_name:
+            ds.ProtocolName = info.protocol_name
+        ds.PatientPosition = "HFS"
+        # Type 2C (paired body parts); the simulator does not say which part it imaged, so: present and empty.
+        ds.Laterality = ""
+        # Frame of reference
+        ds.FrameOfReferenceUID = frame_of_ref
+        ds.PositionReferenceIndicator = ""
+        # General equipment
+        ds.Manufacturer = info.manufacturer or "recon-node"
+        ds.ManufacturerModelName = "MRF simulator"
+        if info.institution_name:
+            ds.InstitutionName = info.institution_name
+        if info.station_name:
+            ds.StationName = info.station_name
+        ds.SoftwareVersions = "recon-node"
+        # General image
+        ds.InstanceNumber = f + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+        ds.AcquisitionNumber = f + 1
+        ds.AcquisitionDate = date
+        ds.AcquisitionTime = times[f]
+        ds.ContentDate = date
+        ds.ContentTime = times[f]
+        ds.ImageComments = (
+            f"MRF frame {f + 1}/{n_frames}; pixel = |signal| x {scale:.6g} (one scale for the whole series)"
+        )
+        # Image plane
+        ds.PixelSpacing = [_ds(g.pixel_spacing_mm[0]), _ds(g.pixel_spacing_mm[1])]
+        ds.ImageOrientationPatient = [_ds(v) for v in g.orientation]
+        ds.ImagePositionPatient = [_ds(v) for v in position]
+        ds.SliceThickness = _ds(g.slice_thickness_mm)
+        ds.SliceLocation = _ds(slice_location)
+        # Image pixel
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = rows
+        ds.Columns = cols
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        ds.PixelData = stored[f].tobytes()
+        # MR image
+        ds.ScanningSequence = ["GR", "IR"] if inversion else "GR"
+        ds.SequenceVariant = "SS"  # FISP: unbalanced steady-state free precession
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = "2D"
+        ds.SequenceName = f"mrf_{seq.readout}"
+        ds.RepetitionTime = _ds(seq.tr_ms[f])
+        ds.EchoTime = _ds(seq.te_ms[f])
+        if inversion:
+            ds.InversionTime = _ds(seq.ti_ms)
+        ds.EchoTrainLength = 1
+        ds.FlipAngle = _ds(seq.flip_angles_deg[f])
+        ds.VariableFlipAngleFlag = "Y"
+        ds.NumberOfAverages = "1"
+        ds.ImagingFrequency = _ds(42.577478 * b0)
+        ds.ImagedNucleus = "1H"
+        ds.MagneticFieldStrength = _ds(b0)
+        ds.EchoNumbers = "1"
+        ds.AcquisitionMatrix = [0, cols, rows, 0]
+        ds.InPlanePhaseEncodingDirection = "COL"
+        ds.TemporalPositionIdentifier = f + 1
+        ds.NumberOfTemporalPositions = n_frames
+        # VOI LUT: the full stored range
+        ds.WindowCenter = _ds(MAX_STORED_VALUE / 2)
+        ds.WindowWidth = _ds(MAX_STORED_VALUE)
+
+        path = out / f"frame_{f + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

@@ -1,0 +1,30 @@
+"""Shared test set-up: explicit thread counts (CI has 2 cores) and small simulated studies."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def short_fisp():
+    """The first 200 TRs of the built-in FISP schedule: realistic pulses, test-sized runtime."""
+    from pipelines.physics.sequences import MRFSequence, fisp_sequence
+
+    s = fisp_sequence()
+    n = 200
+    return MRFSequence("fisp200", s.flip_angles_deg[:n], s.tr_ms[:n], s.te_ms[:n], ti_ms=s.ti_ms)
+
+
+@pytest.fixture(scope="session")
+def cartesian_study(short_fisp):
+    """Fully sampled, noiseless Cartesian brain study, 32x32, 4 coils."""
+    from pipelines.sim.acquisition import AcquisitionSettings, simulate_study
+
+    return simulate_study("brain", short_fisp, AcquisitionSettings(coils=4, snr=float("inf")), matrix=32)

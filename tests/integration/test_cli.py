@@ -1,0 +1,108 @@
+"""`recon-node simulate` -> `recon-node process` through the installed console script, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from pipelines.physics.sequences import MRFSequence, fisp_sequence
+
+pytestmark = pytest.mark.integration
+ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
+
+
+def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, env=ENV,
+                       timeout=300)
+    if ok:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    s = fisp_sequence()
+    seq = MRFSequence("fisp120", s.flip_angles_deg[:120], s.tr_ms[:120], s.te_ms[:120], ti_ms=s.ti_ms)
+    seq.save_json(d / "seq.json")
+    p = run("simulate", "--phantom", "brain", "--matrix", "32", "--coils", "4", "--snr", "inf",
+            "--sequence", str(d / "seq.json"), "--out", str(d / "brain.h5"), "--dicom-out", str(d / "frames"),
+            "--quiet")
+    assert "wrote" in p.stdout
+    return d
+
+
+def test_simulate_writes_ismrmrd_truth_and_dicom(simulated):
+    d = simulated
+    assert (d / "brain.h5").stat().st_size > 0
+    truth = np.load(d / "brain_truth.npz")
+    for key in ("t1_ms", "t2_ms", "ff_percent", "pd", "b1", "df_hz", "labels"):
+        assert truth[key].shape == (32, 32), key
+    assert truth["t1_ms"][truth["labels"] > 0].max() > 1000  # real units: ms
+    assert len(list((d / "frames").glob("*.dcm"))) == 120
+    info = subprocess.run(["/usr/bin/ismrmrd_info", str(d / "brain.h5")], capture_output=True, text=True)
+    assert info.returncode == 0
+
+
+def test_process_reconstructs_frames_and_writes_valid_dicom(simulated, tmp_path):
+    d = simulated
+    out = tmp_path / "out"
+    p = run("process", str(d / "brain.h5"), "--pipeline", "cartesian_frames", "--set", "frames=0,60,119",
+            "--out", str(out), "--quiet")
+    assert "cartesian_frames" in p.stdout
+    images = np.load(out / "images.npz")["image"]
+    assert images.shape == (3, 32, 32)
+    # Compare with the ground-truth fingerprints, which the simulator also wrote as DICOM frames (magnitude).
+    frames = sorted((d / "frames").glob("*.dcm"))
+    ref = np.stack([pydicom.dcmread(frames[i]).pixel_array.astype(float) for i in (0, 60, 119)])
+    mask = np.load(d / "brain_truth.npz")["mask"].astype(bool)
+    # Coil maps estimated from the data leave one real scale per voxel (the coil RSS): each voxel's time
+    # course must be proportional to the truth, up to the uint16 quantisation of the reference.
+    a, b = np.abs(images)[:, mask], ref[:, mask]
+    scale = (a * b).sum(0) / (b * b).sum(0)
+    assert np.linalg.norm(a - scale * b) / np.linalg.norm(a) < 5e-3
+    files = sorted((out / "dicom").rglob("*.dcm"))
+    assert len(files) == 3
+    ds = pydicom.dcmread(files[0])
+    src = pydicom.dcmread(frames[0])
+    assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == src.PatientID
+    assert ds.SeriesInstanceUID != src.SeriesInstanceUID and "DERIVED" in ds.ImageType
+    if shutil.which("dciodvfy"):
+        v = subprocess.run(["dciodvfy", str(files[0])], capture_output=True, text=True)
+        errors = [line for line in (v.stdout + v.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, errors
+    # Rerun: the same UIDs (idempotent output).
+    run("process", str(d / "brain.h5"), "--pipeline", "cartesian_frames", "--set", "frames=0,60,119",
+        "--out", str(out), "--quiet")
+    assert pydicom.dcmread(files[0]).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_errors_are_one_readable_line(simulated, tmp_path):
+    p = run("process", str(tmp_path / "missing.h5"), "--pipeline", "cartesian_frames", "--out", str(tmp_path),
+            ok=False)
+    assert p.returncode == 2 and p.stderr.strip().startswith("error:") and "does not exist" in p.stderr
+    p = run("process", str(simulated / "brain.h5"), "--pipeline", "nope", "--out", str(tmp_path), ok=False)
+    assert p.returncode == 2 and "unknown pipeline 'nope'" in p.stderr and "cartesian_frames" in p.stderr
+    p = run("process", str(simulated / "brain.h5"), "--pipeline", "cartesian_frames", "--set", "bogus=1",
+            "--out", str(tmp_path), ok=False)
+    assert p.returncode == 2 and "no parameter 'bogus'" in p.stderr
+    p = run("process", str(simulated / "frames"), "--pipeline", "cartesian_frames", "--out", str(tmp_path),
+            ok=False)
+    assert p.returncode == 2 and "takes raw MR data" in p.stderr
+    p = run("simulate", "--sequence", "nope", "--out", str(tmp_path / "x.h5"), ok=False)
+    assert p.returncode == 2 and "unknown sequence" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_every_subcommand_has_help():
+    for cmd in ("version", "simulate", "process", "pipelines"):
+        assert run(cmd, "--help").stdout.startswith("usage: recon-node " + cmd)
+    assert "cartesian_frames" in run("pipelines").stdout
+    assert "recon-node" in run("version").stdout
