@@ -163,10 +163,8 @@ def mrpro_simulator(EPG, seq: MRFSequence, device: str, dtype: torch.dtype, exac
 
     blocks = []
     if seq.ti_ms is not None:
-        if exact_inversion:
-            blocks.append(EPG.DelayBlock(seq.ti_ms * 1e-3))
-        else:
-            blocks.append(EPG.InversionBlock(seq.ti_ms * 1e-3))
+        ti = torch.tensor(seq.ti_ms * 1e-3, dtype=dtype, device=device)  # a Python float would become float32
+        blocks.append(EPG.DelayBlock(ti) if exact_inversion else EPG.InversionBlock(ti))
     blocks.append(EPG.FispBlock(t(np.deg2rad(seq.flip_angles_deg)), 0.0, t(seq.te_ms * 1e-3), t(seq.tr_ms * 1e-3)))
     sequence = EPG.EPGSequence(blocks)
     cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64

@@ -24,7 +24,6 @@ Choices:
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -33,19 +32,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, UID, MRImageStorage
 from pydicom.valuerep import format_number_as_ds
 
+from pipelines.io.dicom_uids import deterministic_uid
 from pipelines.sim.study import SimulatedStudy
 
 # Largest stored value: leaves headroom below 4095 so a 12-bit display pipeline never clips.
 MAX_STORED_VALUE = 4000
-# Name-space for UUID-derived UIDs (uuid5 of this namespace + our key strings).
-_UID_NAMESPACE = uuid.UUID("6f1c0d0e-6a3b-5c1e-9b7d-3e5a2f4c8d10")
-
-
-def deterministic_uid(*parts: object) -> str:
-    """A valid DICOM UID (2.25.<128-bit integer>) that depends only on ``parts``."""
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(str(p) for p in parts)).int}"
-
-
 def _ds(value: float) -> str:
     # DS holds at most 16 characters; format_number_as_ds keeps the most digits that fit.
     return format_number_as_ds(float(value))
