@@ -52,8 +52,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_PEER_PYTHON = "/work/bench-venv/bin/python"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _peer  # noqa: E402
+
+REPO = _peer.REPO
+DEFAULT_PEER_PYTHON = _peer.DEFAULT_PEER_PYTHON
 FIELD_T = 3.0
 AGREE_N = 256  # fingerprints compared with mrpro (float64 in both)
 
@@ -135,17 +138,8 @@ def best_time(fn, warm, device: str, repeats: int) -> float:
 
 # ---- mrpro (runs in the peer venv) ---------------------------------------------------------------------
 def import_mrpro_epg():
-    import types
-
-    # torchvision is used only by mrpro.phantoms.brainweb; the CPU wheel's torchvision may not load.
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
-            sys.modules[name] = types.ModuleType(name)
-        sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
-        sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
-    import mrpro
+    # torchvision is used only by mrpro.phantoms.brainweb; the CPU wheel's torchvision may not load (_peer stubs it).
+    mrpro = _peer.import_mrpro()
     from mrpro.operators.models import EPG
 
     return mrpro, EPG
@@ -226,7 +220,7 @@ def run_mrpro(args, device: str, threads: int, out: str | None) -> dict:
         cmd_args += ["--worker-out", out]
     peer = Path(args.mrpro_python)
     if peer.exists():
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
+        env = _peer.thread_env(threads)
         proc = subprocess.run([str(peer), str(Path(__file__).resolve()), *cmd_args], capture_output=True, text=True,
                               env=env, cwd=str(REPO))
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -386,7 +380,8 @@ def main() -> None:
     for n in notes:
         print(f"* {n}")
     print(f"Command: `{cmd}`  ")
-    print(f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+    omp = os.environ.get("OMP_NUM_THREADS")
+    print(f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, OMP_NUM_THREADS={omp}, "
           f"torch {torch.__version__}, Python {platform.python_version()}"
           + (f", CUDA {torch.cuda.get_device_name(0)}" if "cuda" in devices else "") + "  ")
     print("Water/fat K: water/fat orders (default_n_states for T2w <= 200 ms / T2f <= 120 ms); "

@@ -145,6 +145,7 @@ class ImageStudy:
     flip_angles_deg: np.ndarray | None = None  # per frame, when the instances carry them
     tr_ms: np.ndarray | None = None
     te_ms: np.ndarray | None = None
+    ti_ms: float | None = None  # inversion time of the preparation, when the instances carry one
     is_magnitude: bool = True
     sop_instance_uids: list[str] = field(default_factory=list)  # sources, for references in outputs
     sop_class_uid: str = ""

@@ -28,3 +28,11 @@ def cartesian_study(short_fisp):
     from pipelines.sim.acquisition import AcquisitionSettings, simulate_study
 
     return simulate_study("brain", short_fisp, AcquisitionSettings(coils=4, snr=float("inf")), matrix=32)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dict_cache(tmp_path_factory):
+    """One dictionary cache for the whole run (and for CLI subprocesses), never the user's home cache."""
+    path = tmp_path_factory.mktemp("dictionaries")
+    os.environ["RECON_NODE_CACHE"] = str(path)
+    return path

@@ -238,6 +238,21 @@ def _per_frame(values: list[float | None]) -> np.ndarray | None:
     return np.asarray(values, dtype=np.float64)
 
 
+def _inversion_time(ds: Dataset) -> float | None:
+    """InversionTime (single-frame) or the MR Modifier InversionTimes of an Enhanced MR object, in ms."""
+    ti = _float(ds, "InversionTime")
+    if ti is not None:
+        return ti
+    for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for item in (ds.get(group) or [])[:1]:
+            for mod in item.get("MRModifierSequence") or []:
+                times = mod.get("InversionTimes")
+                if times:
+                    return float(times[0] if isinstance(times, (list, tuple)) or hasattr(times, "__len__")
+                                 else times)
+    return None
+
+
 def image_study_from_dicom(path: str | Path) -> ImageStudy:
     """Read the single image series under ``path`` (folder, recursive, or one file). See the module docstring."""
     root = Path(path)
@@ -300,6 +315,7 @@ def image_study_from_dicom(path: str | Path) -> ImageStudy:
         flip_angles_deg=_per_frame([f.flip for f in ref]),
         tr_ms=_per_frame([f.tr for f in ref]),
         te_ms=_per_frame([f.te for f in ref]),
+        ti_ms=_inversion_time(datasets[0][1]),
         # ImageType value 3 says which component a scanner stored (M, P, R, I; MAGNITUDE, PHASE ... in Enhanced).
         is_magnitude=_image_component(datasets[0][1]) not in ("P", "PHASE", "R", "REAL", "I", "IMAGINARY"),
         sop_instance_uids=sop_uids,

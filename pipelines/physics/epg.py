@@ -211,7 +211,8 @@ def _run_epg(
     cdtype = (torch.complex128 if t1.dtype == torch.float64 else torch.complex64) if is_complex else None
     sdtype = cdtype or t1.dtype
     needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (t1, t2, b1, df, seq.flip_rad, seq.tr_ms, seq.te_ms)
+        x is not None and x.requires_grad
+        for x in (t1, t2, b1, df, seq.flip_rad, seq.tr_ms, seq.te_ms, seq.rf_phase_rad)
     )
     batch = t1.shape[0]
     state = torch.zeros(3, k, batch, dtype=sdtype, device=t1.device)
@@ -269,6 +270,7 @@ def epg_fat(
     *,
     field_strength_T: float = 3.0,
     n_states: int | None = None,
+    inversion_efficiency: float = 1.0,
 ) -> torch.Tensor:
     """Fingerprints of pure fat: the amplitude-weighted sum of one EPG per spectral peak.
 
@@ -291,6 +293,7 @@ def epg_fat(
         b1t.repeat(n_peaks),
         (dft[None, :] + freqs[:, None]).reshape(-1),
         n_states=n_states,
+        inversion_efficiency=inversion_efficiency,
     )
     return (sig.reshape(n_peaks, batch, -1) * amps[:, None, None].to(sig.dtype)).sum(0)
 
@@ -307,18 +310,25 @@ def epg_water_fat(
     *,
     field_strength_T: float = 3.0,
     n_states: int | None = None,
+    inversion_efficiency: float = 1.0,
 ) -> torch.Tensor:
     """Two-compartment fingerprints for T1-FF MRF, per unit total proton density.
 
     FF is the proton-density fat fraction: fat protons / (water + fat protons), so the signal is
     (1 - FF) * water(T1w, T2w) + FF * fat(T1f, T2f), both compartments sharing B1 and the field offset df.
     Relaxation weighting is part of the signal, not of FF, which is what makes this FF the PDFF of the
-    Dixon literature (Reeder et al., JMRI 2012).
+    Dixon literature (Reeder et al., JMRI 2012). All inputs are promoted to one real dtype.
     """
-    ff = torch.as_tensor(ff).reshape(-1)
-    t1w = torch.as_tensor(t1_water_ms, dtype=ff.dtype, device=ff.device).reshape(-1)
-    water = epg_fisp(seq, t1w, t2_water_ms, b1, df_hz, n_states=n_states)
-    fat = epg_fat(seq, t1_fat_ms, t2_fat_ms, b1, df_hz, field_strength_T=field_strength_T, n_states=n_states)
+    tensors = [torch.as_tensor(v) for v in (ff, t1_water_ms, t2_water_ms, t1_fat_ms, t2_fat_ms)]
+    dtype = torch.promote_types(torch.float32, tensors[0].dtype)
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    ff, t1w, t2w, t1f, t2f = (t.to(dtype).reshape(-1) for t in tensors)
+    b1 = None if b1 is None else torch.as_tensor(b1, dtype=dtype)
+    df_hz = None if df_hz is None else torch.as_tensor(df_hz, dtype=dtype)
+    water = epg_fisp(seq, t1w, t2w, b1, df_hz, n_states=n_states, inversion_efficiency=inversion_efficiency)
+    fat = epg_fat(seq, t1f, t2f, b1, df_hz, field_strength_T=field_strength_T, n_states=n_states,
+                  inversion_efficiency=inversion_efficiency)
     ffc = ff.to(water.dtype)[:, None]
     return (1 - ffc) * water + ffc * fat
 

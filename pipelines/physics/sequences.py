@@ -125,15 +125,22 @@ class MRFSequence:
         return cls.from_dict(d)
 
     def fingerprint_key(self) -> str:
-        """A stable hash of everything that changes the signal (for dictionary caches)."""
+        """A stable hash of everything that changes the signal (for dictionary caches).
+
+        Values are rounded to 1e-4 deg / ms first: a schedule read back from DICOM decimal strings (DS) must
+        find the dictionary of the schedule it was written from (the rounding changes atoms by < 1e-6).
+        """
         import hashlib
+
+        def q(a: np.ndarray) -> bytes:
+            return np.ascontiguousarray(np.round(np.asarray(a, dtype=np.float64), 4)).tobytes()
 
         h = hashlib.sha256()
         for a in (self.flip_angles_deg, self.tr_ms, self.te_ms):
-            h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
-        h.update(repr((self.ti_ms, self.readout)).encode())
+            h.update(q(a))
+        h.update(repr((None if self.ti_ms is None else round(self.ti_ms, 4), self.readout)).encode())
         if self.rf_phase_deg is not None:
-            h.update(np.ascontiguousarray(self.rf_phase_deg, dtype=np.float64).tobytes())
+            h.update(q(self.rf_phase_deg))
         return h.hexdigest()[:16]
 
 

@@ -106,3 +106,36 @@ def test_every_subcommand_has_help():
         assert run(cmd, "--help").stdout.startswith("usage: recon-node " + cmd)
     assert "cartesian_frames" in run("pipelines").stdout
     assert "recon-node" in run("version").stdout
+
+
+def test_mrf_maps_from_a_simulated_dicom_series(tmp_path):
+    """The issue's 'done when': the image pipeline runs from the CLI on `simulate --dicom-out` output."""
+    run("simulate", "--phantom", "brain", "--matrix", "40", "--coils", "2", "--snr", "50", "--sequence", "fisp",
+        "--out", str(tmp_path / "b.h5"), "--dicom-out", str(tmp_path / "frames"), "--quiet")
+    out = tmp_path / "maps"
+    p = run("process", str(tmp_path / "frames"), "--pipeline", "mrf_maps_from_images", "--out", str(out),
+            "--quiet")
+    assert "mrf_maps_from_images" in p.stdout
+    assert "phase was not available" in p.stderr  # DICOM frames are magnitude images
+    maps = np.load(out / "maps.npz")
+    truth = np.load(tmp_path / "b_truth.npz")
+    assert str(maps["t1_unit"]) == "ms" and str(maps["t2_unit"]) == "ms"
+    labels, names = truth["labels"], {int(k): v for k, v in __import__("json").loads(str(truth["label_names"])).items()}
+    for label, name in names.items():
+        if name not in ("white_matter", "grey_matter", "csf"):
+            continue
+        roi = labels == label
+        e1 = np.median(np.abs(maps["t1"][0][roi] / truth["t1_water_ms"][roi] - 1))
+        e2 = np.median(np.abs(maps["t2"][0][roi] / truth["t2_water_ms"][roi] - 1))
+        assert e1 < 0.03 and e2 < 0.05, (name, e1, e2)
+    series = sorted(p.name for p in (out / "dicom").iterdir())
+    assert series == ["b1", "pd", "residual", "t1", "t2"]
+    ds = pydicom.dcmread(sorted((out / "dicom" / "t1").glob("*.dcm"))[0])
+    assert ds.RealWorldValueMappingSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "ms"
+    assert "[ms]" in ds.SeriesDescription
+
+
+def test_frame_count_mismatch_is_a_clear_error(simulated, tmp_path):
+    p = run("process", str(simulated / "frames"), "--pipeline", "mrf_maps_from_images", "--set", "sequence=t1ff",
+            "--out", str(tmp_path), ok=False)
+    assert p.returncode == 2 and "120 frames but sequence 't1ff' has 175" in p.stderr

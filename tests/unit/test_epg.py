@@ -461,14 +461,44 @@ def test_gradcheck_tissue_parameters():
         def f_complex(t1, t2, b1, df):
             return torch.view_as_real(epg_fisp(seq, t1, t2, b1, df, n_states=16))
 
-        assert torch.autograd.gradcheck(f_complex, (t1, t2, b1, df), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+        assert torch.autograd.gradcheck(
+            f_complex, (t1, t2, b1, df), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True
+        )
 
     seq = _small_seq()
 
     def f_real(t1, t2, b1):  # the real fast path
         return torch.view_as_real(epg_fisp(seq, t1, t2, b1, n_states=16))
 
-    assert torch.autograd.gradcheck(f_real, (t1, t2, b1), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+    assert torch.autograd.gradcheck(
+        f_real, (t1, t2, b1), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True
+    )
+
+
+def test_gradcheck_full_jacobian_small():
+    """Every entry of the Jacobian (not fast_mode's random projection) on a small problem."""
+    seq = with_phase(truncated(fisp_sequence(), 12), seed=5)
+    p = [torch.tensor(v, dtype=torch.float64, requires_grad=True)
+         for v in ([500.0, 1500.0], [50.0, 200.0], [0.9, 1.1], [-40.0, 25.0])]
+
+    def f(t1, t2, b1, df):
+        return torch.view_as_real(epg_fisp(seq, t1, t2, b1, df, n_states=8))
+
+    assert torch.autograd.gradcheck(f, tuple(p), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradient_wrt_rf_phase():
+    base = SequenceTensors.from_sequence(_small_seq(20), dtype=torch.float64)
+    phase = torch.linspace(0.0, 3.0, 20, dtype=torch.float64, requires_grad=True)
+    t1 = torch.tensor([800.0, 1500.0], dtype=torch.float64)
+    t2 = torch.tensor([60.0, 150.0], dtype=torch.float64)
+
+    def f(phase):
+        st = SequenceTensors(flip_rad=base.flip_rad, tr_ms=base.tr_ms, te_ms=base.te_ms, ti_ms=base.ti_ms,
+                             rf_phase_rad=phase)
+        return torch.view_as_real(epg_fisp(st, t1, t2, n_states=12))
+
+    assert torch.autograd.gradcheck(f, (phase,), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
 def test_gradcheck_flip_angles():

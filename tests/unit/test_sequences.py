@@ -66,3 +66,14 @@ def test_bad_schedules_are_clear_errors(tmp_path):
         get_sequence(str(p))
     assert sequence_from_ismrmrd(x.ismrmrdHeader(
         experimentalConditions=x.experimentalConditionsType(H1resonanceFrequency_Hz=1))) is None
+
+
+def test_cache_key_survives_dicom_decimal_strings():
+    from pydicom.valuerep import format_number_as_ds
+
+    s = fisp_sequence()
+    ds = [np.array([float(format_number_as_ds(float(v))) for v in a]) for a in (s.flip_angles_deg, s.tr_ms, s.te_ms)]
+    r = MRFSequence("from_dicom", *ds, ti_ms=float(format_number_as_ds(s.ti_ms)))
+    assert r.fingerprint_key() == s.fingerprint_key()
+    changed = MRFSequence("x", s.flip_angles_deg + 0.01, s.tr_ms, s.te_ms, ti_ms=s.ti_ms)
+    assert changed.fingerprint_key() != s.fingerprint_key()

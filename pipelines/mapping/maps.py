@@ -1,0 +1,119 @@
+"""Fingerprint images -> quantitative maps in real units, by dictionary matching.
+
+Used by every MRF pipeline: the image-series pipeline feeds reconstructed frames, the raw-data pipelines feed
+subspace-coefficient images. Background (PD below ``mask_threshold`` of the 99th percentile) is set to 0 and
+flagged in each map's mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.mapping.dictionary import DictionarySpec, build_dictionary, fisp_spec, t1ff_spec
+from pipelines.mapping.matching import DEFAULT_ENERGY, MatchResult, match, match_water_fat, pd_from_m0
+from pipelines.physics.sequences import MRFSequence
+from pipelines.types import Geometry, QuantitativeMap
+
+MODELS = ("auto", "single", "water_fat")
+
+
+@dataclass(frozen=True)
+class MappingOptions:
+    model: str = "auto"  # auto: water_fat for schedules whose TE varies (Dixon-like), else single
+    rank: int | None = None
+    energy: float = DEFAULT_ENERGY
+    mask_threshold: float = 0.05  # fraction of the 99th-percentile PD below which a voxel is background
+    memory_bytes: int = 2 * 1024**3
+    field_strength_T: float = 3.0
+
+
+def resolve_model(seq: MRFSequence, model: str) -> str:
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, not {model!r}")
+    if model != "auto":
+        return model
+    return "water_fat" if np.ptp(seq.te_ms) > 0.1 else "single"
+
+
+def default_spec(seq: MRFSequence, model: str, field_strength_T: float, complex_data: bool) -> DictionarySpec:
+    if model == "water_fat":
+        return t1ff_spec(field_strength_T, complex_data=complex_data)
+    return fisp_spec(field_strength_T)
+
+
+def estimate_maps(
+    fingerprints: np.ndarray | torch.Tensor,
+    seq: MRFSequence,
+    geometry: Geometry,
+    options: MappingOptions = MappingOptions(),
+    *,
+    magnitude: bool = False,
+    spec: DictionarySpec | None = None,
+    device: torch.device | str = "cpu",
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> list[QuantitativeMap]:
+    """Maps from fingerprint images [frames, slices, y, x] (or [frames, y, x])."""
+    x = np.asarray(fingerprints) if not isinstance(fingerprints, torch.Tensor) else fingerprints.cpu().numpy()
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise ValueError(f"fingerprint images must be [frames, slices, y, x], got shape {x.shape}")
+    if x.shape[0] != seq.n_frames:
+        raise ValueError(f"the images have {x.shape[0]} frames but sequence {seq.name!r} has {seq.n_frames}")
+    if not np.all(np.isfinite(x)):
+        bad = int((~np.isfinite(x)).sum())
+        raise ValueError(f"the fingerprint images contain {bad} NaN or infinite values")
+    model = resolve_model(seq, options.model)
+    spec = spec or default_spec(seq, model, options.field_strength_T, complex_data=not magnitude)
+    dictionary = build_dictionary(seq, spec, device=device, cache_dir=cache_dir, progress=progress)
+    shape = x.shape[1:]
+    signals = torch.as_tensor(x.reshape(x.shape[0], -1).T.copy(), device=device)
+    # Voxels with no signal at all are background before matching (and cost nothing).
+    energy = torch.linalg.vector_norm(signals.abs() if signals.is_complex() else signals, dim=1)
+    keep = energy > 1e-6 * float(energy.max()) if energy.numel() and float(energy.max()) > 0 else energy > 0
+    kw = dict(magnitude=magnitude, rank=options.rank, energy=options.energy, memory_bytes=options.memory_bytes)
+    with torch.no_grad():
+        res = match_water_fat(signals[keep], dictionary, **kw) if model == "water_fat" \
+            else match(signals[keep], dictionary, **kw)
+    return _to_maps(res, keep.cpu().numpy(), shape, geometry, options, model)
+
+
+def _scatter(values: np.ndarray, keep: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    out = np.zeros(keep.size, dtype=np.float32)
+    out[keep] = values
+    return out.reshape(shape)
+
+
+def _to_maps(res: MatchResult, keep: np.ndarray, shape: tuple[int, ...], geometry: Geometry,
+             options: MappingOptions, model: str) -> list[QuantitativeMap]:
+    pd_kept, _ = pd_from_m0(res.m0)
+    pd = _scatter(pd_kept, keep, shape)
+    mask = pd >= options.mask_threshold
+
+    def qmap(kind: str, values: np.ndarray, unit: str, description: str) -> QuantitativeMap:
+        data = _scatter(values, keep, shape)
+        data[~mask] = 0
+        notes = list(res.notes) + [f"background (PD < {options.mask_threshold:g} of its 99th percentile) set "
+                                   f"to 0: {int((~mask).sum())} voxels"]
+        return QuantitativeMap(kind, data, unit, description, geometry, mask=mask.copy(), notes=notes)
+
+    water = "water " if model == "water_fat" else ""
+    maps = [
+        qmap("t1", res.t1_ms, "ms", f"T1 {water}map".replace("  ", " ")),
+        qmap("pd", pd_kept, "1", "Proton density (a.u.)"),
+        qmap("b1", res.b1, "1", "B1 (relative flip angle)"),
+        qmap("residual", res.residual * 100, "%", "Fit residual (relative)"),
+    ]
+    if model == "water_fat" and res.ff is not None:
+        maps.insert(1, qmap("ff", res.ff * 100, "%", "Fat fraction (PDFF)"))
+        maps.insert(2, qmap("t1fat", res.t1_fat_ms, "ms", "T1 fat map"))
+        if np.any(res.df_hz != 0):
+            maps.append(qmap("df", res.df_hz, "Hz", "Field offset"))
+    else:
+        maps.insert(1, qmap("t2", res.t2_ms, "ms", "T2 map"))
+    return maps

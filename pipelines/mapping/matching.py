@@ -1,0 +1,358 @@
+"""Dictionary matching (Ma et al., Nature 2013) in an SVD subspace (McGivney et al., IEEE TMI 2014).
+
+Single compartment: the atom with the largest normalised inner product |<d, x>| wins; M0 = <d, x> / ||s||
+where s is the un-normalised atom; the fit quality is the relative residual ||x - M0 s|| / ||x||.
+
+Water/fat (Rensonnet et al. 2021, eq. 1-4): each voxel is the sum of one water and one fat atom that share
+B1 and the field offset. Water and fat are received through the same coil phase, so the model is
+x = e^{i phi} (c_w w + c_f f) with real weights: for a fixed pair the optimal phase is the leading eigenvector
+of a 2x2 matrix, so every (voxel, water atom, fat atom) triple is scored in closed form, elementwise. The
+winning pair's weights are then made non-negative (NNLS with two unknowns), and
+FF = (c_f / ||s_f||) / (c_w / ||s_w|| + c_f / ||s_f||), a proton-density fat fraction.
+Magnitude-only data follow the exact non-linear model |x| = c |(1 - FF) s_w + FF s_f| instead: mixture atoms on
+an FF grid, then a fine FF search for the winning pair (a linear NNLS on magnitude atoms, which ignores the
+water-fat interference that TE cycling creates, was measured at 7.5 points median FF error noise-free).
+
+Memory: voxels and atoms are processed in chunks sized so the largest temporary stays under ``memory_bytes``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipelines.mapping.dictionary import Compression, MRFDictionary
+
+DEFAULT_ENERGY = 1 - 1e-4
+DEFAULT_MEMORY_BYTES = 2 * 1024**3
+# Working set of one voxels x atoms product. The budget above is a cap; chunks that fit in cache are ~2x
+# faster than ones that fill the budget (measured: benchmarks/matching.py).
+_WORK_BYTES = 16 * 1024**2
+
+
+@dataclass
+class MatchResult:
+    """Per-voxel estimates (numpy, [voxels]); ``ff`` and the fat parameters only for water/fat matching."""
+
+    t1_ms: np.ndarray
+    t2_ms: np.ndarray
+    b1: np.ndarray
+    df_hz: np.ndarray
+    m0: np.ndarray  # complex (or real for magnitude data): x ~ m0 * un-normalised atom(s)
+    residual: np.ndarray  # ||x - fit|| / ||x||
+    rank: int
+    ff: np.ndarray | None = None
+    t1_fat_ms: np.ndarray | None = None
+    t2_fat_ms: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _as_signals(x: torch.Tensor | np.ndarray, magnitude: bool, device: torch.device) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, device=device)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{int((~torch.isfinite(x)).sum())} fingerprint values are NaN or infinite")
+    if magnitude:
+        return x.abs().float()
+    return x.to(torch.complex64)
+
+
+def _truncated(coeffs: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Atoms in the first r components, renormalised, and the norm each kept (to rescale M0).
+
+    Without renormalising, the argmax favours atoms the leading components happen to represent well
+    (agreement with brute force at the default rank: 83 % -> 94 %, benchmarks/matching.py).
+    """
+    a = coeffs[:, :r]
+    kept = torch.linalg.vector_norm(a, dim=1).clamp_min(1e-12)
+    return a / kept[:, None], kept
+
+
+def _work_chunks(n_vox: int, n_atoms: int, itemsize: int, memory_bytes: int) -> tuple[int, int]:
+    work = max(1024, min(_WORK_BYTES, memory_bytes // 3))
+    v_chunk = max(1, min(n_vox, 1024))
+    a_chunk = max(1, min(n_atoms, work // (itemsize * v_chunk)))
+    return v_chunk, a_chunk
+
+
+def _select(dictionary: MRFDictionary, magnitude: bool, rank: int | None, energy: float
+            ) -> tuple[Compression, int, dict[str, torch.Tensor]]:
+    comp = dictionary.magnitude if magnitude else dictionary.complex
+    r = rank if rank is not None else comp.rank_for_energy(energy)
+    r = max(1, min(r, comp.basis.shape[1]))
+    norms = dictionary.magnitude_norms if magnitude else dictionary.norms
+    return comp, r, norms
+
+
+def _chunks(n: int, size: int) -> range:
+    return range(0, n, max(1, size))
+
+
+def match(x: torch.Tensor | np.ndarray, dictionary: MRFDictionary, *, magnitude: bool = False,
+          rank: int | None = None, energy: float = DEFAULT_ENERGY, compartment: str = "water",
+          memory_bytes: int = DEFAULT_MEMORY_BYTES) -> MatchResult:
+    """Best single atom per fingerprint. ``x``: [voxels, frames], complex (or magnitudes)."""
+    comp, r, norms = _select(dictionary, magnitude, rank, energy)
+    device = comp.basis.device
+    x = _as_signals(x, magnitude, device)
+    if x.shape[-1] != comp.basis.shape[0]:
+        raise ValueError(f"fingerprints have {x.shape[-1]} frames but the dictionary has {comp.basis.shape[0]}")
+    basis = comp.basis[:, :r]
+    atoms, kept = _truncated(comp.coeffs[compartment], r)
+    n_vox, n_atoms = x.shape[0], atoms.shape[0]
+    # Products and their magnitudes: the two temporaries of one chunk.
+    v_chunk, a_chunk = _work_chunks(n_vox, n_atoms, 8 if atoms.is_complex() else 4, memory_bytes)
+    best_val = torch.empty(n_vox, device=device)
+    best_idx = torch.empty(n_vox, dtype=torch.long, device=device)
+    best_ip = torch.empty(n_vox, dtype=atoms.dtype, device=device)
+    x_norm = torch.linalg.vector_norm(x, dim=1)
+    for v0 in _chunks(n_vox, v_chunk):
+        xr = x[v0:v0 + v_chunk] @ basis  # coefficients in the subspace
+        bv = torch.full((xr.shape[0],), -1.0, device=device)
+        bi = torch.zeros(xr.shape[0], dtype=torch.long, device=device)
+        bp = torch.zeros(xr.shape[0], dtype=atoms.dtype, device=device)
+        for a0 in _chunks(n_atoms, a_chunk):
+            ip = xr @ atoms[a0:a0 + a_chunk].conj().T  # <d, x> (basis orthonormal)
+            val, idx = (ip.abs() if ip.is_complex() else ip).max(dim=1)
+            better = val > bv
+            bv = torch.where(better, val, bv)
+            bi = torch.where(better, idx + a0, bi)
+            bp = torch.where(better, ip.gather(1, idx[:, None])[:, 0], bp)
+        best_val[v0:v0 + v_chunk], best_idx[v0:v0 + v_chunk], best_ip[v0:v0 + v_chunk] = bv, bi, bp
+    params = dictionary.params[compartment][best_idx.cpu().numpy()]
+    m0 = best_ip / (norms[compartment][best_idx] * kept[best_idx]).to(best_ip.dtype)
+    resid = torch.sqrt(torch.clamp(1 - (best_ip.abs() / x_norm.clamp_min(1e-30)) ** 2, min=0))
+    notes = [] if not magnitude else ["matched on magnitudes: phase was not available"]
+    return MatchResult(params[:, 0], params[:, 1], params[:, 2], params[:, 3], m0.cpu().numpy(),
+                       resid.cpu().numpy(), r, notes=notes)
+
+
+def _pair_scores(aw: torch.Tensor, af: torch.Tensor, rho: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Explained energy and weights of x ~ e^{i phi}(c_w w + c_f f) for every (voxel, water, fat) triple.
+
+    aw [V, W] = <w, x>, af [V, F] = <f, x>, rho [W, F] = <w, f>. Returns (energy, c_w, c_f), each [V, W, F].
+    """
+    # M = Re(A^H A) = [[1, r], [r, 1]] with r = Re<w, f>; its inverse is [[1, -r], [-r, 1]] / det.
+    r = rho.real[None]
+    det = (1 - r**2).clamp_min(1e-6)
+    # b(phi) = Re(e^{-i phi} a) = P u, u = (cos, sin), P = [[Re aw, Im aw], [Re af, Im af]]: maximise
+    # u^T P^T M^-1 P u over unit u: the largest eigenvalue of that symmetric 2x2 matrix Q (times det).
+    p11, p12 = aw.real[:, :, None], aw.imag[:, :, None]
+    p21, p22 = af.real[:, None, :], af.imag[:, None, :]
+    q11 = p11 * p11 + p21 * p21 - 2 * r * p11 * p21
+    q22 = p12 * p12 + p22 * p22 - 2 * r * p12 * p22
+    q12 = p11 * p12 + p21 * p22 - r * (p11 * p22 + p21 * p12)
+    half_tr, half_diff = (q11 + q22) / 2, (q11 - q22) / 2
+    disc = torch.sqrt(half_diff**2 + q12**2)
+    energy = (half_tr + disc) / det
+    # Leading eigenvector u of Q; the weights are M^-1 P u.
+    ux, uy = q12, disc - half_diff
+    small = (ux.abs() + uy.abs()) < 1e-20
+    ux, uy = torch.where(small, torch.ones_like(ux), ux), torch.where(small, torch.zeros_like(uy), uy)
+    norm = torch.sqrt(ux**2 + uy**2)
+    ux, uy = ux / norm, uy / norm
+    bw, bf = p11 * ux + p12 * uy, p21 * ux + p22 * uy
+    cw, cf = (bw - r * bf) / det, (bf - r * bw) / det
+    # The eigenvector's sign is arbitrary: choose the one with positive total weight.
+    flip = (cw + cf) < 0
+    return energy, torch.where(flip, -cw, cw), torch.where(flip, -cf, cf)
+
+
+def match_water_fat(x: torch.Tensor | np.ndarray, dictionary: MRFDictionary, *, magnitude: bool = False,
+                    rank: int | None = None, energy: float = DEFAULT_ENERGY,
+                    memory_bytes: int = DEFAULT_MEMORY_BYTES) -> MatchResult:
+    """Best (water atom, fat atom) pair with its weights per fingerprint; see the module docstring.
+
+    Magnitude data cannot be fitted linearly (|c_w s_w + c_f s_f| is not linear in the weights where water and
+    fat interfere, which is what the TE cycling of a T1-FF schedule creates): they go to
+    :func:`_match_water_fat_magnitude`, which matches mixture atoms on an FF grid and refines FF per voxel.
+    """
+    if not {"water", "fat"} <= set(dictionary.params):
+        raise ValueError("water/fat matching needs a dictionary with 'water' and 'fat' compartments")
+    if magnitude:
+        return _match_water_fat_magnitude(x, dictionary, energy=energy, memory_bytes=memory_bytes)
+    comp, r, norms = _select(dictionary, False, rank, energy)
+    device = comp.basis.device
+    x = _as_signals(x, False, device)
+    if x.shape[-1] != comp.basis.shape[0]:
+        raise ValueError(f"fingerprints have {x.shape[-1]} frames but the dictionary has {comp.basis.shape[0]}")
+    basis = comp.basis[:, :r]
+    (w_all, kept_w), (f_all, kept_f) = _truncated(comp.coeffs["water"], r), _truncated(comp.coeffs["fat"], r)
+    pw, pf = dictionary.params["water"], dictionary.params["fat"]
+    # Pairs share B1 and the field offset: group atoms by (b1, df).
+    groups = []
+    for key in np.unique(pw[:, 2:4], axis=0):
+        wi = np.flatnonzero(np.all(pw[:, 2:4] == key, axis=1))
+        fi = np.flatnonzero(np.all(pf[:, 2:4] == key, axis=1))
+        if wi.size and fi.size:
+            groups.append((torch.as_tensor(wi, device=device), torch.as_tensor(fi, device=device)))
+    if not groups:
+        raise ValueError("the water and fat grids share no (B1, field offset) value")
+    n_vox = x.shape[0]
+    biggest = max(int(w.numel() * f.numel()) for w, f in groups)
+    # About a dozen float32 [voxels, water, fat] temporaries in _pair_scores.
+    v_chunk = max(1, min(n_vox, 1024, int(max(_WORK_BYTES, min(memory_bytes, 4 * _WORK_BYTES)) // (12 * 4 * biggest))))
+    best = torch.full((n_vox,), -1.0, device=device)
+    best_w = torch.zeros(n_vox, dtype=torch.long, device=device)
+    best_f = torch.zeros(n_vox, dtype=torch.long, device=device)
+    best_cw = torch.zeros(n_vox, device=device)
+    best_cf = torch.zeros(n_vox, device=device)
+    for v0 in _chunks(n_vox, v_chunk):
+        xr = x[v0:v0 + v_chunk] @ basis
+        for wi, fi in groups:
+            w, f = w_all[wi], f_all[fi]
+            aw, af = xr @ w.conj().T, xr @ f.conj().T
+            rho = w.conj() @ f.T  # <w, f>
+            e, cw, cf = _pair_scores(aw, af, rho)
+            val, flat = e.reshape(e.shape[0], -1).max(dim=1)
+            iw, jf = flat // fi.numel(), flat % fi.numel()
+            sl = slice(v0, v0 + xr.shape[0])
+            better = val > best[sl]
+            best[sl] = torch.where(better, val, best[sl])
+            best_w[sl] = torch.where(better, wi[iw], best_w[sl])
+            best_f[sl] = torch.where(better, fi[jf], best_f[sl])
+            pick = (torch.arange(xr.shape[0], device=device), iw, jf)
+            best_cw[sl] = torch.where(better, cw[pick], best_cw[sl])
+            best_cf[sl] = torch.where(better, cf[pick], best_cf[sl])
+    cw, cf, explained = _nonnegative(x, basis, w_all, f_all, best_w, best_f, best_cw, best_cf, best)
+    pw_best, pf_best = pw[best_w.cpu().numpy()], pf[best_f.cpu().numpy()]
+    nw, nf = norms["water"][best_w] * kept_w[best_w], norms["fat"][best_f] * kept_f[best_f]
+    pd_w, pd_f = cw / nw, cf / nf
+    total = pd_w + pd_f
+    ff = torch.where(total > 0, pd_f / total.clamp_min(1e-30), torch.zeros_like(total))
+    x_norm = torch.linalg.vector_norm(x, dim=1).clamp_min(1e-30)
+    resid = torch.sqrt(torch.clamp(1 - explained / x_norm**2, min=0))
+    return MatchResult(pw_best[:, 0], pw_best[:, 1], pw_best[:, 2], pw_best[:, 3], total.cpu().numpy(),
+                       resid.cpu().numpy(), r, ff=ff.cpu().numpy(), t1_fat_ms=pf_best[:, 0],
+                       t2_fat_ms=pf_best[:, 1])
+
+
+def _nonnegative(x: torch.Tensor, basis: torch.Tensor, w_all: torch.Tensor, f_all: torch.Tensor,
+                 iw: torch.Tensor, jf: torch.Tensor, cw: torch.Tensor, cf: torch.Tensor,
+                 explained: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Enforce c_w, c_f >= 0 for the chosen pair: where one weight is negative, refit the other alone."""
+    neg = (cw < 0) | (cf < 0)
+    if bool(neg.any()):
+        xr = x[neg] @ basis
+        w, f = w_all[iw[neg]], f_all[jf[neg]]
+        aw, af = (xr * w.conj()).sum(1), (xr * f.conj()).sum(1)
+        # One atom alone with a free phase: the weight is |<d, x>|.
+        sw, sf = aw.abs(), af.abs()
+        water_only = sw >= sf
+        cw = cw.clone()
+        cf = cf.clone()
+        explained = explained.clone()
+        cw[neg] = torch.where(water_only, sw, torch.zeros_like(sw))
+        cf[neg] = torch.where(water_only, torch.zeros_like(sf), sf)
+        explained[neg] = torch.maximum(sw, sf) ** 2
+    return cw, cf, explained
+
+
+FF_COARSE_STEP = 0.05
+FF_FINE_STEP = 0.0025
+
+
+def _full_atoms(dictionary: MRFDictionary, compartment: str, index: torch.Tensor) -> torch.Tensor:
+    """Un-normalised complex atoms [n, frames] rebuilt from the complex compression (kept to 1 - 1e-8 energy)."""
+    comp = dictionary.complex
+    return (comp.coeffs[compartment][index] @ comp.basis.conj().T) * dictionary.norms[compartment][index, None]
+
+
+def _mixtures(sw: torch.Tensor, sf: torch.Tensor, ff: torch.Tensor) -> torch.Tensor:
+    """|(1 - FF) s_w + FF s_f| for every water atom, fat atom and FF value: [W, F, K, frames], unit norm."""
+    m = ((1 - ff)[None, None, :, None] * sw[:, None, None, :] + ff[None, None, :, None] * sf[None, :, None, :]).abs()
+    return m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+def _match_water_fat_magnitude(x: torch.Tensor | np.ndarray, dictionary: MRFDictionary, *, energy: float,
+                               memory_bytes: int) -> MatchResult:
+    """Water/fat from magnitudes with the exact model |x| = c |(1 - FF) s_w + FF s_f|.
+
+    1. Mixture atoms on a coarse FF grid (every water/fat pair sharing B1), compressed by their own SVD.
+    2. Best (water, fat, FF) per voxel by normalised inner product in that subspace.
+    3. FF refined on a fine grid for the winning pair in the full time domain.
+    """
+    comp = dictionary.complex
+    device = comp.basis.device
+    x = _as_signals(x, True, device)
+    if x.shape[-1] != comp.basis.shape[0]:
+        raise ValueError(f"fingerprints have {x.shape[-1]} frames but the dictionary has {comp.basis.shape[0]}")
+    pw, pf = dictionary.params["water"], dictionary.params["fat"]
+    ff_grid = torch.arange(0, 1 + 1e-9, FF_COARSE_STEP, device=device, dtype=torch.float32)
+    groups = []
+    for key in np.unique(pw[:, 2:4], axis=0):
+        wi = np.flatnonzero(np.all(pw[:, 2:4] == key, axis=1))
+        fi = np.flatnonzero(np.all(pf[:, 2:4] == key, axis=1))
+        if wi.size and fi.size:
+            wi_t, fi_t = torch.as_tensor(wi, device=device), torch.as_tensor(fi, device=device)
+            groups.append((wi_t, fi_t, _full_atoms(dictionary, "water", wi_t), _full_atoms(dictionary, "fat", fi_t)))
+    # 1. A basis for the mixtures: eigenvectors of their Gram matrix.
+    n = x.shape[1]
+    gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+    for _, _, sw, sf in groups:
+        m = _mixtures(sw, sf, ff_grid).reshape(-1, n).double()
+        gram += m.T @ m
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    cum = torch.cumsum(evals, 0) / evals.sum()
+    r = int(min(int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype))) + 1, n))
+    basis = evecs[:, :r].float()
+    # 2. Exhaustive search over (pair, coarse FF).
+    n_vox = x.shape[0]
+    best = torch.full((n_vox,), -1.0, device=device)
+    best_w = torch.zeros(n_vox, dtype=torch.long, device=device)
+    best_f = torch.zeros(n_vox, dtype=torch.long, device=device)
+    best_k = torch.zeros(n_vox, dtype=torch.long, device=device)
+    xr = x @ basis
+    biggest = max(int(w.numel() * f.numel()) for w, f, _, _ in groups) * ff_grid.numel()
+    v_chunk = max(1, min(n_vox, int(memory_bytes // (3 * 4 * biggest))))
+    for wi, fi, sw, sf in groups:
+        mr = _mixtures(sw, sf, ff_grid).reshape(-1, n) @ basis  # [W*F*K, r]
+        for v0 in _chunks(n_vox, v_chunk):
+            ip = xr[v0:v0 + v_chunk] @ mr.T
+            val, flat = ip.max(dim=1)
+            sl = slice(v0, v0 + ip.shape[0])
+            better = val > best[sl]
+            k = flat % ff_grid.numel()
+            pair = flat // ff_grid.numel()
+            best[sl] = torch.where(better, val, best[sl])
+            best_w[sl] = torch.where(better, wi[pair // fi.numel()], best_w[sl])
+            best_f[sl] = torch.where(better, fi[pair % fi.numel()], best_f[sl])
+            best_k[sl] = torch.where(better, k, best_k[sl])
+    # 3. Fine FF for the chosen pair, full time domain: FF within one coarse step of the coarse optimum.
+    fine = torch.arange(-FF_COARSE_STEP, FF_COARSE_STEP + 1e-9, FF_FINE_STEP, device=device)
+    x_norm = torch.linalg.vector_norm(x, dim=1).clamp_min(1e-30)
+    ff = torch.empty(n_vox, device=device)
+    scale = torch.empty(n_vox, device=device)
+    explained = torch.empty(n_vox, device=device)
+    for v0 in _chunks(n_vox, 1024):
+        sl = slice(v0, v0 + 1024)
+        sw = _full_atoms(dictionary, "water", best_w[sl])
+        sf = _full_atoms(dictionary, "fat", best_f[sl])
+        cand = (ff_grid[best_k[sl]][:, None] + fine[None, :]).clamp(0, 1)  # [v, L]
+        mix = ((1 - cand)[..., None] * sw[:, None, :] + cand[..., None] * sf[:, None, :]).abs()
+        mnorm = torch.linalg.vector_norm(mix, dim=-1).clamp_min(1e-30)
+        ip = (mix * x[sl][:, None, :]).sum(-1) / mnorm
+        val, j = ip.max(dim=1)
+        rows = torch.arange(val.numel(), device=device)
+        ff[sl] = cand[rows, j]
+        scale[sl] = val / mnorm[rows, j]  # |x| ~ scale * |(1 - FF) s_w + FF s_f|
+        explained[sl] = val.clamp_min(0) ** 2
+    resid = torch.sqrt(torch.clamp(1 - explained / x_norm**2, min=0))
+    pw_best, pf_best = pw[best_w.cpu().numpy()], pf[best_f.cpu().numpy()]
+    notes = ["matched on magnitudes: phase was not available; water/fat from magnitude mixture atoms"]
+    return MatchResult(pw_best[:, 0], pw_best[:, 1], pw_best[:, 2], pw_best[:, 3], scale.cpu().numpy(),
+                       resid.cpu().numpy(), r, ff=ff.cpu().numpy(), t1_fat_ms=pf_best[:, 0],
+                       t2_fat_ms=pf_best[:, 1], notes=notes)
+
+
+def pd_from_m0(m0: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """|M0| scaled so the 99th percentile inside ``mask`` is 1 (a.u.); returns (pd, scale)."""
+    a = np.abs(m0)
+    ref = a[mask] if mask is not None and mask.any() else a
+    scale = float(np.percentile(ref, 99)) if ref.size else 1.0
+    scale = scale if scale > 0 and math.isfinite(scale) else 1.0
+    return (a / scale).astype(np.float32), scale
