@@ -303,23 +303,6 @@ def agreement(args, npz_path: str) -> str:
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
 def main() -> None:
     args = ARGS
     if args.mrpro_worker:
@@ -331,7 +314,7 @@ def main() -> None:
     notes: list[str] = []
     agree_text = None
     t_start = time.perf_counter()
-    load0 = loadavg()
+    load0 = _peer.loadavg()
     for device in devices:
         for threads in args.threads if device == "cpu" else [max(args.threads)]:
             ours = bench_ours(args, device, threads)
@@ -381,13 +364,13 @@ def main() -> None:
         print(f"* {n}")
     print(f"Command: `{cmd}`  ")
     omp = os.environ.get("OMP_NUM_THREADS")
-    print(f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, OMP_NUM_THREADS={omp}, "
+    print(f"Machine: {_peer.cpu_model()}, {os.cpu_count()} logical CPUs, OMP_NUM_THREADS={omp}, "
           f"torch {torch.__version__}, Python {platform.python_version()}"
           + (f", CUDA {torch.cuda.get_device_name(0)}" if "cuda" in devices else "") + "  ")
     print("Water/fat K: water/fat orders (default_n_states for T2w <= 200 ms / T2f <= 120 ms); "
           "ratio = our fingerprints/s / mrpro's at the same device and thread count.  ")
     print(f"Total wall time: {time.perf_counter() - t_start:.0f} s; load average before / after: {load0} / "
-          f"{loadavg()} (other processes on the machine make multi-thread timings noisy)")
+          f"{_peer.loadavg()} (other processes on the machine make multi-thread timings noisy)")
 
 
 if __name__ == "__main__":

@@ -315,23 +315,6 @@ def make_data(args, seq, grid):
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
 def main() -> None:
     args = ARGS
     if args.worker or args.mrpro_worker:
@@ -353,7 +336,7 @@ def main() -> None:
     from pipelines.physics.sequences import fisp_sequence
 
     torch.set_num_threads(args.prep_threads)
-    t_start, load0 = time.perf_counter(), loadavg()
+    t_start, load0 = time.perf_counter(), _peer.loadavg()
     started = datetime.datetime.now().astimezone()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-matching-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -502,11 +485,11 @@ def main() -> None:
     lines += [
         "",
         f"Command: `{cmd}`  ",
-        f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, numpy {np.__version__}, "
+        f"Machine: {_peer.cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, numpy {np.__version__}, "
         f"Python {platform.python_version()}"
         + (f", CUDA {torch.cuda.get_device_name(0)}" if "cuda" in devices else ", no CUDA") + "  ",
         f"Date: {started.strftime('%Y-%m-%d %H:%M %Z')}; total wall time {time.perf_counter() - t_start:.0f} s; "
-        f"load average before / after: {load0} / {loadavg()}",
+        f"load average before / after: {load0} / {_peer.loadavg()}",
     ]
     report = "\n".join(lines)
     print(report)

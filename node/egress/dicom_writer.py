@@ -112,7 +112,6 @@ def write_series(output: PipelineOutput, study: StudyInfo, out_dir: Path, job_id
     series_uid = deterministic_uid(job_id, output.kind, "series")
     description = f"{output.description} [{unit}]" if unit not in ("1", "") else output.description
     base = _base_dataset(study, geometry, series_uid, series_number, description)
-    finite = data[np.isfinite(data)]
     # The MR Image IOD has no modality LUT, so the window is in stored values.
     hi = float(np.percentile(stored, 99.5)) if stored.size else 1.0
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -77,13 +77,17 @@ def _work_chunks(n_vox: int, n_atoms: int, itemsize: int, memory_bytes: int) -> 
     return v_chunk, a_chunk
 
 
-def _select(dictionary: MRFDictionary, magnitude: bool, rank: int | None, energy: float
-            ) -> tuple[Compression, int, dict[str, torch.Tensor]]:
+def _prepare(x: torch.Tensor | np.ndarray, dictionary: MRFDictionary, magnitude: bool, rank: int | None,
+             energy: float) -> tuple[torch.Tensor, Compression, int, dict[str, torch.Tensor]]:
+    """Checked signals on the dictionary's device, the compression to use, its rank and the atom norms."""
     comp = dictionary.magnitude if magnitude else dictionary.complex
     r = rank if rank is not None else comp.rank_for_energy(energy)
     r = max(1, min(r, comp.basis.shape[1]))
     norms = dictionary.magnitude_norms if magnitude else dictionary.norms
-    return comp, r, norms
+    x = _as_signals(x, magnitude, comp.basis.device)
+    if x.shape[-1] != comp.basis.shape[0]:
+        raise ValueError(f"fingerprints have {x.shape[-1]} frames but the dictionary has {comp.basis.shape[0]}")
+    return x, comp, r, norms
 
 
 def _chunks(n: int, size: int) -> range:
@@ -94,11 +98,8 @@ def match(x: torch.Tensor | np.ndarray, dictionary: MRFDictionary, *, magnitude:
           rank: int | None = None, energy: float = DEFAULT_ENERGY, compartment: str = "water",
           memory_bytes: int = DEFAULT_MEMORY_BYTES) -> MatchResult:
     """Best single atom per fingerprint. ``x``: [voxels, frames], complex (or magnitudes)."""
-    comp, r, norms = _select(dictionary, magnitude, rank, energy)
+    x, comp, r, norms = _prepare(x, dictionary, magnitude, rank, energy)
     device = comp.basis.device
-    x = _as_signals(x, magnitude, device)
-    if x.shape[-1] != comp.basis.shape[0]:
-        raise ValueError(f"fingerprints have {x.shape[-1]} frames but the dictionary has {comp.basis.shape[0]}")
     basis = comp.basis[:, :r]
     atoms, kept = _truncated(comp.coeffs[compartment], r)
     n_vox, n_atoms = x.shape[0], atoms.shape[0]
@@ -174,11 +175,8 @@ def match_water_fat(x: torch.Tensor | np.ndarray, dictionary: MRFDictionary, *, 
         raise ValueError("water/fat matching needs a dictionary with 'water' and 'fat' compartments")
     if magnitude:
         return _match_water_fat_magnitude(x, dictionary, energy=energy, memory_bytes=memory_bytes)
-    comp, r, norms = _select(dictionary, False, rank, energy)
+    x, comp, r, norms = _prepare(x, dictionary, False, rank, energy)
     device = comp.basis.device
-    x = _as_signals(x, False, device)
-    if x.shape[-1] != comp.basis.shape[0]:
-        raise ValueError(f"fingerprints have {x.shape[-1]} frames but the dictionary has {comp.basis.shape[0]}")
     basis = comp.basis[:, :r]
     (w_all, kept_w), (f_all, kept_f) = _truncated(comp.coeffs["water"], r), _truncated(comp.coeffs["fat"], r)
     pw, pf = dictionary.params["water"], dictionary.params["fat"]
@@ -275,11 +273,8 @@ def _match_water_fat_magnitude(x: torch.Tensor | np.ndarray, dictionary: MRFDict
     2. Best (water, fat, FF) per voxel by normalised inner product in that subspace.
     3. FF refined on a fine grid for the winning pair in the full time domain.
     """
-    comp = dictionary.complex
-    device = comp.basis.device
-    x = _as_signals(x, True, device)
-    if x.shape[-1] != comp.basis.shape[0]:
-        raise ValueError(f"fingerprints have {x.shape[-1]} frames but the dictionary has {comp.basis.shape[0]}")
+    x, _, _, _ = _prepare(x, dictionary, True, None, energy)
+    device = x.device
     pw, pf = dictionary.params["water"], dictionary.params["fat"]
     ff_grid = torch.arange(0, 1 + 1e-9, FF_COARSE_STEP, device=device, dtype=torch.float32)
     groups = []

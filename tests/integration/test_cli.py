@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -15,12 +14,11 @@ import pytest
 from pipelines.physics.sequences import MRFSequence, fisp_sequence
 
 pytestmark = pytest.mark.integration
-ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
-
-
 def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, env=ENV,
-                       timeout=300)
+    # The environment is read per call: the session fixture sets RECON_NODE_CACHE after this module is imported.
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    p = subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, env=env,
+                       timeout=600)
     if ok:
         assert p.returncode == 0, p.stderr
     return p

@@ -74,13 +74,14 @@ def test_brain_fisp_t1_t2_within_3_and_5_percent(dict_cache, magnitude):
         assert any("phase was not available" in n for n in kinds["t1"].notes)
 
 
-def test_thigh_t1ff_fat_fraction_within_2_points(dict_cache):
+@pytest.mark.parametrize("magnitude", [False, True], ids=["complex", "magnitude"])
+def test_thigh_t1ff_fat_fraction_within_2_points(dict_cache, magnitude):
     phantom = make_phantom("thigh", 48, field_strength_T=3.0)
     seq = t1ff_sequence()
-    images = noisy_images(phantom, seq)
+    images = noisy_images(phantom, seq, magnitude=magnitude)
     geom = Geometry.centred((48, 48), (200.0, 200.0))
     maps = by_kind(estimate_maps(images, seq, geom, MappingOptions(model="auto", field_strength_T=3.0),
-                                 cache_dir=dict_cache))
+                                 magnitude=magnitude, cache_dir=dict_cache))
     assert {"t1", "ff", "t1fat", "pd", "b1", "residual"} <= set(maps)
     assert maps["ff"].unit == "%"
     ff = maps["ff"].data[0]

@@ -72,10 +72,14 @@ def test_on_grid_fingerprints_are_matched_exactly(fisp_dict, short_fisp, magnitu
     t = torch.as_tensor(p[sel])
     m0 = torch.as_tensor(rng.uniform(0.5, 2, 64)) * torch.exp(1j * torch.as_tensor(rng.uniform(-3, 3, 64)))
     x = epg_fisp(short_fisp, t[:, 0], t[:, 1], t[:, 2]) * m0[:, None].to(torch.complex64)
-    r = match(x, d, magnitude=magnitude, rank=d.complex.basis.shape[1])
+    comp = d.magnitude if magnitude else d.complex
+    r = match(x, d, magnitude=magnitude, rank=comp.basis.shape[1])
     assert np.array_equal(r.t1_ms, p[sel, 0]) and np.array_equal(r.t2_ms, p[sel, 1])
-    np.testing.assert_allclose(np.abs(r.m0), np.abs(m0.numpy()), rtol=2e-3)
-    assert r.residual.max() < 2e-2
+    np.testing.assert_allclose(np.abs(r.m0), np.abs(m0.numpy()), rtol=5e-3)
+    # The residual of an exact atom is its energy outside the stored subspace, nothing more.
+    sv2 = comp.singular_values.double() ** 2
+    lost = float(1 - sv2[: comp.basis.shape[1]].sum() / sv2.sum())
+    assert r.residual.max() < 10 * np.sqrt(lost) + 1e-3
 
 
 def test_off_grid_noisy_estimates_are_close(fisp_dict, short_fisp):
