@@ -172,6 +172,108 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- node service: serve, status, submit, check-config ----------------------------------------------------
+def _load_site(path: str, check_pipelines: bool = True) -> Any:
+    from node.config import ConfigError, load_config
+
+    try:
+        return load_config(path, check_pipelines=check_pipelines)
+    except ConfigError as e:
+        lines = [f"  {k}: {m}" + (f"\n      hint: {h}" if h else "") for k, m, h in e.problems]
+        raise ValueError(f"{e.path}: the site config has {len(e.problems)} problem(s) "
+                         f"(run `recon-node check-config {e.path}`):\n" + "\n".join(lines)) from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from node.config import ConfigError, load_config, summary
+
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as e:
+        print(f"{e.path}: {len(e.problems)} problem(s)", file=sys.stderr)
+        for key, msg, hint in e.problems:
+            print(f"  {key}: {msg}", file=sys.stderr)
+            if hint:
+                print(f"      hint: {hint}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK")
+    print(summary(cfg))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.service import NodeService
+
+    cfg = _load_site(args.config)
+    NodeService(cfg).serve_forever()
+    return 0
+
+
+def _age(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    s = max(0.0, time.time() - ts)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s / n:.0f}{unit}"
+    return f"{s:.0f}s"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from node.jobs import JobStore
+
+    cfg = _load_site(args.config, check_pipelines=False)
+    db = cfg.node.database_path
+    if not db.exists():
+        raise ValueError(f"no job database at {db}: the node has not run with this config yet")
+    store = JobStore(db, max_attempts=cfg.node.max_attempts)
+    try:
+        jobs = store.list(state=args.state, limit=args.limit)
+        counts = store.counts()
+    finally:
+        store.close()
+    run_file = cfg.node.spool_dir / "run" / "node.json"
+    node = json.loads(run_file.read_text()) if run_file.exists() else None
+    if args.json:
+        out = {"counts": counts, "node": node, "jobs": [
+            {k: v for k, v in j.to_dict().items() if args.log or k != "log"} for j in jobs]}
+        print(json.dumps(out, indent=1, default=str))
+        return 0
+    if node:
+        print(f"node pid {node['pid']}: MRD port {node['mrd_port']}, DICOM port {node.get('dicom_port')}")
+    else:
+        print("node: not running (no run file)")
+    print("jobs: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if jobs:
+        rows = [("ID", "SOURCE", "ROUTE", "PIPELINE", "STATE", "TRIES", "AGE", "ERROR")]
+        for j in jobs:
+            rows.append((j.id, j.source or "-", j.route or "-", j.pipeline or "-", j.state, str(j.attempts),
+                         _age(j.created), (j.error or "")[:100]))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    if args.log:
+        for j in jobs:
+            print(f"\n--- log of {j.id} ---\n{j.log}", end="")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from node.ingest.mrd_client import submit_file
+
+    try:
+        res = submit_file(args.file, args.host, args.port, config_name=args.config_name or None,
+                          timeout=args.timeout)
+    except (ConnectionError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for t in res.texts:
+        print(t)
+    if res.n_images:
+        print(f"received {res.n_images} images")
+    return res.exit_code
+
+
 # ---- parser ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="recon-node", description=(
@@ -221,6 +323,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipelines", help="list the registered pipelines and their parameters")
     p.set_defaults(func=cmd_pipelines)
+    p = sub.add_parser("serve", help="run the node: MRD server, DICOM SCP and workers",
+                       description="Run the reconstruction node with a site config until SIGTERM / Ctrl-C. "
+                       "Jobs left by a stopped node are resumed.")
+    p.add_argument("--config", required=True, help="site config YAML (see deploy/site.example.yaml)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="list the node's jobs and their states",
+                       description="Read the node's job database: one line per job plus counts per state.")
+    p.add_argument("--config", required=True, help="site config YAML")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--state", choices=["queued", "running", "done", "failed", "unrouted"], help="only this state")
+    p.add_argument("--limit", type=int, default=None, help="only the newest N jobs")
+    p.add_argument("--log", action="store_true", help="include each job's log")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("submit", help="send an ISMRMRD file to an MRD server, as a scanner would",
+                       description="Stream an ISMRMRD .h5 file to an MRD server and print its replies. Exit 0 "
+                       "when a job was queued (or done), 3 when the data was kept but no route matched, 1 on ERR.")
+    p.add_argument("file", help="ISMRMRD HDF5 file")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9002)
+    p.add_argument("--config-name", default="default", help="MRD config name sent first ('' for none)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds of server silence before giving up")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("check-config", help="validate a site config and summarise it",
+                       description="Print every problem of a site config with its key and a hint (exit 1), "
+                       "or a summary of sources, routes and destinations (exit 0).")
+    p.add_argument("file", help="site config YAML")
+    p.set_defaults(func=cmd_check_config)
     return ap
 
 

@@ -93,7 +93,7 @@ def register(spec: PipelineSpec) -> PipelineSpec:
 
 def _load_builtin() -> None:
     # Importing a pipeline module registers it; kept lazy so `import pipelines.registry` stays cheap.
-    from pipelines import builtin  # noqa: F401
+    from pipelines import builtin, mrf_pipeline, recon_pipelines  # noqa: F401
 
 
 def get_pipeline(name: str) -> PipelineSpec:

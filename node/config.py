@@ -1,0 +1,451 @@
+"""Site configuration: one YAML file, validated with pydantic, errors that name the key and the fix.
+
+``load_config(path)`` returns a :class:`SiteConfig` or raises :class:`ConfigError` whose ``problems`` lists every
+problem found as ``(key path, message, hint)``, e.g. ``("routes[2].pipeline", "unknown pipeline 'foo'",
+"use one of: cartesian_frames, ...")``. Relative paths in the file are relative to the file's folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import ipaddress
+import re
+import shutil
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Problem = tuple[str, str, str]  # (key path, message, hint)
+
+
+class ConfigError(ValueError):
+    """The site configuration is not usable; ``problems`` holds every (key path, message, hint)."""
+
+    def __init__(self, path: str | Path, problems: list[Problem]) -> None:
+        self.path = str(path)
+        self.problems = problems
+        lines = [f"{k}: {m}" + (f" ({h})" if h else "") for k, m, h in problems]
+        super().__init__(f"{path}: {len(problems)} problem(s) in the site config: " + "; ".join(lines))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_ae(value: str | None) -> str | None:
+    if value is None:
+        return None
+    v = value.strip()
+    if not v or len(v) > 16 or "\\" in v or any(ord(c) < 32 or ord(c) > 126 for c in v):
+        raise ValueError("an AE title is 1 to 16 printable ASCII characters without backslash")
+    return v
+
+
+class NodeSettings(_Model):
+    ae_title: str = "RECON_NODE"
+    dicom_port: int = Field(11112, ge=0, le=65535)
+    mrd_port: int = Field(9002, ge=0, le=65535)
+    bind: str = "0.0.0.0"
+    spool_dir: Path
+    database: Path | None = None  # default <spool_dir>/jobs.sqlite
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int = Field(1, ge=1, le=64)
+    threads: int | None = Field(None, ge=1, le=256)  # torch threads per process; default OMP_NUM_THREADS or cores
+    disk_reserve_mb: int = Field(1024, ge=0)
+    max_attempts: int = Field(3, ge=1, le=100)
+    cache_dir: Path | None = None
+    mrd_idle_timeout_s: float = Field(60.0, gt=0)
+    mrd_max_message_mb: int = Field(256, ge=1)
+    shutdown_grace_s: float = Field(10.0, ge=0)
+    plugins: list[str] = Field(default_factory=list)  # Python modules imported at start (site pipelines)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str | None) -> str | None:
+        return _check_ae(v)
+
+    @property
+    def database_path(self) -> Path:
+        return self.database or self.spool_dir / "jobs.sqlite"
+
+    @property
+    def units_dir(self) -> Path:
+        return self.spool_dir / "units"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.spool_dir / "results"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.spool_dir / "tmp"
+
+
+class Source(_Model):
+    name: str = Field(min_length=1)
+    ae_title: str | None = None
+    hosts: list[str] = Field(min_length=1)
+    protocols: list[Literal["dicom", "mrd"]] = Field(default_factory=lambda: ["dicom", "mrd"], min_length=1)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str | None) -> str | None:
+        return _check_ae(v)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        for h in hosts:
+            if not isinstance(h, str) or not h.strip():
+                raise ValueError("each host is a host name, an IP address or a CIDR network like 10.1.0.0/16")
+            if "/" in h:
+                try:
+                    ipaddress.ip_network(h.strip(), strict=False)
+                except ValueError as e:
+                    raise ValueError(f"{h!r} is not a valid CIDR network ({e})") from None
+        return [h.strip() for h in hosts]
+
+
+class Destination(_Model):
+    name: str = Field(min_length=1)
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str | None) -> str | None:
+        return _check_ae(v)
+
+
+_REGEX_FIELDS = ("series_description", "protocol_name")
+
+
+class RouteMatch(_Model):
+    input: Literal["mrd", "dicom"] | None = None
+    calling_ae: str | None = None
+    called_ae: str | None = None
+    source: str | None = None
+    modality: str | None = None
+    sop_class_uid: str | None = None
+    series_description: str | None = None  # regex, re.search, case-insensitive
+    protocol_name: str | None = None  # regex, re.search, case-insensitive
+    trajectory: str | None = None  # MRD: cartesian, radial, spiral, other
+    sequence: str | None = None  # MRD: userParameters mrf_sequence_name
+
+    @field_validator(*_REGEX_FIELDS)
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"{v!r} is not a valid regular expression ({e})") from None
+        return v
+
+
+class Route(_Model):
+    name: str = Field(min_length=1)
+    match: RouteMatch = Field(default_factory=RouteMatch)
+    pipeline: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    send_to: list[str] = Field(default_factory=list)
+    reply_over_mrd: bool = False
+
+
+class GroupingRule(_Model):
+    by: Literal["study", "series"] = "study"
+    quiet_seconds: float = Field(5.0, gt=0)
+
+
+class Grouping(_Model):
+    default: GroupingRule = Field(default_factory=GroupingRule)
+    sources: dict[str, GroupingRule] = Field(default_factory=dict)
+
+
+class Retention(_Model):
+    days: float = Field(7.0, gt=0)
+
+
+class SiteConfig(_Model):
+    node: NodeSettings
+    sources: list[Source] = Field(default_factory=list)
+    destinations: list[Destination] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=list)
+    grouping: Grouping = Field(default_factory=Grouping)
+    retention: Retention = Field(default_factory=Retention)
+    reject_unknown_sources: bool = True
+
+    # set by load_config
+    path: Path | None = Field(default=None, exclude=True)
+
+    def grouping_for(self, source_name: str | None) -> GroupingRule:
+        return self.grouping.sources.get(source_name or "", self.grouping.default)
+
+    def source(self, name: str) -> Source | None:
+        return next((s for s in self.sources if s.name == name), None)
+
+    def destination(self, name: str) -> Destination | None:
+        return next((d for d in self.destinations if d.name == name), None)
+
+
+# ---- source matching -------------------------------------------------------------------------------------------
+def _resolve(host: str) -> set[str]:
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return set()
+
+
+def host_matches(pattern: str, peer_ip: str) -> bool:
+    """``pattern`` is an IP, a CIDR network or a host name (resolved on each call)."""
+    try:
+        ip = ipaddress.ip_address(peer_ip.split("%")[0])
+    except ValueError:
+        return pattern == peer_ip
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    try:
+        if "/" in pattern:
+            return ip in ipaddress.ip_network(pattern, strict=False)
+        return ip == ipaddress.ip_address(pattern)
+    except ValueError:
+        pass
+    return str(ip) in _resolve(pattern)
+
+
+def find_source(cfg: SiteConfig, protocol: str, peer_ip: str, ae_title: str | None) -> Source | None:
+    """The first source that allows ``protocol`` from ``peer_ip`` (and, for DICOM, whose AE title matches)."""
+    for src in cfg.sources:
+        if protocol not in src.protocols:
+            continue
+        if protocol == "dicom" and src.ae_title and (ae_title or "").strip() != src.ae_title:
+            continue
+        if any(host_matches(h, peer_ip) for h in src.hosts):
+            return src
+    return None
+
+
+def spool_space_problem(cfg: SiteConfig) -> str | None:
+    """A sentence for people when the spool's disk has less free space than ``node.disk_reserve_mb``."""
+    spool = cfg.node.spool_dir
+    try:
+        free_mb = shutil.disk_usage(spool if spool.exists() else spool.parent).free / 2**20
+    except OSError as e:
+        return f"cannot check free space of the spool {spool}: {e}"
+    if free_mb < cfg.node.disk_reserve_mb:
+        return (f"spool disk full: {free_mb:.0f} MB free in {spool}, node.disk_reserve_mb is "
+                f"{cfg.node.disk_reserve_mb} MB; free space or run `recon-node status` to find old results")
+    return None
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------
+def _key_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+_FIELD_HINTS = {
+    "spool_dir": "a folder on a local disk with room for raw data, e.g. /var/lib/recon-node/spool",
+    "hosts": "list host names, IP addresses or CIDR networks, e.g. [10.1.2.3, mr-scanner-1, 10.20.0.0/16]",
+    "protocols": "use dicom, mrd or both",
+    "ae_title": "1 to 16 characters, e.g. RECON_NODE; must match what the peer is configured with",
+    "port": "a TCP port number 1-65535",
+    "dicom_port": "a TCP port number 1-65535 (104 or 11112 are usual for DICOM)",
+    "mrd_port": "a TCP port number 1-65535 (9002 is usual for MRD)",
+    "device": "auto picks the GPU when present",
+    "pipeline": "run `recon-node pipelines` to list them",
+    "by": "study groups a whole study into one unit, series one unit per series",
+}
+
+
+def _hint(err: dict[str, Any], model_fields: dict[str, list[str]]) -> str:
+    etype = err.get("type", "")
+    loc = err.get("loc", ())
+    name = next((str(p) for p in reversed(loc) if isinstance(p, str)), "")
+    if etype == "extra_forbidden":
+        parent = ".".join(str(p) for p in loc[:-1] if isinstance(p, str))
+        valid = model_fields.get(parent)
+        close = difflib.get_close_matches(name.lower().replace("-", "_"), valid or [], n=1, cutoff=0.7)
+        if close:
+            return f"did you mean {close[0]!r}?"
+        return f"remove it or check the spelling; valid keys here: {', '.join(valid)}" if valid else \
+            "remove it or check the spelling"
+    if etype == "missing":
+        return _FIELD_HINTS.get(name, "add this key")
+    return _FIELD_HINTS.get(name, "")
+
+
+def _fields_by_parent() -> dict[str, list[str]]:
+    out = {"": list(SiteConfig.model_fields.keys() - {"path"})}
+    pairs: list[tuple[str, type[BaseModel]]] = [
+        ("node", NodeSettings), ("sources", Source), ("destinations", Destination), ("routes", Route),
+        ("routes.match", RouteMatch), ("grouping", Grouping), ("grouping.default", GroupingRule),
+        ("grouping.sources", GroupingRule), ("retention", Retention)]
+    for key, model in pairs:
+        out[key] = sorted(model.model_fields)
+    return out
+
+
+def _cross_check(cfg: SiteConfig, check_pipelines: bool) -> list[Problem]:
+    problems: list[Problem] = []
+    for what, items in (("sources", cfg.sources), ("destinations", cfg.destinations), ("routes", cfg.routes)):
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            if item.name in seen:
+                problems.append((f"{what}[{i}].name", f"{item.name!r} is used twice", "give each entry its own name"))
+            seen.add(item.name)
+    src_names = [s.name for s in cfg.sources]
+    dst_names = [d.name for d in cfg.destinations]
+    for name in cfg.grouping.sources:
+        if name not in src_names:
+            problems.append((f"grouping.sources.{name}", f"no source is called {name!r}",
+                             f"use one of the names under sources: {', '.join(src_names) or '(none defined)'}"))
+    if check_pipelines:
+        for i, mod in enumerate(cfg.node.plugins):
+            try:
+                importlib.import_module(mod)
+            except Exception as e:  # noqa: BLE001 - any import failure is a config problem
+                problems.append((f"node.plugins[{i}]", f"cannot import module {mod!r}: {type(e).__name__}: {e}",
+                                 "install the module or fix PYTHONPATH for the node's service"))
+    registry = None
+    if check_pipelines:
+        from pipelines import registry as registry_mod
+
+        registry = registry_mod
+    for i, r in enumerate(cfg.routes):
+        key = f"routes[{i}]"
+        if r.match.source is not None and r.match.source not in src_names:
+            problems.append((f"{key}.match.source", f"no source is called {r.match.source!r}",
+                             f"use one of: {', '.join(src_names) or '(none defined)'}"))
+        for j, dest in enumerate(r.send_to):
+            if dest not in dst_names:
+                problems.append((f"{key}.send_to[{j}]", f"no destination is called {dest!r}",
+                                 f"add it under destinations or use one of: {', '.join(dst_names) or '(none)'}"))
+        if r.reply_over_mrd and r.match.input != "mrd":
+            problems.append((f"{key}.reply_over_mrd", "reply_over_mrd needs a route for MRD input",
+                             "add `input: mrd` under match, or remove reply_over_mrd"))
+        if registry is None:
+            continue
+        try:
+            spec = registry.get_pipeline(r.pipeline)
+        except ValueError:
+            names = ", ".join(s.name for s in registry.list_pipelines())
+            problems.append((f"{key}.pipeline", f"unknown pipeline {r.pipeline!r}", f"use one of: {names}"))
+            continue
+        want = "mrd" if spec.input_kind == "raw" else "dicom"
+        if r.match.input is not None and r.match.input != want:
+            problems.append((f"{key}.match.input",
+                             f"pipeline {spec.name!r} takes {want} input but the route matches {r.match.input}",
+                             f"set `input: {want}` or choose a pipeline for {r.match.input} data"))
+        try:
+            spec.resolve_params(r.params)
+        except ValueError as e:
+            bad = [p for p in r.params if p not in spec.params]
+            sub = f".params.{bad[0]}" if bad else ".params"
+            valid = ", ".join(f"{n} (default {p.default!r})" for n, p in spec.params.items()) or "none"
+            problems.append((f"{key}{sub}", str(e), f"parameters of {spec.name}: {valid}"))
+    return problems
+
+
+def _absolutize(data: dict[str, Any], base: Path) -> None:
+    node = data.get("node")
+    if not isinstance(node, dict):
+        return
+    for k in ("spool_dir", "database", "cache_dir"):
+        v = node.get(k)
+        if isinstance(v, str) and v:
+            p = Path(v).expanduser()
+            node[k] = str(p if p.is_absolute() else (base / p))
+
+
+def parse_config(data: Any, where: str | Path = "<config>", base: Path | None = None,
+                 check_pipelines: bool = True) -> SiteConfig:
+    """Validate an already-parsed YAML mapping; raises ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(where, [("(top level)", "the file is not a YAML mapping",
+                                   "start from deploy/site.example.yaml")])
+    data = dict(data)
+    if isinstance(data.get("node"), dict):
+        data["node"] = dict(data["node"])
+    _absolutize(data, base or Path.cwd())
+    try:
+        cfg = SiteConfig.model_validate(data)
+    except ValidationError as e:
+        fields = _fields_by_parent()
+        problems = []
+        for err in e.errors():
+            loc = tuple(err.get("loc", ()))
+            msg = err.get("msg", "invalid")
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            if err.get("type") == "extra_forbidden":
+                msg = "unknown key"
+            elif err.get("type") == "missing":
+                msg = "required key is missing"
+            plain = tuple(p for p in loc if isinstance(p, str))
+            problems.append((_key_path(loc), msg, _hint({**err, "loc": _strip_indices(plain, loc)}, fields)))
+        raise ConfigError(where, problems) from None
+    problems = _cross_check(cfg, check_pipelines)
+    if problems:
+        raise ConfigError(where, problems)
+    return cfg
+
+
+def _strip_indices(plain: tuple[str, ...], loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    # grouping.sources.<name>.<field> -> grouping.sources.<field> for the key list lookup
+    if len(plain) >= 3 and plain[0] == "grouping" and plain[1] == "sources":
+        return ("grouping", "sources", *plain[3:])
+    return plain
+
+
+def load_config(path: str | Path, check_pipelines: bool = True) -> SiteConfig:
+    """Read and validate a site config. ``check_pipelines=False`` skips the pipeline registry (fast, for status)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(path, [("(file)", f"cannot read the config: {e.strerror or e}",
+                                  "check the path given with --config")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(path, [(f"(yaml {where})", f"not valid YAML: {getattr(e, 'problem', e)}",
+                                  "check indentation (spaces, not tabs) and quoting around that line")]) from None
+    cfg = parse_config(data, path, base=path.resolve().parent, check_pipelines=check_pipelines)
+    cfg.path = path
+    return cfg
+
+
+def summary(cfg: SiteConfig) -> str:
+    """A human summary of a valid config (check-config prints it)."""
+    n = cfg.node
+    lines = [f"node {n.ae_title}: DICOM port {n.dicom_port}, MRD port {n.mrd_port} on {n.bind}; "
+             f"spool {n.spool_dir}; device {n.device}; {n.workers} worker(s); max attempts {n.max_attempts}",
+             f"sources ({len(cfg.sources)}; unknown sources {'rejected' if cfg.reject_unknown_sources else 'accepted'}):"]
+    for s in cfg.sources:
+        g = cfg.grouping_for(s.name)
+        lines.append(f"  {s.name}: {'/'.join(s.protocols)} from {', '.join(s.hosts)}"
+                     + (f", AE {s.ae_title}" if s.ae_title else "") + f"; grouping by {g.by}, quiet {g.quiet_seconds:g} s")
+    lines.append(f"routes ({len(cfg.routes)}, first match wins):")
+    for r in cfg.routes:
+        conds = ", ".join(f"{k}={v}" for k, v in r.match.model_dump(exclude_none=True).items()) or "anything"
+        extra = (f" params {r.params}" if r.params else "") + (f" -> {', '.join(r.send_to)}" if r.send_to else "") \
+            + (" (reply over MRD)" if r.reply_over_mrd else "")
+        lines.append(f"  {r.name}: [{conds}] => {r.pipeline}{extra}")
+    lines.append(f"destinations ({len(cfg.destinations)}):")
+    for d in cfg.destinations:
+        lines.append(f"  {d.name}: {d.ae_title} at {d.host}:{d.port}")
+    lines.append(f"retention: {cfg.retention.days:g} days")
+    return "\n".join(lines)

@@ -1,0 +1,681 @@
+"""DICOM C-ECHO / C-STORE SCP: receives image series (and ISMRMRD raw data wrapped in DICOM) into the spool.
+
+Behaviour (see README_dicom.md for the operator's view):
+
+* **Association checks** happen on the A-ASSOCIATE-RQ, before anything is accepted: a wrong called AE title is
+  rejected with "called AE title not recognised", a calling AE title / peer address that matches no configured
+  DICOM source with "calling AE title not recognised" (unless ``reject_unknown_sources`` is false: then the
+  association is accepted under the source name ``unknown``). Every rejection is logged with AE title and IP.
+* **Durable store**: each instance is written as a DICOM Part 10 file exactly as received (file meta + the
+  received encoding, compressed transfer syntaxes as-is) to a hidden temp file in its group folder, fsynced,
+  renamed atomically and the folder fsynced -- only then is Success returned. Layout:
+  ``<spool>/incoming/<source>/<StudyInstanceUID or SeriesInstanceUID>/<SOPInstanceUID>.dcm``; a resent instance
+  overwrites its file (idempotent).
+* **Failure statuses**: 0xA700 free disk would fall below ``disk_reserve_mb`` (nothing written); 0xA701 the
+  spool could not be written (I/O error); 0xC210 the dataset cannot be decoded; 0xC211 SOPInstanceUID /
+  StudyInstanceUID (or SeriesInstanceUID when grouping by series) missing or not a valid UID; 0xC212 an embedded
+  ISMRMRD file is not readable. Each failure carries an ErrorComment and is logged with the calling AE.
+* **Grouping**: :class:`node.ingest.grouping.QuietWindowGrouper` releases a group after its quiet time and once
+  every association that stored into it has closed; the folder is renamed to ``<spool>/units/<unit id>/`` and the
+  handler receives an :class:`IngestUnit` of kind ``dicom``.
+* **ISMRMRD in DICOM**: a Raw Data Storage instance carrying an ISMRMRD HDF5 file (private creator
+  ``RECON-NODE ISMRMRD`` in group 0x0071, the bytes in element xx10 (OB) of that block, their exact length in
+  xx11 (UL); or an Encapsulated Document (0042,0011) whose bytes are an HDF5 file) is extracted to
+  ``<spool>/units/<unit id>.h5`` and handed over at once as a unit of kind ``mrd``. See
+  :func:`wrap_ismrmrd_in_raw_data`.
+* **Restart**: groups left in ``incoming`` get a fresh quiet window and temp files are deleted. Every unit is
+  given a sidecar ``<spool>/units/<unit id>.json`` (the IngestUnit, as the MRD server writes it) before it gets its
+  final name, so the service's start-up rescan can create the job of a unit whose hand-over never happened.
+* Handler calls run one at a time on a dispatch thread; an exception is logged and the unit stays on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import h5py
+import ismrmrd.xsd as x
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    EnhancedMRImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    RawDataStorage,
+    SecondaryCaptureImageStorage,
+)
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, evt
+from pynetdicom.sop_class import Verification
+
+from node.config import find_source
+from node.ingest.grouping import Group, GroupStatus, QuietWindowGrouper
+from node.ingest.units import IngestUnit, UnitHandler
+from pipelines.io.dicom_uids import deterministic_uid
+from pipelines.io.mrd_reader import read_hdf5_header, study_info_from_header
+from pipelines.types import StudyInfo
+
+log = logging.getLogger(__name__)
+
+STORAGE_SOP_CLASSES: tuple[str, ...] = (
+    MRImageStorage,
+    EnhancedMRImageStorage,
+    RawDataStorage,
+    SecondaryCaptureImageStorage,
+)
+
+# C-STORE statuses (PS3.4 B.2.3; the C2xx codes are our "cannot understand" sub-codes).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+WRITE_FAILED = 0xA701
+CANNOT_DECODE = 0xC210
+MISSING_UID = 0xC211
+BAD_ISMRMRD = 0xC212
+
+# ISMRMRD-in-DICOM convention.
+ISMRMRD_GROUP = 0x0071
+ISMRMRD_CREATOR = "RECON-NODE ISMRMRD"
+ISMRMRD_DATA_ELEMENT = 0x10  # (0071,xx10) OB: the HDF5 bytes
+ISMRMRD_LENGTH_ELEMENT = 0x11  # (0071,xx11) UL: their exact length (OB values are padded to even length)
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# Raw Data module's Creator-Version UID: names this wrapping convention (version 1).
+CREATOR_VERSION_UID = deterministic_uid("recon-node", "ismrmrd-in-raw-data", 1)
+
+UNKNOWN_SOURCE = "unknown"
+GROUP_INFO = ".group.json"  # sidecar in each incoming group folder: source, first association, first instance
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+# ---- small helpers ---------------------------------------------------------------------------------------------
+def _safe_name(name: str) -> str:
+    """A path component from a source name (sidecar files keep the real name)."""
+    s = _UNSAFE.sub("_", name.strip()) or "_"
+    return "_" + s if s.startswith(".") else s
+
+
+def _valid_uid(value: Any) -> bool:
+    s = str(value or "")
+    return 0 < len(s) <= 64 and bool(_UID_RE.match(s))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``: hidden temp file in the same folder, fsync, atomic rename, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _is_temp(p: Path) -> bool:
+    return p.name.startswith(".") and p.name.endswith(".tmp")
+
+
+def _new_unit_id(prefix: str) -> str:
+    return f"{prefix}-{datetime.now().strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+def _instances(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.dcm") if p.is_file() and not p.name.startswith("."))
+
+
+def write_unit_sidecar(unit: IngestUnit) -> Path:
+    """``<spool>/units/<unit id>.json``: the IngestUnit as JSON, durably, *before* the unit gets its final name.
+
+    Same content and place as the MRD server's sidecar, so that the service's start-up rescan
+    (``node.service.unit_from_disk``) rebuilds a unit whose job was never created (node killed in between, or the
+    handler failed) with its source, AE titles, peer and attributes.
+    """
+    data = asdict(unit)
+    data["path"] = str(unit.path)
+    sidecar = unit.path.with_name(unit.path.name.removesuffix(".h5") + ".json")
+    write_durably(sidecar, json.dumps(data, indent=1).encode("utf-8"))
+    return sidecar
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]  # LO
+    return ds
+
+
+# ---- ISMRMRD inside DICOM --------------------------------------------------------------------------------------
+def embedded_ismrmrd(ds: Dataset) -> bytes | None:
+    """The ISMRMRD HDF5 bytes carried by a dataset, or None (see the module docstring for the convention)."""
+    try:
+        block = ds.private_block(ISMRMRD_GROUP, ISMRMRD_CREATOR)
+    except KeyError:
+        block = None
+    if block is not None and ISMRMRD_DATA_ELEMENT in block:
+        data = bytes(block[ISMRMRD_DATA_ELEMENT].value or b"")
+        if ISMRMRD_LENGTH_ELEMENT in block:
+            n = int(block[ISMRMRD_LENGTH_ELEMENT].value)
+            if 0 <= n <= len(data):
+                data = data[:n]
+        return data
+    doc = ds.get("EncapsulatedDocument")
+    if doc and bytes(doc[:8]) == HDF5_SIGNATURE:
+        n = int(ds.get("EncapsulatedDocumentLength") or 0)
+        data = bytes(doc)
+        return data[:n] if 0 < n <= len(data) else data
+    return None
+
+
+def wrap_ismrmrd_in_raw_data(
+    h5_path: str | Path,
+    info: StudyInfo | None = None,
+    *,
+    series_number: int = 900,
+    series_description: str = "ISMRMRD raw data",
+    sop_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+) -> Dataset:
+    """A Raw Data Storage instance (with file meta) that carries the ISMRMRD file ``h5_path``.
+
+    Patient / study identifiers come from ``info``, else from the file's ISMRMRD header. UIDs not given are
+    derived deterministically from the file's bytes, so wrapping the same file twice gives the same instance.
+    Save with ``ds.save_as(path, enforce_file_format=True)`` or send with any C-STORE SCU.
+    """
+    h5_path = Path(h5_path)
+    payload = h5_path.read_bytes()
+    if not payload.startswith(HDF5_SIGNATURE):
+        raise ValueError(f"{h5_path}: not an HDF5 file (no HDF5 signature)")
+    if info is None:
+        info = study_info_from_header(x.CreateFromDocument(read_hdf5_header(h5_path).encode("utf-8")))
+    digest = uuid.uuid5(uuid.NAMESPACE_OID, payload.hex()[:4096] + str(len(payload))).hex
+    study_uid = info.study_instance_uid or deterministic_uid("raw-study", info.patient_id, digest)
+    series_uid = series_instance_uid or deterministic_uid("raw-series", study_uid, series_number, digest)
+    sop_uid = sop_instance_uid or deterministic_uid("raw-instance", series_uid, digest)
+    now = datetime.now()
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RawDataStorage
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "RECON_NODE"
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    # SOP common
+    ds.SOPClassUID = RawDataStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    # Patient
+    ds.PatientName = info.patient_name
+    ds.PatientID = info.patient_id
+    ds.PatientBirthDate = info.patient_birth_date
+    ds.PatientSex = info.patient_sex if info.patient_sex in ("M", "F", "O") else ""
+    # General study
+    ds.StudyInstanceUID = study_uid
+    ds.StudyDate = info.study_date
+    ds.StudyTime = info.study_time
+    ds.ReferringPhysicianName = info.referring_physician
+    ds.StudyID = info.study_id
+    ds.AccessionNumber = info.accession_number
+    if info.study_description:
+        ds.StudyDescription = info.study_description
+    # General series
+    ds.Modality = "MR"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = series_description
+    if info.protocol_name:
+        ds.ProtocolName = info.protocol_name
+    ds.Laterality = ""  # type 2C; the body part is not known here, so present and empty (as the frame writer does)
+    # Frame of reference (U in the Raw Data IOD): present when known
+    if info.frame_of_reference_uid:
+        ds.FrameOfReferenceUID = info.frame_of_reference_uid
+        ds.PositionReferenceIndicator = ""
+    # General equipment
+    ds.Manufacturer = info.manufacturer or ""
+    if info.institution_name:
+        ds.InstitutionName = info.institution_name
+    if info.station_name:
+        ds.StationName = info.station_name
+    # Acquisition context (type 2 sequence: present, empty)
+    ds.AcquisitionContextSequence = []
+    # Raw data module
+    ds.InstanceNumber = 1
+    ds.ContentDate = info.study_date or now.strftime("%Y%m%d")
+    ds.ContentTime = info.study_time or now.strftime("%H%M%S")
+    ds.CreatorVersionUID = CREATOR_VERSION_UID
+    # The payload
+    block = ds.private_block(ISMRMRD_GROUP, ISMRMRD_CREATOR, create=True)
+    block.add_new(ISMRMRD_DATA_ELEMENT, "OB", payload)
+    block.add_new(ISMRMRD_LENGTH_ELEMENT, "UL", len(payload))
+    return ds
+
+
+def mrd_attributes(path: Path) -> tuple[dict[str, str], int]:
+    """Routing attributes of an ISMRMRD file (as the MRD server gives them: protocolName, trajectory, sequence,
+    measurementID ...) and its number of acquisitions. ValueError naming the file when it is not readable."""
+    from node.ingest.mrd_server import mrd_unit_attributes  # one definition of the MRD attributes
+
+    xml = read_hdf5_header(path)
+    try:
+        header = x.CreateFromDocument(xml.encode("utf-8"))
+    except Exception as e:
+        raise ValueError(f"{path}: the ISMRMRD header is not valid ({e})") from e
+    try:
+        with h5py.File(path, "r") as f:
+            n = int(f["dataset/data"].shape[0]) if "dataset/data" in f else 0
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the acquisitions ({e})") from e
+    return mrd_unit_attributes(header), n
+
+
+# ---- the SCP ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Peer:
+    """One accepted association: where it came from and which source it belongs to."""
+
+    source: str
+    calling_ae: str
+    called_ae: str
+    address: str
+
+    def who(self) -> str:
+        return f"source={self.source} ae={self.calling_ae} peer={self.address}"
+
+
+class _StoreFailure(Exception):
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+
+FindSource = Callable[[Any, str, str, "str | None"], Any]
+
+
+class DicomSCP:
+    """C-ECHO / C-STORE SCP of the node. ``start()`` returns at once; ``stop()`` closes the port."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        handler: UnitHandler,
+        clock: Callable[[], float] = time.monotonic,
+        find_source: FindSource | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.handler = handler
+        self._find_source = find_source
+        self.spool = Path(cfg.node.spool_dir)
+        self.incoming = self.spool / "incoming"
+        self.units = self.spool / "units"
+        self.grouper = QuietWindowGrouper(self._release, clock=clock)
+        self._peers: dict[int, _Peer] = {}
+        self._lock = threading.Lock()
+        self._dispatch: ThreadPoolExecutor | None = None
+        self._server: Any = None
+        self.ae = self._make_ae()
+
+    # ---- set-up ----------------------------------------------------------------------------------------------
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.cfg.node.ae_title)
+        ae.add_supported_context(Verification)
+        for sop in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop, ALL_TRANSFER_SYNTAXES)
+        ae.network_timeout = 60
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        ae.maximum_associations = 16
+        return ae
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return int(self.cfg.node.dicom_port)
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Recover the spool, start the grouper and the dispatcher, open the port (non-blocking)."""
+        if self._server is not None:
+            return
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.units.mkdir(parents=True, exist_ok=True)
+        self._dispatch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recon-node-dicom-dispatch")
+        self._recover()
+        self.grouper.start()
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_CLOSE, self._on_close),
+        ]
+        bind = self.cfg.node.bind or "0.0.0.0"
+        self._server = self.ae.start_server((bind, int(self.cfg.node.dicom_port)), block=False,
+                                            evt_handlers=handlers)
+        log.info("DICOM SCP %s listening on %s:%d (spool %s)", self.cfg.node.ae_title, bind, self.port, self.spool)
+
+    def stop(self) -> None:
+        """Close the port and stop the threads. Pending groups stay in the spool and are re-armed on next start."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.grouper.stop()
+        if self._dispatch is not None:
+            self._dispatch.shutdown(wait=True)
+            self._dispatch = None
+        log.info("DICOM SCP %s stopped", self.cfg.node.ae_title)
+
+    def pending_groups(self) -> list[GroupStatus]:
+        """Groups still in their quiet window (source, key, instances, seconds until release)."""
+        return self.grouper.pending()
+
+    # ---- config helpers --------------------------------------------------------------------------------------
+    def _lookup_source(self, peer_ip: str, calling_ae: str) -> Any:
+        find = self._find_source or find_source
+        return find(self.cfg, "dicom", peer_ip, calling_ae)
+
+    def _grouping(self, source: str) -> tuple[str, float]:
+        rule = self.cfg.grouping_for(source)
+        by = str(rule.by)
+        return ("series" if by == "series" else "study"), float(rule.quiet_seconds)
+
+    # ---- association events ----------------------------------------------------------------------------------
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        calling = str(rq.calling_ae_title).strip()
+        called = str(rq.called_ae_title).strip()
+        address = assoc.requestor.address
+        own = str(self.cfg.node.ae_title).strip()
+        if called != own:
+            log.warning("association rejected: called AE %r is not this node (%r); calling ae=%s peer=%s",
+                        called, own, calling, address)
+            self._reject(assoc, 0x07)
+            return
+        try:
+            source = self._lookup_source(address, calling)
+        except Exception as e:
+            log.error("association rejected: source lookup failed for ae=%s peer=%s (%s: %s)",
+                      calling, address, type(e).__name__, e, exc_info=True)
+            self._reject(assoc, 0x01)
+            return
+        if source is None:
+            if bool(getattr(self.cfg, "reject_unknown_sources", True)):
+                log.warning("association rejected: calling ae=%s peer=%s matches no configured DICOM source "
+                            "(add it under 'sources' with protocols [dicom])", calling, address)
+                self._reject(assoc, 0x03)
+                return
+            name = UNKNOWN_SOURCE
+            log.warning("association from unconfigured ae=%s peer=%s accepted as source %r "
+                        "(reject_unknown_sources is false)", calling, address, name)
+        else:
+            name = str(source.name)
+        with self._lock:
+            self._peers[id(assoc)] = _Peer(name, calling, called, address)
+        log.info("source=%s ae=%s peer=%s: association requested", name, calling, address)
+
+    @staticmethod
+    def _reject(assoc: Any, diagnostic: int) -> None:
+        # Permanent rejection by the service user, then stop the association like pynetdicom's own checks do.
+        assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        assoc.kill()
+
+    def _peer(self, event: evt.Event) -> _Peer:
+        with self._lock:
+            peer = self._peers.get(id(event.assoc))
+        if peer is None:  # cannot happen: every accepted association passed _on_requested
+            rq = event.assoc.requestor
+            peer = _Peer(UNKNOWN_SOURCE, str(rq.ae_title).strip(), str(self.cfg.node.ae_title),
+                         rq.address)
+        return peer
+
+    def _on_echo(self, event: evt.Event) -> int:
+        log.info("%s: C-ECHO", self._peer(event).who())
+        return SUCCESS
+
+    def _on_close(self, event: evt.Event) -> None:
+        with self._lock:
+            peer = self._peers.pop(id(event.assoc), None)
+        if peer is not None:
+            self.grouper.association_closed(id(event.assoc))
+            log.debug("%s: association closed", peer.who())
+
+    # ---- C-STORE ---------------------------------------------------------------------------------------------
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        peer = self._peer(event)
+        try:
+            return self._store(event, peer)
+        except _StoreFailure as e:
+            log.error("%s: C-STORE refused with 0x%04X: %s", peer.who(), e.status, e.comment)
+            return _status(e.status, e.comment)
+        except OSError as e:
+            log.error("%s: C-STORE failed: cannot write to the spool %s (%s); check the disk and permissions",
+                      peer.who(), self.spool, e, exc_info=True)
+            return _status(WRITE_FAILED, "node cannot write its spool")
+        except Exception as e:
+            log.error("%s: C-STORE failed unexpectedly (%s: %s)", peer.who(), type(e).__name__, e, exc_info=True)
+            return _status(CANNOT_DECODE, f"cannot process dataset: {type(e).__name__}")
+
+    def _decode(self, event: evt.Event) -> Dataset:
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            for _ in ds:  # decode every top-level element now, so a corrupt one fails here and not later
+                pass
+        except Exception as e:
+            raise _StoreFailure(CANNOT_DECODE, f"cannot decode dataset ({type(e).__name__}: {e})") from e
+        return ds
+
+    def _check_space(self, n_bytes: int) -> None:
+        reserve = float(self.cfg.node.disk_reserve_mb) * 1024 * 1024
+        free = shutil.disk_usage(self.spool).free
+        if free - n_bytes < reserve:
+            raise _StoreFailure(
+                OUT_OF_RESOURCES,
+                f"spool disk full: {free / 2**20:.0f} MB free, reserve {reserve / 2**20:.0f} MB",
+            )
+
+    def _store(self, event: evt.Event, peer: _Peer) -> int:
+        ds = self._decode(event)
+        by, quiet = self._grouping(peer.source)
+        sop = ds.get("SOPInstanceUID")
+        study = ds.get("StudyInstanceUID")
+        for keyword, value in (("SOPInstanceUID", sop), ("StudyInstanceUID", study)):
+            if not _valid_uid(value):
+                raise _StoreFailure(MISSING_UID, f"{keyword} missing or invalid ({str(value or '')[:30]!r})")
+        if by == "series":
+            key = ds.get("SeriesInstanceUID")
+            if not _valid_uid(key):
+                raise _StoreFailure(MISSING_UID, "SeriesInstanceUID missing or invalid")
+        else:
+            key = study
+        key = str(key)
+
+        if str(ds.get("SOPClassUID", "")) == RawDataStorage:
+            payload = embedded_ismrmrd(ds)
+            if payload is not None:
+                return self._store_ismrmrd(payload, ds, peer)
+
+        data = event.encoded_dataset()
+        self._check_space(len(data))
+        folder = self.incoming / _safe_name(peer.source) / key
+        info = {"source": peer.source, "key": key, "by": by, "calling_ae": peer.calling_ae,
+                "called_ae": peer.called_ae, "peer": peer.address, "first_instance": f"{sop}.dcm",
+                "created": datetime.now().isoformat(timespec="seconds")}
+        self.grouper.hold(peer.source, key, folder, quiet, association=id(event.assoc), info=info,
+                          prepare=lambda p: self._prepare_group(p, info))
+        write_durably(folder / f"{sop}.dcm", data)
+        self.grouper.touch(peer.source, key)
+        log.debug("%s: stored %s into %s %s", peer.who(), sop, by, key)
+        return SUCCESS
+
+    def _prepare_group(self, folder: Path, info: dict[str, Any]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_durably(folder / GROUP_INFO, json.dumps(info, indent=1).encode("utf-8"))
+        _fsync_dir(folder.parent)
+        log.info("source=%s ae=%s peer=%s: new %s group %s", info["source"], info["calling_ae"], info["peer"],
+                 info["by"], info["key"])
+
+    def _store_ismrmrd(self, payload: bytes, ds: Dataset, peer: _Peer) -> int:
+        self._check_space(len(payload))
+        unit_id = _new_unit_id("dcmraw")
+        target = self.units / f"{unit_id}.h5"
+        tmp = self.units / f".{unit_id}.h5.tmp"
+        try:
+            write_durably(tmp, payload)  # durable under a temp name; renamed once it proved readable
+            try:
+                attrs, n = mrd_attributes(tmp)
+            except Exception as e:
+                raise _StoreFailure(BAD_ISMRMRD, f"embedded ISMRMRD file unreadable: {e}") from e
+            unit = IngestUnit(kind="mrd", path=target, source=peer.source, calling_ae=peer.calling_ae,
+                              called_ae=peer.called_ae, peer=peer.address, attributes=attrs, n_objects=n)
+            sidecar = write_unit_sidecar(unit)
+            try:
+                os.replace(tmp, target)
+                _fsync_dir(self.units)
+            except BaseException:
+                sidecar.unlink(missing_ok=True)
+                raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        log.info("%s: Raw Data Storage %s carried an ISMRMRD file (%d acquisitions) -> unit %s",
+                 peer.who(), ds.SOPInstanceUID, n, target.name)
+        self._submit(unit)
+        return SUCCESS
+
+    # ---- release and hand-over -------------------------------------------------------------------------------
+    def _release(self, group: Group) -> None:
+        """Called by the grouper (its lock held): sidecar, move the group folder to units/, queue the hand-over."""
+        folder = group.path
+        files = _instances(folder) if folder.is_dir() else []
+        if not files:
+            log.warning("source=%s group %s: released with no stored instance; removing %s",
+                        group.source, group.key, folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        info = group.info or self._group_info(folder)
+        unit_id = _new_unit_id("dicom")
+        target = self.units / unit_id
+        unit = IngestUnit(kind="dicom", path=target, source=str(info.get("source") or group.source),
+                          calling_ae=str(info.get("calling_ae", "")), called_ae=str(info.get("called_ae", "")),
+                          peer=str(info.get("peer", "")), attributes=self._first_attributes(folder, files, info),
+                          n_objects=len(files))
+        sidecar = write_unit_sidecar(unit)
+        try:
+            os.rename(folder, target)
+            _fsync_dir(self.units)
+            _fsync_dir(folder.parent)
+        except BaseException:
+            sidecar.unlink(missing_ok=True)
+            raise
+        log.info("source=%s ae=%s group %s: %d instances released after %.0f s quiet -> unit %s",
+                 unit.source, unit.calling_ae, group.key, len(files), group.quiet_seconds, unit_id)
+        self._submit(unit)
+
+    @staticmethod
+    def _group_info(folder: Path) -> dict[str, Any]:
+        try:
+            info = json.loads((folder / GROUP_INFO).read_text("utf-8"))
+            return info if isinstance(info, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _first_attributes(folder: Path, files: list[Path], info: dict[str, Any]) -> dict[str, str]:
+        """Routing attributes of the group's first instance (first received; after a restart, if unknown, the
+        first by name)."""
+        first = folder / str(info.get("first_instance", ""))
+        if not first.is_file():
+            first = files[0]
+        try:
+            ds = pydicom.dcmread(first, stop_before_pixels=True)
+        except Exception as e:  # it decoded when received; a damaged disk is the only way here
+            log.error("source=%s: cannot read %s (%s); the unit is handed over without attributes",
+                      info.get("source", "?"), first, e)
+            return {}
+        return {k: str(ds.get(k, "") or "") for k in (
+            "Modality", "SOPClassUID", "SeriesDescription", "ProtocolName", "StudyInstanceUID",
+            "SeriesInstanceUID")}
+
+    def _submit(self, unit: IngestUnit) -> None:
+        if self._dispatch is None:
+            log.error("source=%s: unit %s is in the spool but the SCP is stopped; it gets its job when the node "
+                      "starts again", unit.source, unit.path.name)
+            return
+        self._dispatch.submit(self._hand_over, unit)
+
+    def _hand_over(self, unit: IngestUnit) -> None:
+        who = f"source={unit.source} ae={unit.calling_ae} peer={unit.peer}"
+        try:
+            job = self.handler(unit)
+        except Exception as e:
+            log.error("%s: unit %s (%s, %d objects) was not accepted by the node (%s: %s); it stays in the spool "
+                      "and gets its job when the node starts again", who, unit.path.name, unit.kind,
+                      unit.n_objects, type(e).__name__, e, exc_info=True)
+            return
+        log.info("%s: unit %s (%s, %d objects) handed over -> job %s", who, unit.path.name, unit.kind,
+                 unit.n_objects, job)
+
+    # ---- restart ---------------------------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Delete temp files and re-arm a quiet window for every group left in incoming/ by a previous run.
+
+        Units already in units/ without a job are the service's business (its start-up rescan reads the
+        sidecars written here)."""
+        for tmp in list(self.units.glob(".*.tmp")):
+            tmp.unlink(missing_ok=True)
+        for src_dir in sorted(p for p in self.incoming.iterdir() if p.is_dir()):
+            for folder in sorted(p for p in src_dir.iterdir() if p.is_dir()):
+                for tmp in folder.iterdir():
+                    if _is_temp(tmp):
+                        log.info("removing leftover temp file %s", tmp)
+                        tmp.unlink(missing_ok=True)
+                files = _instances(folder)
+                if not files:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    continue
+                info = self._group_info(folder) or {"source": src_dir.name, "key": folder.name}
+                source = str(info.get("source") or src_dir.name)
+                try:
+                    _, quiet = self._grouping(source)
+                except Exception:
+                    quiet = 0.0
+                self.grouper.arm(source, folder.name, folder, quiet, n_instances=len(files), info=info)
+                log.info("source=%s group %s: %d instances from a previous run, released in %.0f s",
+                         source, folder.name, len(files), quiet)

@@ -1,0 +1,226 @@
+"""The running node: MRD server + DICOM SCP + workers around one job store, wired IngestUnit -> route -> job.
+
+Start-up order: open the job store, requeue jobs a killed node left running, give every unit in
+``<spool>/units`` that has no job its job (covers a kill between the unit's rename and its job insert), start the
+workers, then the listeners. ``<spool>/run/node.json`` tells tools (and tests) the pid and the ports in use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from node.config import SiteConfig
+from node.ingest.units import IngestUnit
+from node.jobs import Job, JobStore
+from node.routing import route
+from node.worker import JobResult, Worker, error_text
+
+log = logging.getLogger("recon-node.service")
+
+
+def set_torch_threads(cfg: SiteConfig) -> int:
+    import torch
+
+    n = cfg.node.threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0) or (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, n))
+    return n
+
+
+def unit_from_disk(path: Path) -> IngestUnit | None:
+    """Rebuild the IngestUnit of a spooled unit from its sidecar, else from the data itself (source unknown)."""
+    sidecar = path.with_suffix(".json") if path.is_file() else path.with_name(path.name + ".json")
+    if sidecar.exists():
+        try:
+            data = json.loads(sidecar.read_text())
+            data["path"] = path
+            return IngestUnit(**data)
+        except (ValueError, TypeError) as e:
+            log.warning("unit %s: unreadable sidecar %s (%s); rebuilding from the data", path.name, sidecar.name, e)
+    if path.is_file() and path.suffix == ".h5":
+        import ismrmrd.xsd as x
+
+        from node.ingest.mrd_server import mrd_unit_attributes
+        from pipelines.io.mrd_reader import read_hdf5_header
+
+        try:
+            attrs = mrd_unit_attributes(x.CreateFromDocument(read_hdf5_header(path).encode("utf-8")))
+        except Exception as e:  # noqa: BLE001
+            log.warning("unit %s: cannot read its ISMRMRD header (%s)", path.name, error_text(e))
+            attrs = {}
+        return IngestUnit(kind="mrd", path=path, source="", attributes=attrs)
+    if path.is_dir():
+        attrs: dict[str, str] = {}
+        try:
+            import pydicom
+
+            first = next(p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.endswith(".json"))
+            ds = pydicom.dcmread(first, stop_before_pixels=True)
+            for key in ("Modality", "SOPClassUID", "SeriesDescription", "ProtocolName", "StudyInstanceUID",
+                        "SeriesInstanceUID"):
+                if key in ds:
+                    attrs[key] = str(ds.data_element(key).value)
+        except (StopIteration, OSError, ValueError) as e:
+            log.warning("unit %s: cannot read a DICOM instance (%s)", path.name, e)
+        return IngestUnit(kind="dicom", path=path, source="", attributes=attrs)
+    return None
+
+
+class NodeService:
+    def __init__(self, cfg: SiteConfig) -> None:
+        self.cfg = cfg
+        for d in (cfg.node.spool_dir, cfg.node.units_dir, cfg.node.results_dir, cfg.node.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(cfg.node.database_path, max_attempts=cfg.node.max_attempts)
+        self.worker = Worker(cfg, self.store)
+        self.mrd_server: Any = None
+        self.dicom_scp: Any = None
+        self._stop = threading.Event()
+        self._last_retention = 0.0
+
+    # ---- ingest -> route -> job ------------------------------------------------------------------------------
+    def _create(self, unit: IngestUnit, claim: bool = False) -> tuple[Job, bool]:
+        r = route(self.cfg, unit)
+        attrs = {**unit.attributes, "peer": unit.peer, "calling_ae": unit.calling_ae, "called_ae": unit.called_ae,
+                 "n_objects": unit.n_objects}
+        if r is None:
+            job, created = self.store.create(unit.path, unit.kind, unit.source, attributes=attrs, state="unrouted",
+                                             error="no route matches: " + ", ".join(
+                                                 f"{k}={v}" for k, v in unit.attributes.items() if k != "json"))
+            if created:
+                log.warning("job %s [%s]: unrouted %s unit %s (%s); input kept", job.id, unit.source or "-",
+                            unit.kind, unit.path.name, job.error)
+            return job, created
+        job, created = self.store.create(unit.path, unit.kind, unit.source, route=r.name, pipeline=r.pipeline,
+                                         params=r.params, send_to=r.send_to, attributes=attrs, claim=claim)
+        if created:
+            log.info("job %s [%s]: %s unit %s -> route %s, pipeline %s (%s)", job.id, unit.source or "-", unit.kind,
+                     unit.path.name, r.name, r.pipeline, "running now" if claim else "queued")
+        else:
+            log.info("job %s [%s]: unit %s already has this job (state %s)", job.id, unit.source or "-",
+                     unit.path.name, job.state)
+        return job, created
+
+    def handle_unit(self, unit: IngestUnit) -> str:
+        """The UnitHandler given to the ingest servers: route, record the job, wake a worker; returns the job id."""
+        job, _ = self._create(unit)
+        if job.state == "queued":
+            self.worker.notify()
+        return job.id
+
+    def run_sync(self, unit: IngestUnit) -> tuple[str, JobResult]:
+        """For reply_over_mrd routes: record the job already running and run it on the caller's thread."""
+        job, created = self._create(unit, claim=True)
+        if not created or job.state != "running":
+            return job.id, JobResult(job.id, job.state, error=job.error or f"job already {job.state}")
+        return job.id, self.worker.execute(job)
+
+    # ---- start-up ----------------------------------------------------------------------------------------------
+    def rescan(self) -> list[str]:
+        """Units in the spool without a job get one (a kill between a unit's rename and its job insert)."""
+        known = self.store.unit_paths()
+        created = []
+        for path in sorted(self.cfg.node.units_dir.iterdir()):
+            if path.name.startswith(".") or path.name.endswith((".json", ".partial")) or str(path) in known:
+                continue
+            unit = unit_from_disk(path)
+            if unit is None:
+                continue
+            log.warning("unit %s [%s] was stored before the node stopped but had no job; creating it", path.name,
+                        unit.source or "-")
+            created.append(self.handle_unit(unit))
+        return created
+
+    def start(self) -> None:
+        n = set_torch_threads(self.cfg)
+        requeued = self.store.recover()
+        for job_id in requeued:
+            log.warning("job %s: was running when the node stopped; queued again", job_id)
+        self.rescan()
+        counts = self.store.counts()
+        log.info("job store %s: %s; torch threads %d", self.cfg.node.database_path,
+                 ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "empty", n)
+        self.worker.start()
+        from node.ingest.mrd_server import MRDServer
+
+        self.mrd_server = MRDServer(self.cfg, self.handle_unit, run_sync=self.run_sync).start()
+        try:
+            from node.ingest.dicom_scp import DicomSCP  # written separately; optional until it exists
+        except ImportError as e:
+            log.warning("DICOM SCP not available (%s); serving MRD only", e)
+        else:
+            self.dicom_scp = DicomSCP(self.cfg, self.handle_unit)
+            self.dicom_scp.start()
+        self._write_run_file()
+
+    def _write_run_file(self) -> None:
+        run = self.cfg.node.spool_dir / "run"
+        run.mkdir(exist_ok=True)
+        info = {"pid": os.getpid(), "started": time.time(), "mrd_port": self.mrd_server.port,
+                "dicom_port": getattr(self.dicom_scp, "port", self.cfg.node.dicom_port) if self.dicom_scp else None,
+                "config": str(self.cfg.path) if self.cfg.path else None}
+        tmp = run / "node.json.partial"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, run / "node.json")
+
+    def stop(self) -> None:
+        log.info("stopping: no new connections; waiting up to %g s for running jobs", self.cfg.node.shutdown_grace_s)
+        if self.mrd_server is not None:
+            self.mrd_server.stop()
+        if self.dicom_scp is not None:
+            try:
+                self.dicom_scp.stop()
+            except Exception as e:  # noqa: BLE001
+                log.error("DICOM SCP did not stop cleanly: %s", error_text(e))
+        if not self.worker.stop():
+            log.warning("jobs still running at shutdown; they will be resumed when the node starts again")
+        (self.cfg.node.spool_dir / "run" / "node.json").unlink(missing_ok=True)
+        log.info("stopped")
+
+    # ---- housekeeping ------------------------------------------------------------------------------------------
+    def apply_retention(self) -> int:
+        """Delete inputs and results of jobs done more than ``retention.days`` ago (rows stay for the record)."""
+        limit = time.time() - self.cfg.retention.days * 86400
+        removed = 0
+        for job in self.store.list(state="done"):
+            if job.finished is None or job.finished > limit:
+                continue
+            for p in (Path(job.unit_path), Path(job.result_dir) if job.result_dir else None):
+                if p is None or not p.exists():
+                    continue
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                    p.with_suffix(".json").unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.info("retention: removed %d inputs/results older than %g days", removed, self.cfg.retention.days)
+        return removed
+
+    def serve_forever(self) -> None:
+        """Start, then block until SIGTERM / SIGINT; stop cleanly."""
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                if time.time() - self._last_retention > 3600:
+                    self._last_retention = time.time()
+                    try:
+                        self.apply_retention()
+                    except Exception as e:  # noqa: BLE001
+                        log.error("retention failed: %s", error_text(e))
+        finally:
+            self.stop()

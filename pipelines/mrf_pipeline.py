@@ -1,0 +1,1 @@
+"""The raw MRF pipeline: raw k-space -> subspace reconstruction -> maps."""

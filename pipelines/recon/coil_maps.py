@@ -1,0 +1,90 @@
+"""Coil sensitivity maps: ESPIRiT for Cartesian data, low-resolution RSS-normalised maps for any trajectory.
+
+ESPIRiT (Uecker et al., MRM 2014) comes from sigpy's ``EspiritCalib`` (k-space centred, orthonormal FFT: the
+same convention as ours). Low-resolution maps are what the NC-PDNet reference uses for non-Cartesian data:
+the adjoint of the k-space centre, divided by its root-sum-of-squares; cheap and robust, slightly blurred.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.recon.nufft import FinufftPoints, _as_numpy_points
+
+
+def _rss_normalise(images: np.ndarray, floor: float = 1e-3) -> np.ndarray:
+    """images [C, ny, nx] / RSS, with the RSS floored at ``floor`` x its maximum (background stays finite)."""
+    rss = np.sqrt((np.abs(images) ** 2).sum(axis=0, keepdims=True))
+    return (images / np.maximum(rss, floor * rss.max() + 1e-30)).astype(np.complex64)
+
+
+def espirit_maps(kspace: np.ndarray, calib: int = 24, **kw: Any) -> np.ndarray:
+    """kspace [C, ny, nx] (centred, zeros where unsampled) -> maps [C, ny, nx] complex64 (sigpy's EspiritCalib).
+
+    ``calib`` is the width of the fully sampled centre used for calibration (sigpy clips it to the matrix);
+    ``kw`` go to ``EspiritCalib`` (``thresh``, ``kernel_width``, ``crop``, ``max_iter``). Maps are zero where
+    the ESPIRiT eigenvalue is below ``crop`` (default 0.95): outside the object.
+    """
+    from sigpy.mri.app import EspiritCalib  # imported here: sigpy pulls in numba, slow to import
+
+    kspace = np.asarray(kspace)
+    if kspace.ndim != 3:
+        raise ValueError(f"espirit_maps: kspace must be [coils, ny, nx], got shape {kspace.shape}")
+    kw.setdefault("show_pbar", False)
+    # A 6x6 kernel needs ~20 calibration lines to be overdetermined; smaller blocks get a 4x4 kernel.
+    kw.setdefault("kernel_width", 6 if calib >= 20 else 4)
+    maps = EspiritCalib(kspace.astype(np.complex64), calib_width=int(calib), **kw).run()
+    return np.asarray(maps, dtype=np.complex64)
+
+
+def lowres_maps_cartesian(kspace: np.ndarray, calib: int = 24) -> np.ndarray:
+    """kspace [C, ny, nx] -> RSS-normalised images of the central ``calib`` x ``calib`` block (Hann-tapered)."""
+    c, ny, nx = kspace.shape
+    wy = _hann(np.arange(ny) - ny // 2, calib / 2)
+    wx = _hann(np.arange(nx) - nx // 2, calib / 2)
+    low = kspace * (wy[:, None] * wx[None, :])
+    img = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(low, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    return _rss_normalise(img)
+
+
+def _hann(r: np.ndarray, half_width: float) -> np.ndarray:
+    r = np.abs(r) / max(half_width, 1e-9)
+    return np.where(r < 1, np.cos(np.pi / 2 * r) ** 2, 0.0)
+
+
+def lowres_maps(data: np.ndarray, k: np.ndarray, shape: tuple[int, int], dcf: np.ndarray | None = None,
+                cutoff: float = 0.15) -> np.ndarray:
+    """Non-Cartesian: data [C, M] -> low-resolution RSS-normalised maps [C, ny, nx] (as the NC-PDNet reference).
+
+    Samples with |k| below ``cutoff`` x k_max (k_max = N/2 per axis) enter the density-compensated adjoint
+    with a Hann taper (no ringing); each coil image is then divided by the RSS over coils.
+    """
+    data = np.asarray(data)
+    pts = _as_numpy_points(k)
+    ny, nx = int(shape[0]), int(shape[1])
+    if data.ndim != 2 or data.shape[1] != pts.shape[0]:
+        raise ValueError(f"lowres_maps: data must be [coils, {pts.shape[0]}], got shape {data.shape}")
+    r = np.sqrt((pts[:, 0] / (nx / 2)) ** 2 + (pts[:, 1] / (ny / 2)) ** 2)
+    taper = _hann(r, cutoff)
+    if dcf is not None:
+        taper = taper * np.asarray(dcf, dtype=np.float64).reshape(-1)
+    op = FinufftPoints(pts, (ny, nx), dtype=np.complex64, nthreads=torch.get_num_threads())
+    img = op.adjoint((data * taper[None]).astype(np.complex64))
+    return _rss_normalise(img)
+
+
+def calibration_width(sampled_lines: np.ndarray) -> int:
+    """Width of the contiguous block of sampled lines around the centre (index N/2) of a [ny] bool vector."""
+    s = np.asarray(sampled_lines, dtype=bool)
+    c = s.size // 2
+    if not s[c]:
+        return 0
+    lo, hi = c, c
+    while lo > 0 and s[lo - 1]:
+        lo -= 1
+    while hi < s.size - 1 and s[hi + 1]:
+        hi += 1
+    return hi - lo + 1
