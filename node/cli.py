@@ -219,7 +219,25 @@ def _age(ts: float | None) -> str:
     return f"{s:.0f}s"
 
 
+def _egress_text(e: dict[str, Any] | None, send_to: list[str]) -> str:
+    if not send_to:
+        return "-"
+    if not e:
+        return "not queued"
+    text = f"{e['sent']}/{e['total']} sent"
+    if e["failed"]:
+        text += f", {e['failed']} failed"
+    return text
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    from node.egress.egress import read_status
     from node.jobs import JobStore
 
     cfg = _load_site(args.config, check_pipelines=False)
@@ -232,11 +250,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts = store.counts()
     finally:
         store.close()
+    destinations, egress = read_status(cfg, [j.id for j in jobs])
     run_file = cfg.node.spool_dir / "run" / "node.json"
     node = json.loads(run_file.read_text()) if run_file.exists() else None
     if args.json:
-        out = {"counts": counts, "node": node, "jobs": [
-            {k: v for k, v in j.to_dict().items() if args.log or k != "log"} for j in jobs]}
+        out = {"counts": counts, "node": node, "destinations": destinations, "jobs": [
+            {**{k: v for k, v in j.to_dict().items() if args.log or k != "log"}, "egress": egress.get(j.id)}
+            for j in jobs]}
         print(json.dumps(out, indent=1, default=str))
         return 0
     if node:
@@ -244,14 +264,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print("node: not running (no run file)")
     print("jobs: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if destinations:
+        print("destinations:")
+        rows = [("  NAME", "KIND", "TARGET", "CHECK", "PENDING", "SENT", "FAILED", "LAST ERROR")]
+        for d in destinations:
+            echo = {None: "-", True: "ok", False: "FAILED"}[d["echo_ok"]]
+            rows.append(("  " + d["name"], d["kind"], d["target"], echo, str(d["pending"]), str(d["sent"]),
+                         str(d["failed"]), (d["last_error"] or "")[:100]))
+        _table(rows)
     if jobs:
-        rows = [("ID", "SOURCE", "ROUTE", "PIPELINE", "STATE", "TRIES", "AGE", "ERROR")]
+        rows = [("ID", "SOURCE", "ROUTE", "PIPELINE", "STATE", "TRIES", "AGE", "EGRESS", "ERROR")]
         for j in jobs:
             rows.append((j.id, j.source or "-", j.route or "-", j.pipeline or "-", j.state, str(j.attempts),
-                         _age(j.created), (j.error or "")[:100]))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+                         _age(j.created), _egress_text(egress.get(j.id), j.send_to), (j.error or "")[:100]))
+        _table(rows)
     if args.log:
         for j in jobs:
             print(f"\n--- log of {j.id} ---\n{j.log}", end="")
@@ -274,6 +300,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return res.exit_code
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from node.demo import main as demo_main
+
+    _set_threads(None)
+    return demo_main(matrix=args.matrix, workdir=args.workdir, pacs=args.pacs, quiet=args.quiet)
+
+
 # ---- parser ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="recon-node", description=(
@@ -284,6 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("version", help="print versions and the compute device")
     p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("demo", help="the whole loop on embedded defaults: scanner -> node -> maps in a PACS",
+                       description="Start a node in this process, send it a simulated brain MRF study over MRD "
+                       "and over DICOM, wait for both jobs, and show where the maps went, ROI values against the "
+                       "phantom's truth, and PNG previews. The first run builds the FISP dictionary (about 2.5 "
+                       "minutes on 2 cores) and caches it.")
+    p.add_argument("--matrix", type=int, default=64, help="image matrix of the simulated scan (default 64)")
+    p.add_argument("--workdir", default=None, help="keep everything here (default: ./recon-node-demo for the "
+                   "PACS folder and previews, a temporary folder for the spool)")
+    p.add_argument("--pacs", choices=["folder", "orthanc"], default="folder",
+                   help="folder (default) or a throwaway local Orthanc when /usr/sbin/Orthanc exists")
+    p.add_argument("--quiet", action="store_true", help="only the results")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("simulate", help="simulate an MRF scan: ISMRMRD file, ground truth, optional DICOM",
                        description="Simulate an MRF acquisition of a numerical phantom and write it as an "
@@ -333,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read the node's job database: one line per job plus counts per state.")
     p.add_argument("--config", required=True, help="site config YAML")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--state", choices=["queued", "running", "done", "failed", "unrouted"], help="only this state")
+    p.add_argument("--state", choices=["queued", "running", "done", "sent", "failed", "unrouted"],
+                   help="only this state")
     p.add_argument("--limit", type=int, default=None, help="only the newest N jobs")
     p.add_argument("--log", action="store_true", help="include each job's log")
     p.set_defaults(func=cmd_status)

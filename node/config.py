@@ -62,6 +62,8 @@ class NodeSettings(_Model):
     mrd_max_message_mb: int = Field(256, ge=1)
     shutdown_grace_s: float = Field(10.0, ge=0)
     plugins: list[str] = Field(default_factory=list)  # Python modules imported at start (site pipelines)
+    templates_dir: Path | None = None  # site copy of dicom_templates/ (default: the shipped templates)
+    parametric_map: bool = False  # also send a float32 Parametric Map series per quantitative map
 
     @field_validator("ae_title")
     @classmethod
@@ -83,6 +85,11 @@ class NodeSettings(_Model):
     @property
     def tmp_dir(self) -> Path:
         return self.spool_dir / "tmp"
+
+    @property
+    def outbox_path(self) -> Path:
+        """The egress outbox (SQLite), next to the job database."""
+        return self.database_path.with_name("outbox.sqlite")
 
 
 class Source(_Model):
@@ -111,15 +118,34 @@ class Source(_Model):
 
 
 class Destination(_Model):
+    """Where results go: a DICOM C-STORE SCP (``kind: dicom``: ae_title, host, port) or a folder (``kind:
+    folder``: path; files land as ``<path>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``)."""
+
     name: str = Field(min_length=1)
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    kind: Literal["dicom", "folder"] = "dicom"
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    path: Path | None = None
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str | None) -> str | None:
         return _check_ae(v)
+
+    @property
+    def target(self) -> str:
+        return str(self.path) if self.kind == "folder" else f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class Egress(_Model):
+    """How the sender retries: exponential backoff from ``backoff_base_s`` capped at ``backoff_max_s``."""
+
+    backoff_base_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(60.0, gt=0)
+    max_attempts: int | None = Field(None, ge=1)  # None: retry until the destination takes it
+    timeout_s: float = Field(30.0, gt=0)  # network / DIMSE timeout per association
+    poll_interval_s: float = Field(1.0, gt=0)
 
 
 _REGEX_FIELDS = ("series_description", "protocol_name")
@@ -178,6 +204,7 @@ class SiteConfig(_Model):
     routes: list[Route] = Field(default_factory=list)
     grouping: Grouping = Field(default_factory=Grouping)
     retention: Retention = Field(default_factory=Retention)
+    egress: Egress = Field(default_factory=Egress)
     reject_unknown_sources: bool = True
 
     # set by load_config
@@ -265,6 +292,9 @@ _FIELD_HINTS = {
     "device": "auto picks the GPU when present",
     "pipeline": "run `recon-node pipelines` to list them",
     "by": "study groups a whole study into one unit, series one unit per series",
+    "kind": "dicom (a PACS: ae_title, host, port) or folder (a share: path)",
+    "templates_dir": "a copy of the shipped dicom_templates/ folder with your edits",
+    "backoff_max_s": "seconds between retries at most, e.g. 60",
 }
 
 
@@ -290,7 +320,7 @@ def _fields_by_parent() -> dict[str, list[str]]:
     pairs: list[tuple[str, type[BaseModel]]] = [
         ("node", NodeSettings), ("sources", Source), ("destinations", Destination), ("routes", Route),
         ("routes.match", RouteMatch), ("grouping", Grouping), ("grouping.default", GroupingRule),
-        ("grouping.sources", GroupingRule), ("retention", Retention)]
+        ("grouping.sources", GroupingRule), ("retention", Retention), ("egress", Egress)]
     for key, model in pairs:
         out[key] = sorted(model.model_fields)
     return out
@@ -306,6 +336,13 @@ def _cross_check(cfg: SiteConfig, check_pipelines: bool) -> list[Problem]:
             seen.add(item.name)
     src_names = [s.name for s in cfg.sources]
     dst_names = [d.name for d in cfg.destinations]
+    problems += _check_destinations(cfg)
+    if cfg.egress.backoff_max_s < cfg.egress.backoff_base_s:
+        problems.append(("egress.backoff_max_s", f"{cfg.egress.backoff_max_s:g} s is below backoff_base_s "
+                         f"({cfg.egress.backoff_base_s:g} s)", "make backoff_max_s at least backoff_base_s"))
+    td = cfg.node.templates_dir
+    if td is not None:
+        problems += _check_templates(td)
     for name in cfg.grouping.sources:
         if name not in src_names:
             problems.append((f"grouping.sources.{name}", f"no source is called {name!r}",
@@ -357,15 +394,65 @@ def _cross_check(cfg: SiteConfig, check_pipelines: bool) -> list[Problem]:
     return problems
 
 
+def _check_destinations(cfg: SiteConfig) -> list[Problem]:
+    problems: list[Problem] = []
+    for i, d in enumerate(cfg.destinations):
+        key = f"destinations[{i}]"
+        if d.kind == "dicom":
+            for field in ("ae_title", "host", "port"):
+                if getattr(d, field) is None:
+                    problems.append((f"{key}.{field}", f"required for a dicom destination ({d.name!r})",
+                                     _FIELD_HINTS.get(field, "add this key")
+                                     + ("" if field != "host" else "; or set `kind: folder` with a path")))
+            if d.path is not None:
+                problems.append((f"{key}.path", "a dicom destination has no path",
+                                 "remove path, or set `kind: folder` to write files to a share"))
+        else:
+            if d.path is None:
+                problems.append((f"{key}.path", f"required for a folder destination ({d.name!r})",
+                                 "a folder the node may write to, e.g. /mnt/pacs-import"))
+            for field in ("ae_title", "host", "port"):
+                if getattr(d, field) is not None:
+                    problems.append((f"{key}.{field}", "a folder destination has no " + field,
+                                     "remove it, or set `kind: dicom` to send to a PACS"))
+    return problems
+
+
+def _check_templates(folder: Path) -> list[Problem]:
+    from node.egress.templates import TemplateError, available_kinds, default_templates_dir, template_for
+
+    if not folder.is_dir():
+        return [("node.templates_dir", f"{folder} is not a folder",
+                 f"copy {default_templates_dir()} there and edit the copies")]
+    problems: list[Problem] = []
+    for kind in available_kinds(folder):
+        try:
+            template_for(kind, folder)
+        except TemplateError as e:
+            problems.append(("node.templates_dir", str(e), "fix the template or copy the shipped one again"))
+    missing = sorted(set(available_kinds()) - set(available_kinds(folder)))
+    if missing:
+        problems.append(("node.templates_dir", f"{folder} lacks templates for: {', '.join(missing)}",
+                         f"copy them from {default_templates_dir()}"))
+    return problems
+
+
 def _absolutize(data: dict[str, Any], base: Path) -> None:
-    node = data.get("node")
-    if not isinstance(node, dict):
-        return
-    for k in ("spool_dir", "database", "cache_dir"):
-        v = node.get(k)
+    def absolute(v: Any) -> Any:
         if isinstance(v, str) and v:
             p = Path(v).expanduser()
-            node[k] = str(p if p.is_absolute() else (base / p))
+            return str(p if p.is_absolute() else (base / p))
+        return v
+
+    node = data.get("node")
+    if isinstance(node, dict):
+        for k in ("spool_dir", "database", "cache_dir", "templates_dir"):
+            if k in node:
+                node[k] = absolute(node[k])
+    dests = data.get("destinations")
+    if isinstance(dests, list):
+        data["destinations"] = [{**d, "path": absolute(d["path"])} if isinstance(d, dict) and "path" in d else d
+                                for d in dests]
 
 
 def parse_config(data: Any, where: str | Path = "<config>", base: Path | None = None,
@@ -446,6 +533,11 @@ def summary(cfg: SiteConfig) -> str:
         lines.append(f"  {r.name}: [{conds}] => {r.pipeline}{extra}")
     lines.append(f"destinations ({len(cfg.destinations)}):")
     for d in cfg.destinations:
-        lines.append(f"  {d.name}: {d.ae_title} at {d.host}:{d.port}")
+        lines.append(f"  {d.name}: " + (f"folder {d.path}" if d.kind == "folder" else f"{d.ae_title} at {d.host}:{d.port}"))
+    e = cfg.egress
+    lines.append(f"egress: retry backoff {e.backoff_base_s:g}..{e.backoff_max_s:g} s, "
+                 + (f"give up after {e.max_attempts} attempts" if e.max_attempts else "retry until delivered")
+                 + (f"; templates {n.templates_dir}" if n.templates_dir else "")
+                 + ("; parametric maps" if n.parametric_map else ""))
     lines.append(f"retention: {cfg.retention.days:g} days")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Durable job store: one SQLite row per ingested unit (WAL mode, safe across kill -9 and across processes).
 
 States: ``queued`` -> ``running`` -> ``done`` | ``failed`` (after ``max_attempts``), or ``unrouted`` (no route
-matched; the input stays in the spool). A unit path creates at most one job: creating it again returns the
+matched; the input stays in the spool). A done job whose DICOM outputs reached every destination of its route
+becomes ``sent`` (egress, see ``node/egress/sender.py``). A unit path creates at most one job: creating it again returns the
 existing job, so a retried ingest never duplicates work.
 """
 
@@ -16,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-STATES = ("queued", "running", "done", "failed", "unrouted")
+STATES = ("queued", "running", "done", "sent", "failed", "unrouted")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -167,6 +168,14 @@ class JobStore:
         with self._tx() as db:
             db.execute("UPDATE jobs SET state='done', error=NULL, result_dir=?, finished=?, updated=? WHERE id=?",
                        (str(result_dir) if result_dir else None, now, now, job_id))
+
+    def mark_sent(self, job_id: str) -> bool:
+        """A done job whose outputs reached all its destinations becomes ``sent``; False if it was not done."""
+        now = time.time()
+        with self._tx() as db:
+            n = db.execute("UPDATE jobs SET state='sent', updated=? WHERE id=? AND state='done'",
+                           (now, job_id)).rowcount
+        return bool(n)
 
     def fail(self, job_id: str, error: str, max_attempts: int | None = None) -> str:
         """Record a failed attempt: back to ``queued`` while attempts remain, else ``failed``. Returns the state."""

@@ -2,7 +2,8 @@
 
 Start-up order: open the job store, requeue jobs a killed node left running, give every unit in
 ``<spool>/units`` that has no job its job (covers a kill between the unit's rename and its job insert), start the
-workers, then the listeners. ``<spool>/run/node.json`` tells tools (and tests) the pid and the ports in use.
+egress (outbox + sender thread; queue done jobs a stopped node had not queued; C-ECHO every destination in the
+background), the workers, then the listeners. ``<spool>/run/node.json`` tells tools (and tests) the pid and the ports in use.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import SiteConfig
+from node.egress.egress import Egress, summarise
 from node.ingest.units import IngestUnit
 from node.jobs import Job, JobStore
 from node.routing import route
@@ -80,6 +82,8 @@ class NodeService:
             d.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(cfg.node.database_path, max_attempts=cfg.node.max_attempts)
         self.worker = Worker(cfg, self.store)
+        self.egress = Egress(cfg, self.store)
+        self.worker.on_done.append(self.egress.on_done)
         self.mrd_server: Any = None
         self.dicom_scp: Any = None
         self._stop = threading.Event()
@@ -147,6 +151,7 @@ class NodeService:
         counts = self.store.counts()
         log.info("job store %s: %s; torch threads %d", self.cfg.node.database_path,
                  ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "empty", n)
+        self.egress.start()
         self.worker.start()
         from node.ingest.mrd_server import MRDServer
 
@@ -181,6 +186,7 @@ class NodeService:
                 log.error("DICOM SCP did not stop cleanly: %s", error_text(e))
         if not self.worker.stop():
             log.warning("jobs still running at shutdown; they will be resumed when the node starts again")
+        self.egress.stop()  # rows not yet delivered stay in the outbox and are sent after the next start
         (self.cfg.node.spool_dir / "run" / "node.json").unlink(missing_ok=True)
         log.info("stopped")
 
@@ -189,9 +195,11 @@ class NodeService:
         """Delete inputs and results of jobs done more than ``retention.days`` ago (rows stay for the record)."""
         limit = time.time() - self.cfg.retention.days * 86400
         removed = 0
-        for job in self.store.list(state="done"):
+        for job in self.store.list(state="done") + self.store.list(state="sent"):
             if job.finished is None or job.finished > limit:
                 continue
+            if summarise(self.egress.outbox.job_counts([job.id]).get(job.id, {}))["pending"]:
+                continue  # still being delivered: its files must stay until the destination has them
             for p in (Path(job.unit_path), Path(job.result_dir) if job.result_dir else None):
                 if p is None or not p.exists():
                     continue

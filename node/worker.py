@@ -82,9 +82,21 @@ def load_unit(kind: str, path: Path) -> Any:
     return image_study_from_dicom(path)
 
 
+def source_references(study: Any) -> list[tuple[str, str]]:
+    """(SOP Class UID, SOP Instance UID) of the instances an ImageStudy came from (none for raw data)."""
+    cls = str(getattr(study, "sop_class_uid", "") or "")
+    uids = list(getattr(study, "sop_instance_uids", None) or [])
+    return [(cls, str(u)) for u in uids if u] if cls else []
+
+
 def write_results(outputs: list[Any], study_info: Any, final: Path, tmp_root: Path, job_id: str,
-                  summary: dict[str, Any]) -> Path:
-    """maps.npz / images.npz, DICOM series and summary.json into ``final``, via a temp folder and a rename."""
+                  summary: dict[str, Any], *, references: list[tuple[str, str]] | None = None,
+                  templates_dir: Path | None = None, parametric_map: bool = False) -> Path:
+    """maps.npz / images.npz, DICOM series and summary.json into ``final``, via a temp folder and a rename.
+
+    ``references`` (source instances), ``templates_dir`` (site templates) and ``parametric_map`` go to
+    :func:`node.egress.dicom_writer.write_outputs`.
+    """
     import numpy as np
 
     from node.egress.dicom_writer import write_outputs
@@ -101,7 +113,8 @@ def write_results(outputs: list[Any], study_info: Any, final: Path, tmp_root: Pa
             np.savez(tmp / "maps.npz", **maps, **units)
         if images:
             np.savez(tmp / "images.npz", **images)
-        files = write_outputs(outputs, study_info, tmp / "dicom", job_id=job_id)
+        files = write_outputs(outputs, study_info, tmp / "dicom", job_id=job_id, references=references,
+                              templates_dir=templates_dir, parametric_map=parametric_map)
         summary = {**summary, "dicom_files": len(files), "outputs": [
             {"kind": o.kind, "shape": list(o.data.shape), "unit": getattr(o, "unit", ""),
              "description": o.description, "notes": list(o.notes)} for o in outputs]}
@@ -228,7 +241,8 @@ class Worker:
                 write_results(outputs, study.study, final, self.cfg.node.tmp_dir, job.id, summary={
                     "job": job.id, "source": job.source, "route": job.route, "pipeline": job.pipeline,
                     "params": params, "device": device, "input": job.unit_path,
-                    "seconds": round(time.perf_counter() - t0, 3)})
+                    "seconds": round(time.perf_counter() - t0, 3)}, references=source_references(study),
+                    templates_dir=self.cfg.node.templates_dir, parametric_map=self.cfg.node.parametric_map)
             except Exception as e:  # noqa: BLE001 - a job's failure must never stop the node
                 err = error_text(e)
                 jlog.error("failed: %s", err)

@@ -1,1 +1,136 @@
-"""The raw MRF pipeline: raw k-space -> subspace reconstruction -> maps."""
+"""The raw MRF pipeline: ISMRMRD k-space (spiral, radial or Cartesian) -> subspace reconstruction -> maps.
+
+The dictionary comes first because its SVD basis defines the subspace the images are reconstructed in; the
+coefficient images are then expanded to frames and matched against the same dictionary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.mapping.maps import MODELS, MappingOptions, default_spec, estimate_maps, resolve_model
+from pipelines.mapping.dictionary import build_dictionary
+from pipelines.physics.sequences import MRFSequence, get_sequence
+from pipelines.recon.cartesian import coil_maps_from_mean, ifft2c as ifft2c_np
+from pipelines.recon.coil_maps import lowres_maps
+from pipelines.recon.dcf import pipe_menon_dcf
+from pipelines.recon.raw_prep import validate_raw
+from pipelines.recon.subspace import (CartesianSubspace, NonCartesianSubspace, _unique_points, expand,
+                                      kspace_filter, reconstruct)
+from pipelines.registry import Param, PipelineSpec, RunContext, register
+from pipelines.types import PipelineOutput, RawStudy
+
+RECONS = ("adjoint", "cgsense")
+ESTIMATORS = ("dictionary",)
+
+
+def sequence_for_raw(raw: RawStudy, name_or_path: str) -> MRFSequence:
+    """The schedule: ``--set sequence=...`` when given, else the one the ISMRMRD header carries."""
+    seq = get_sequence(name_or_path) if name_or_path else raw.sequence
+    if seq is None:
+        raise ValueError(f"{raw.source_path or 'input'}: the ISMRMRD header carries no MRF schedule "
+                         "(sequenceParameters flipAngle_deg / TR / TE per frame); give it with "
+                         "--set sequence=fisp|t1ff|path.json")
+    n_frames = int(raw.frame.max(initial=-1)) + 1
+    if n_frames > seq.n_frames:
+        raise ValueError(f"{raw.source_path or 'input'}: acquisitions reach frame (idx.repetition) {n_frames - 1} "
+                         f"but schedule {seq.name!r} has {seq.n_frames} frames")
+    if n_frames < seq.n_frames:
+        raise ValueError(f"{raw.source_path or 'input'}: only {n_frames} of the {seq.n_frames} frames of schedule "
+                         f"{seq.name!r} were received (idx.repetition); the scan looks incomplete")
+    return seq
+
+
+def slice_operator(raw: RawStudy, rows: np.ndarray, basis: torch.Tensor, device: torch.device,
+                   weighted: bool) -> tuple[Any, np.ndarray]:
+    """The subspace operator of one slice and its samples in the operator's layout."""
+    ny, nx = raw.matrix
+    frame = raw.frame[rows]
+    if raw.trajectory_kind == "cartesian":
+        data = raw.data[rows]  # [A, C, nx]
+        mean_k = np.zeros((data.shape[1], ny, nx), dtype=np.complex128)
+        counts = np.zeros(ny)
+        np.add.at(mean_k.transpose(1, 0, 2), raw.line[rows], data)
+        np.add.at(counts, raw.line[rows], 1)
+        mean_k /= np.maximum(counts, 1)[None, :, None]
+        # Time-averaged image per coil: every line sampled at least once gives a full-resolution reference.
+        maps = coil_maps_from_mean(ifft2c_np(mean_k)[None])
+        return CartesianSubspace(maps, raw.line[rows], frame, basis, device=device), data
+    traj = raw.trajectory[rows][..., :2]  # [A, samples, 2] cycles/FOV
+    n_s = traj.shape[1]
+    k = traj.reshape(-1, 2)
+    frame_of_sample = np.repeat(frame, n_s)
+    data = raw.data[rows].transpose(1, 0, 2).reshape(raw.data.shape[1], -1)  # [C, M]
+    # Density of the union of all frames, computed on the distinct positions (arms repeat), then shared
+    # among the samples that hit the same position.
+    points, index = _unique_points(k)
+    dcf_u = pipe_menon_dcf(points, (ny, nx))
+    multiplicity = np.bincount(index, minlength=points.shape[0])
+    dcf = (dcf_u[index] / multiplicity[index]).astype(np.float32)
+    maps = lowres_maps(data, k, (ny, nx), dcf)
+    op = NonCartesianSubspace(maps, k, frame_of_sample, basis, dcf=dcf if weighted else None, device=device)
+    return op, data
+
+
+def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[PipelineOutput]:
+    validate_raw(raw, "cartesian" if raw.trajectory_kind == "cartesian" else "noncartesian")
+    seq = sequence_for_raw(raw, params["sequence"])
+    field = params["field"] or raw.study.field_strength_T or 3.0
+    model = resolve_model(seq, params["model"])
+    dictionary = build_dictionary(seq, default_spec(seq, model, float(field), complex_data=True),
+                                  device=ctx.device, cache_dir=ctx.cache_dir, progress=ctx.progress)
+    rank = min(params["rank"], dictionary.complex.basis.shape[1])
+    basis = dictionary.complex.basis[:, :rank].to(ctx.device)
+    slices = np.unique(raw.slice)
+    ny, nx = raw.matrix
+    frames = np.empty((seq.n_frames, slices.size, ny, nx), dtype=np.complex64)
+    notes: list[str] = []
+    for i, s in enumerate(slices):
+        rows = np.flatnonzero(raw.slice == s)
+        op, data = slice_operator(raw, rows, basis, ctx.device, weighted=params["dcf"])
+        with torch.no_grad():
+            res = reconstruct(op, data, params["recon"], lam=params["lam"], iterations=params["iterations"])
+        ctx.log.info("slice %d: %s reconstruction of %d coefficient images (%s)", int(s), params["recon"], rank,
+                     "; ".join(res.notes))
+        coefficients = res.coefficients
+        if raw.trajectory_kind != "cartesian":
+            coefficients = kspace_filter(coefficients, params["filter"])
+        frames[:, i] = expand(coefficients, basis)
+        notes = res.notes
+    # Matched in the reconstruction's own subspace: atoms truncated to the same rank as the fingerprints
+    # (matching at a higher rank compares atoms' components the data cannot have).
+    options = MappingOptions(model=model, rank=rank, mask_threshold=params["mask_threshold"],
+                             memory_bytes=int(params["memory_gb"] * 1024**3), field_strength_T=float(field))
+    maps = estimate_maps(frames, seq, raw.geometry, options, magnitude=False, device=ctx.device,
+                         cache_dir=ctx.cache_dir, progress=ctx.progress)
+    for m in maps:
+        m.notes = [f"{raw.trajectory_kind} MRF, {params['recon']} subspace reconstruction (rank {rank})"] + notes \
+            + m.notes
+    return maps
+
+
+register(PipelineSpec(
+    name="mrf",
+    input_kind="raw",
+    summary="raw MRF k-space (spiral, radial or Cartesian) -> low-rank subspace reconstruction -> T1, T2 or FF, "
+            "PD, B1, residual maps",
+    run=_mrf,
+    params={
+        "recon": Param(str, "cgsense", "adjoint (subspace back-projection) or cgsense (low-rank CG-SENSE)",
+                       choices=RECONS),
+        "estimator": Param(str, "dictionary", "map estimator", choices=ESTIMATORS),
+        "rank": Param(int, 8, "subspace rank K (coefficient images reconstructed and matched)"),
+        "filter": Param(str, "hann", "k-space apodisation of non-Cartesian coefficient images", choices=("hann", "none")),
+        "lam": Param(float, 1e-3, "Tikhonov weight relative to the largest eigenvalue of A^H A"),
+        "iterations": Param(int, 20, "CG iterations"),
+        "dcf": Param(bool, True, "density-weighted least squares (faster convergence for non-Cartesian data)"),
+        "sequence": Param(str, "", "schedule when the header lacks it: fisp, t1ff or a JSON file"),
+        "model": Param(str, "auto", "single or water_fat (auto: water_fat when TE varies)", choices=MODELS),
+        "field": Param(float, 0.0, "field strength in T (0: from the header)"),
+        "mask_threshold": Param(float, 0.05, "background: PD below this fraction of its 99th percentile"),
+        "memory_gb": Param(float, 2.0, "peak memory budget of the matcher"),
+    },
+))

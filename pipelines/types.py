@@ -40,10 +40,9 @@ class Geometry:
     ) -> Geometry:
         """One axial slice centred at the isocentre."""
         spacing = (fov_mm[0] / matrix[0], fov_mm[1] / matrix[1])
-        # DICOM position is the centre of the first pixel: half a FOV minus half a pixel from the centre.
-        first = np.array(
-            [-fov_mm[1] / 2 + spacing[1] / 2, -fov_mm[0] / 2 + spacing[0] / 2, 0.0], dtype=np.float64
-        )
+        # DICOM position is the centre of the first pixel. The isocentre is the encoding centre, pixel N//2 of the
+        # centred FFT (for even N half a pixel past the middle of the FOV), so the first pixel is N//2 pixels away.
+        first = np.array([-(matrix[1] // 2) * spacing[1], -(matrix[0] // 2) * spacing[0], 0.0], dtype=np.float64)
         return cls(matrix=matrix, pixel_spacing_mm=spacing, slice_thickness_mm=slice_thickness_mm,
                    positions=first[None, :])
 

@@ -32,7 +32,14 @@ def cartesian_study(short_fisp):
 
 @pytest.fixture(scope="session", autouse=True)
 def dict_cache(tmp_path_factory):
-    """One dictionary cache for the whole run (and for CLI subprocesses), never the user's home cache."""
-    path = tmp_path_factory.mktemp("dictionaries")
+    """One dictionary cache for the whole run (and for CLI subprocesses), never the user's home cache.
+
+    ``RECON_NODE_TEST_CACHE`` names a folder to reuse between local runs (CI leaves it unset: a fresh build).
+    """
+    from pathlib import Path
+
+    keep = os.environ.get("RECON_NODE_TEST_CACHE")
+    path = Path(keep) if keep else tmp_path_factory.mktemp("dictionaries")
+    path.mkdir(parents=True, exist_ok=True)
     os.environ["RECON_NODE_CACHE"] = str(path)
     return path

@@ -11,14 +11,22 @@ Sender (a thread): every pass takes the due rows, one association per destinatio
 and warning statuses count as sent. An unreachable PACS, a refused or aborted association, a failure status or a
 missing response put the row back to ``pending`` with exponential backoff (1 s, 2 s, 4 s ... capped at
 ``backoff_max_s``). ``verify(name)`` is a C-ECHO; ``destination_status()`` summarises each destination.
+
+Folder destinations (:class:`FolderDestination`, a share a site imports from) go through the same rows: each file
+is copied to ``<path>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` (temp file in that folder,
+fsync, atomic rename, fsync of the folder), so a file under its final name is always complete and a resend
+overwrites it with the same bytes. ``verify`` checks that the folder can be written.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +81,25 @@ class Destination:
     host: str
     port: int
 
+    @property
+    def target(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class FolderDestination:
+    """A folder (e.g. a share a PACS imports from): ``<path>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``."""
+
+    name: str
+    path: Path
+
+    @property
+    def target(self) -> str:
+        return str(self.path)
+
+
+AnyDestination = Destination | FolderDestination
+
 
 @dataclass(frozen=True)
 class OutboxItem:
@@ -92,7 +119,8 @@ class OutboxItem:
 class Outbox:
     """The SQLite outbox (thread-safe: one connection behind a lock)."""
 
-    def __init__(self, db_path: str | Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, db_path: str | Path, clock: Callable[[], float] = time.time, *, recover: bool = True) -> None:
+        """``recover=False`` for readers beside a running sender (``recon-node status``): rows being sent stay so."""
         self.path = Path(db_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.clock = clock
@@ -102,6 +130,8 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        if not recover:
+            return
         recovered = self._db.execute(
             "UPDATE outbox SET state=?, updated_at=? WHERE state=?", (PENDING, self.clock(), SENDING)).rowcount
         if recovered:
@@ -247,6 +277,22 @@ class Outbox:
                 out.setdefault(r[0], {})[r[1]] = int(r[2])
         return out
 
+    def job_counts(self, job_ids: Iterable[str] | None = None) -> dict[str, dict[str, dict[str, int]]]:
+        """{job id: {destination: {state: count}}} (all jobs, or those given)."""
+        sql = "SELECT job_id, destination, state, COUNT(*) FROM outbox"
+        args: list[Any] = []
+        if job_ids is not None:
+            ids = list(job_ids)
+            if not ids:
+                return {}
+            sql += f" WHERE job_id IN ({','.join('?' * len(ids))})"
+            args = ids
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        with self._lock:
+            for r in self._db.execute(sql + " GROUP BY job_id, destination, state", args):
+                out.setdefault(r[0], {}).setdefault(r[1], {})[r[2]] = int(r[3])
+        return out
+
     def destination_rows(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             return {r["name"]: dict(r) for r in self._db.execute("SELECT * FROM destination_state")}
@@ -259,8 +305,14 @@ def _item(r: sqlite3.Row) -> OutboxItem:
                       next_attempt_at=float(r["next_attempt_at"]), last_error=r["last_error"])
 
 
-def _destination(name: str, d: Any) -> Destination:
+def _destination(name: str, d: Any) -> AnyDestination:
     """A Destination from ours, the site config's (same field names) or an (ae_title, host, port) tuple."""
+    if isinstance(d, (Destination, FolderDestination)):
+        return d
+    if getattr(d, "kind", "dicom") == "folder":
+        if getattr(d, "path", None) is None:
+            raise ValueError(f"folder destination {name!r} has no path")
+        return FolderDestination(str(getattr(d, "name", name) or name), Path(d.path))
     if all(hasattr(d, a) for a in ("ae_title", "host", "port")):
         return Destination(str(getattr(d, "name", name) or name), str(d.ae_title), str(d.host), int(d.port))
     try:
@@ -271,7 +323,7 @@ def _destination(name: str, d: Any) -> Destination:
                          f"fields, got {d!r}") from e
 
 
-def _destinations(given: Mapping[str, Any] | Iterable[Any]) -> dict[str, Destination]:
+def _destinations(given: Mapping[str, Any] | Iterable[Any]) -> dict[str, AnyDestination]:
     if isinstance(given, Mapping):
         return {name: _destination(name, d) for name, d in given.items()}
     out = {}
@@ -287,7 +339,9 @@ class Sender(threading.Thread):
     def __init__(self, outbox: Outbox, destinations: Mapping[str, Any] | Iterable[Any],
                  calling_ae: str = "RECONNODE", clock: Callable[[], float] | None = None, *,
                  backoff_base_s: float = 1.0, backoff_max_s: float = 60.0, max_attempts: int | None = None,
-                 poll_interval_s: float = 1.0, batch_size: int = 1000, timeout_s: float = 30.0) -> None:
+                 poll_interval_s: float = 1.0, batch_size: int = 1000, timeout_s: float = 30.0,
+                 on_sent: Callable[[set[str]], None] | None = None) -> None:
+        """``on_sent(job_ids)`` is called (on the sender thread) after a pass delivered rows of those jobs."""
         super().__init__(name="recon-node-sender", daemon=True)
         self.outbox = outbox
         self.destinations = _destinations(destinations)
@@ -299,8 +353,10 @@ class Sender(threading.Thread):
         self.poll_interval_s = poll_interval_s
         self.batch_size = batch_size
         self.timeout_s = timeout_s
+        self.on_sent = on_sent
         self._stop_event = threading.Event()
         self._wake = threading.Event()
+        self._delivered: set[str] = set()
 
     # ---- thread ------------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -350,7 +406,46 @@ class Sender(threading.Thread):
                                                    f"{', '.join(self.destinations) or 'none'}); add it to the "
                                                    "site config and queue the job again")
                 continue
-            sent += self._send_group(dest, group)
+            if isinstance(dest, FolderDestination):
+                sent += self._copy_group(dest, group)
+            else:
+                sent += self._send_group(dest, group)
+        delivered, self._delivered = self._delivered, set()
+        if delivered and self.on_sent is not None:
+            try:
+                self.on_sent(delivered)
+            except Exception:  # noqa: BLE001 - a status callback must not stop the sender
+                log.exception("sender: on_sent callback failed")
+        return sent
+
+    # ---- folders -----------------------------------------------------------------------------------------------
+    def _copy_group(self, dest: FolderDestination, group: list[OutboxItem]) -> int:
+        sent = 0
+        for it in group:
+            src = Path(it.path)
+            if not src.is_file():
+                self.outbox.mark_failed(it.id, f"job {it.job_id}: file {it.path} no longer exists")
+                continue
+            try:
+                ds = pydicom.dcmread(src, stop_before_pixels=True,
+                                     specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+                study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
+                if not study or not series:
+                    raise ValueError("no StudyInstanceUID / SeriesInstanceUID")
+            except Exception as e:
+                self.outbox.mark_failed(it.id, f"job {it.job_id}: cannot read {it.path}: {type(e).__name__}: {e}")
+                continue
+            try:
+                copy_durably(src, dest.path / study / series / f"{it.sop_instance_uid}.dcm")
+            except OSError as e:
+                self._retry(dest, [it], f"cannot write to {dest.path}: {e.strerror or e}")
+                continue
+            self.outbox.mark_sent(it.id)
+            self._delivered.add(it.job_id)
+            sent += 1
+        if sent:
+            self.outbox.note_destination(dest.name, success=True)
+            log.info("destination %s: %d instance(s) copied to %s", dest.name, sent, dest.path)
         return sent
 
     def _ae(self, contexts: list[tuple[str, list[str]]]) -> Any:
@@ -363,7 +458,7 @@ class Sender(threading.Thread):
             ae.add_requested_context(cls, syntaxes)
         return ae
 
-    def _retry(self, dest: Destination, items: list[OutboxItem], error: str, *, whole_destination: bool = False
+    def _retry(self, dest: AnyDestination, items: list[OutboxItem], error: str, *, whole_destination: bool = False
                ) -> None:
         """Back off ``items``; ``whole_destination``: the PACS itself failed, so hold its other rows as well."""
         longest = 0.0
@@ -377,8 +472,8 @@ class Sender(threading.Thread):
         if whole_destination and longest:
             self.outbox.defer(dest.name, self.clock() + longest)
         self.outbox.note_destination(dest.name, error=error)
-        log.warning("destination %s (%s@%s:%d): %s; %d instance(s) will be retried", dest.name, dest.ae_title,
-                    dest.host, dest.port, error, len(items))
+        log.warning("destination %s (%s): %s; %d instance(s) will be retried", dest.name, dest.target, error,
+                    len(items))
 
     def _send_group(self, dest: Destination, group: list[OutboxItem]) -> int:
         readable: list[OutboxItem] = []
@@ -432,6 +527,7 @@ class Sender(threading.Thread):
                         log.info("job %s: %s stored by %s with warning status 0x%04X", it.job_id,
                                  it.sop_instance_uid, dest.name, code)
                     self.outbox.mark_sent(it.id)
+                    self._delivered.add(it.job_id)
                     sent += 1
                 else:
                     comment = str(status.get("ErrorComment", "") or "")
@@ -451,6 +547,8 @@ class Sender(threading.Thread):
         if dest is None:
             raise ValueError(f"destination {destination!r} is not configured "
                              f"(configured: {', '.join(self.destinations) or 'none'})")
+        if isinstance(dest, FolderDestination):
+            return self._verify_folder(dest)
         ae = self._ae([(_VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])])
         ok, error = False, None
         try:
@@ -469,6 +567,21 @@ class Sender(threading.Thread):
                                           dest.port, "ok" if ok else error)
         return ok
 
+    def _verify_folder(self, dest: FolderDestination) -> bool:
+        error = None
+        try:
+            dest.path.mkdir(parents=True, exist_ok=True)
+            probe = dest.path / f".recon-node-probe-{uuid.uuid4().hex[:8]}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            error = f"folder not writable: {e.strerror or e}"
+        self.outbox.note_destination(dest.name, echo_ok=error is None,
+                                     error=None if error is None else f"check: {error}")
+        (log.info if error is None else log.warning)("destination %s (folder %s): %s", dest.name, dest.path,
+                                                      "writable" if error is None else error)
+        return error is None
+
     def destination_status(self) -> list[dict[str, Any]]:
         """Per destination: name, pending, sent, failed, last_error, last_success_at, echo_ok."""
         counts = self.outbox.counts()
@@ -477,8 +590,11 @@ class Sender(threading.Thread):
         for name in list(self.destinations) + sorted(set(counts) - set(self.destinations)):
             c, r = counts.get(name, {}), rows.get(name, {})
             echo = r.get("echo_ok")
+            dest = self.destinations.get(name)
             out.append({
                 "name": name,
+                "kind": "folder" if isinstance(dest, FolderDestination) else "dicom" if dest else "unknown",
+                "target": dest.target if dest else "(not configured)",
                 "pending": c.get(PENDING, 0) + c.get(SENDING, 0),
                 "sent": c.get(SENT, 0),
                 "failed": c.get(FAILED, 0),
@@ -487,3 +603,23 @@ class Sender(threading.Thread):
                 "echo_ok": None if echo is None else bool(echo),
             })
         return out
+
+
+def copy_durably(src: Path, final: Path) -> None:
+    """Copy ``src`` to ``final``: temp file beside it, fsync, atomic rename, fsync of the folder."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -10,10 +10,12 @@ What ends up in the RawStudy:
 * All imaging acquisitions must share one coil count and one sample count (MRF readouts do); anything else is a
   ValueError that names the problem rather than a ragged array.
 
-Geometry convention (inverse of ``pipelines.sim.mrd_writer``): the acquisition ``position`` is the centre of the
-slice's field of view and ``read_dir`` / ``phase_dir`` are direction cosines, all in the DICOM patient system (LPS,
+Geometry convention (inverse of ``pipelines.sim.mrd_writer``): the acquisition ``position`` is the encoding centre of
+the slice and ``read_dir`` / ``phase_dir`` are direction cosines, all in the DICOM patient system (LPS,
 mm). ImageOrientationPatient = read_dir + phase_dir; ImagePositionPatient (centre of the first pixel) =
-position - (FOVx/2 - dx/2) * read_dir - (FOVy/2 - dy/2) * phase_dir, with FOV and pixel size from ``reconSpace``.
+position - (Nx//2) dx * read_dir - (Ny//2) dy * phase_dir, with matrix and pixel size from ``reconSpace``
+(``position`` is where the k-space phase is zero: pixel N//2 of the centred FFT, which for even N is half a pixel
+past the middle of the FOV).
 One position per distinct ``idx.slice`` (from its first acquisition), in slice-index order.
 
 HDF5 reads are bulk reads of the compound ``data`` dataset (headers in one read, sample arrays in one read), not
@@ -198,7 +200,8 @@ def _geometry(header: x.ismrmrdHeader, heads: np.ndarray, where: str) -> Geometr
     positions = []
     for s in np.unique(slices):
         centre = heads["position"][int(np.argmax(slices == s))].astype(np.float64)
-        positions.append(centre - row * (fov_x / 2 - dx / 2) - col * (fov_y / 2 - dy / 2))
+        # The encoding centre (k-space phase origin) is pixel (N//2) of the centred FFT, not the middle of the FOV.
+        positions.append(centre - row * ((mx // 2) * dx) - col * ((my // 2) * dy))
     meas = header.measurementInformation
     return Geometry(
         matrix=(my, mx),

@@ -216,6 +216,26 @@ def reconstruct(op: SubspaceOperator, y: np.ndarray | torch.Tensor, method: str 
                                                     f"lambda {lam:g} x ||A^H A||"])
 
 
+def kspace_filter(images: np.ndarray, window: str = "hann") -> np.ndarray:
+    """Radial k-space apodisation of images [..., y, x] (the scanner's "raw filter").
+
+    Spiral and radial data cover a disk in k-space and the union of MRF arms undersamples its rim, so the
+    least-squares coefficient images carry Gibbs ringing and rim noise; fingerprints mixed by ringing bias T2
+    strongly (brain phantom, 64x64, rank 8: white-matter T2 error 33 % unfiltered, 10 % with Hann; see
+    BENCHMARKS.md). ``hann`` trades that for a slightly wider point-spread function; ``none`` keeps the data.
+    """
+    if window == "none":
+        return images
+    if window != "hann":
+        raise ValueError(f"k-space filter {window!r} is not one of hann, none")
+    ny, nx = images.shape[-2:]
+    ky, kx = np.meshgrid((np.arange(ny) - ny // 2) / (ny / 2), (np.arange(nx) - nx // 2) / (nx / 2), indexing="ij")
+    w = 0.5 * (1 + np.cos(np.pi * np.clip(np.sqrt(kx**2 + ky**2), 0, 1)))
+    k = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(images, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    out = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k * w, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    return out.astype(images.dtype)
+
+
 def expand(coefficients: np.ndarray, basis: np.ndarray | torch.Tensor) -> np.ndarray:
     """Frames [T, ...] from coefficients [K, ...]: x_t = sum_k conj(V[t, k]) c_k."""
     v = np.asarray(basis.cpu().numpy() if isinstance(basis, torch.Tensor) else basis)

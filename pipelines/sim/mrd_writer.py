@@ -18,8 +18,9 @@ Conventions (the readers in ``pipelines.io.mrd_reader`` invert them):
   ``slice_dir`` are direction cosines, all in the DICOM patient coordinate system (LPS, mm) -- the convention of the
   Siemens converter and of Gadgetron's DICOM writer. ``read_dir`` is the DICOM row direction (first triplet of
   ImageOrientationPatient, increasing column index = x), ``phase_dir`` the column direction (increasing row
-  index = y), ``slice_dir = read_dir x phase_dir``. The centre is ImagePositionPatient (centre of the first pixel)
-  plus (FOV/2 - pixel/2) along each in-plane direction, which is how :meth:`Geometry.centred` places the first pixel.
+  index = y), ``slice_dir = read_dir x phase_dir``. The centre (the acquisition ``position``) is the encoding centre, pixel
+  (N//2) of the centred FFT: ImagePositionPatient (centre of the first pixel) plus (N//2) pixels along each in-plane
+  direction, which is how :meth:`Geometry.centred` places the first pixel.
 * Non-Cartesian trajectories are stored as given by the simulator: ISMRMRD units (cycles/FOV, in [-N/2, N/2)),
   ``trajectory_dimensions = 2`` as (kx, ky).
 * Header XML is rendered with a UTF-8 declaration (see ``pipelines.io.mrd_reader.header_xml`` for why).
@@ -118,9 +119,9 @@ def slice_centre(study: SimulatedStudy) -> tuple[np.ndarray, np.ndarray, np.ndar
     col = np.asarray(g.orientation[3:], dtype=np.float64)
     normal = np.cross(row, col)
     dy, dx = g.pixel_spacing_mm
-    fov_y, fov_x = g.fov_mm
+    ny, nx = g.matrix
     first = np.asarray(g.positions[0], dtype=np.float64)
-    centre = first + row * (fov_x / 2 - dx / 2) + col * (fov_y / 2 - dy / 2)
+    centre = first + row * ((nx // 2) * dx) + col * ((ny // 2) * dy)
     return centre, row, col, normal
 
 

@@ -137,3 +137,68 @@ def test_find_source(tmp_path):
     assert find_source(cfg, "mrd", "127.0.0.1", None).name == "lab"  # host name resolution
     assert find_source(cfg, "dicom", "127.0.0.1", "X") is None  # lab is MRD only
     assert find_source(cfg, "mrd", "192.168.1.1", None) is None
+
+
+# ---- egress: destinations (dicom | folder), templates_dir, parametric_map, sender settings ---------------------
+def test_folder_destination_and_egress_settings(tmp_path):
+    data = base(tmp_path)
+    data["destinations"].append({"name": "share", "kind": "folder", "path": "export"})
+    data["routes"][0]["send_to"] = ["pacs", "share"]
+    data["node"]["parametric_map"] = True
+    data["egress"] = {"backoff_base_s": 0.5, "backoff_max_s": 5, "max_attempts": 10}
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(data))
+    cfg = load_config(tmp_path / "site.yaml")
+    pacs, share = cfg.destinations
+    assert pacs.kind == "dicom" and pacs.target == "ORTHANC@127.0.0.1:4242"
+    assert share.kind == "folder" and share.path == tmp_path / "export"  # relative to the config file
+    assert cfg.node.parametric_map is True and cfg.node.templates_dir is None
+    assert (cfg.egress.backoff_base_s, cfg.egress.backoff_max_s, cfg.egress.max_attempts) == (0.5, 5.0, 10)
+    assert cfg.node.outbox_path == tmp_path / "spool" / "outbox.sqlite"
+    assert parse_config(base(tmp_path)).egress.max_attempts is None  # default: retry until delivered
+
+
+def test_destination_problems_name_the_key(tmp_path):
+    data = base(tmp_path)
+    data["destinations"] = [
+        {"name": "pacs", "ae_title": "ORTHANC", "port": 4242},  # no host
+        {"name": "share", "kind": "folder"},  # no path
+        {"name": "mixed", "kind": "folder", "path": "/x", "host": "10.0.0.1"},
+        {"name": "odd", "kind": "ftp", "path": "/x"},
+    ]
+    data["routes"][0]["send_to"] = ["pacs"]
+    data["egress"] = {"backoff_max_s": 0.1}
+    p = problems(data)
+    assert "destinations[3].kind" in p and "dicom" in p["destinations[3].kind"][0]
+    del data["destinations"][3]
+    p = problems(data)
+    assert p["destinations[0].host"][0].startswith("required for a dicom destination")
+    assert "kind: folder" in p["destinations[0].host"][1]
+    assert p["destinations[1].path"][0].startswith("required for a folder destination")
+    assert p["destinations[2].host"][0] == "a folder destination has no host"
+    assert "below backoff_base_s" in p["egress.backoff_max_s"][0]
+    data = base(tmp_path, egress={"backof_max_s": 3})
+    assert problems(data)["egress.backof_max_s"][1] == "did you mean 'backoff_max_s'?"
+
+
+def test_templates_dir_is_checked(tmp_path):
+    import shutil
+
+    from node.egress.templates import default_templates_dir
+
+    data = base(tmp_path)
+    data["node"]["templates_dir"] = str(tmp_path / "nope")
+    assert "is not a folder" in problems(data)["node.templates_dir"][0]
+    site = tmp_path / "site_templates"
+    shutil.copytree(default_templates_dir(), site)
+    data["node"]["templates_dir"] = str(site)
+    assert parse_config(data).node.templates_dir == site
+    (site / "t2.yaml").unlink()
+    (site / "t1.yaml").write_text((site / "t1.yaml").read_text().replace("kind: t1", "kind: t1x"))
+    msgs = [m for k, m, h in _all_problems(data) if k == "node.templates_dir"]
+    assert any("lacks templates for: t2" in m for m in msgs) and any("t1.yaml" in m for m in msgs)
+
+
+def _all_problems(data: dict) -> list[tuple[str, str, str]]:
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data)
+    return ei.value.problems

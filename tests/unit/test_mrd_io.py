@@ -125,9 +125,9 @@ def test_acquisition_headers(study):
         assert a.trajectory_dimensions == 2 and np.array_equal(a.traj, study.trajectory[2, 1])
     assert a.sample_time_us > 0 and a.scan_counter == 2 * n_r + 1
     assert tuple(a.read_dir) == (1, 0, 0) and tuple(a.phase_dir) == (0, 1, 0) and tuple(a.slice_dir) == (0, 0, 1)
-    # Off-centre slice: position is the FOV centre = first pixel + (FOV - pixel) / 2 in-plane.
+    # Off-centre slice: position is the encoding centre = first pixel + (N // 2) pixels in-plane (32 x 6.875 mm).
     g = study.geometry
-    np.testing.assert_allclose(a.position, g.positions[0] + [110 - 6.875 / 2, 110 - 6.875 / 2, 0], atol=1e-4)
+    np.testing.assert_allclose(a.position, g.positions[0] + [110, 110, 0], atol=1e-4)
     assert acqs[0].is_flag_set(ismrmrd.ACQ_FIRST_IN_SLICE) and acqs[0].is_flag_set(ismrmrd.ACQ_FIRST_IN_REPETITION)
     assert acqs[n_r - 1].is_flag_set(ismrmrd.ACQ_LAST_IN_REPETITION)
     assert not acqs[n_r - 1].is_flag_set(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
