@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import SiteConfig
+from node.durable import fsync_dir
 from node.jobs import Job, JobStore
 
 log = logging.getLogger("recon-node.worker")
@@ -123,24 +124,11 @@ def write_results(outputs: list[Any], study_info: Any, final: Path, tmp_root: Pa
         if final.exists():  # an earlier attempt got this far before the node stopped; results are deterministic
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class Worker:

@@ -21,8 +21,6 @@ overwrites it with the same bytes. ``verify`` checks that the folder can be writ
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import sqlite3
 import threading
 import time
@@ -34,6 +32,8 @@ from typing import Any
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from node.durable import copy_durably
 
 log = logging.getLogger(__name__)
 
@@ -603,23 +603,3 @@ class Sender(threading.Thread):
                 "echo_ok": None if echo is None else bool(echo),
             })
         return out
-
-
-def copy_durably(src: Path, final: Path) -> None:
-    """Copy ``src`` to ``final``: temp file beside it, fsync, atomic rename, fsync of the folder."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

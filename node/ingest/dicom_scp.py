@@ -64,6 +64,7 @@ from pynetdicom.sop_class import Verification
 
 from node.config import find_source
 from node.ingest.grouping import Group, GroupStatus, QuietWindowGrouper
+from node.durable import fsync_dir, write_durably
 from node.ingest.units import IngestUnit, UnitHandler
 from pipelines.io.dicom_uids import deterministic_uid
 from pipelines.io.mrd_reader import read_hdf5_header, study_info_from_header
@@ -112,36 +113,6 @@ def _safe_name(name: str) -> str:
 def _valid_uid(value: Any) -> bool:
     s = str(value or "")
     return 0 < len(s) <= 64 and bool(_UID_RE.match(s))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path``: hidden temp file in the same folder, fsync, atomic rename, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _is_temp(p: Path) -> bool:
@@ -548,7 +519,7 @@ class DicomSCP:
     def _prepare_group(self, folder: Path, info: dict[str, Any]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         write_durably(folder / GROUP_INFO, json.dumps(info, indent=1).encode("utf-8"))
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
         log.info("source=%s ae=%s peer=%s: new %s group %s", info["source"], info["calling_ae"], info["peer"],
                  info["by"], info["key"])
 
@@ -568,7 +539,7 @@ class DicomSCP:
             sidecar = write_unit_sidecar(unit)
             try:
                 os.replace(tmp, target)
-                _fsync_dir(self.units)
+                fsync_dir(self.units)
             except BaseException:
                 sidecar.unlink(missing_ok=True)
                 raise
@@ -599,8 +570,8 @@ class DicomSCP:
         sidecar = write_unit_sidecar(unit)
         try:
             os.rename(folder, target)
-            _fsync_dir(self.units)
-            _fsync_dir(folder.parent)
+            fsync_dir(self.units)
+            fsync_dir(folder.parent)
         except BaseException:
             sidecar.unlink(missing_ok=True)
             raise

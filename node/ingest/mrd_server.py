@@ -37,6 +37,7 @@ from ismrmrd.hdf5 import acquisition_dtype, acquisition_header_dtype, waveform_d
 from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolDeserializer, ProtocolSerializer
 
 from node.config import SiteConfig, find_source, spool_space_problem
+from node.durable import fsync_dir, write_durably
 from node.ingest.units import IngestUnit, UnitHandler
 from node.routing import route
 
@@ -240,21 +241,11 @@ def mrd_unit_attributes(header: x.ismrmrdHeader) -> dict[str, str]:
     return attrs
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_sidecar(path: Path, unit: IngestUnit) -> None:
     """``<unit>.json`` next to the unit: lets a restarted node rebuild the IngestUnit (source, peer, attributes)."""
     data = asdict(unit)
     data["path"] = str(unit.path)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_durably(path, json.dumps(data, indent=1).encode())
 
 
 def images_for_outputs(outputs: list[Any], job_id: str) -> list[ismrmrd.Image]:
@@ -525,7 +516,7 @@ class MRDServer:
         try:
             write_sidecar(final.with_suffix(".json"), unit)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             final.with_suffix(".json").unlink(missing_ok=True)
