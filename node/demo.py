@@ -70,13 +70,8 @@ class _Printer:
 
 # ---- the pieces ------------------------------------------------------------------------------------------------
 def _raw_pipeline() -> tuple[str, dict[str, Any], str]:
-    """The MRD route's pipeline: the raw MRF pipeline when this version has it, else Cartesian frames."""
-    from pipelines.registry import list_pipelines
-
-    names = {s.name for s in list_pipelines()}
-    if "mrf" in names:
-        return "mrf", {}, "spiral"
-    return "cartesian_frames", {"frames": "0,250,500,750,999"}, "cartesian"
+    """The MRD route: raw spiral MRF through the subspace reconstruction (pipeline defaults)."""
+    return "mrf", {}, "spiral"
 
 
 def _config(spool: Path, pacs_dest: dict[str, Any], raw_pipeline: str, raw_params: dict[str, Any]) -> Any:
@@ -171,6 +166,21 @@ def roi_table(maps: dict[str, np.ndarray], truth: dict[str, np.ndarray], label_n
     return out
 
 
+def _display_range(kind: str, data: np.ndarray) -> tuple[float, float]:
+    """The template's window (what a viewer shows first), else 0 to the 99th percentile of the object."""
+    from node.egress.templates import TemplateError, template_for
+
+    try:
+        t = template_for(kind)
+        if t.window_center is not None and t.window_width:
+            return t.window_center - t.window_width / 2, t.window_center + t.window_width / 2
+    except TemplateError:
+        pass
+    hi = float(np.percentile(data[data > 0], 99)) if (data > 0).any() else 1.0
+    return 0.0, hi or 1.0
+
+
+
 def write_previews(result: PathResult, out_dir: Path) -> list[Path]:
     """One PNG per map with a colour bar in the map's unit (matplotlib, Agg backend)."""
     try:
@@ -185,8 +195,8 @@ def write_previews(result: PathResult, out_dir: Path) -> list[Path]:
     for kind, data in sorted(result.maps.items()):
         unit = result.units.get(kind, "")
         fig, ax = plt.subplots(figsize=(4.2, 3.6), dpi=100)
-        hi = float(np.percentile(data[data > 0], 99)) if (data > 0).any() else 1.0
-        im = ax.imshow(data, cmap="magma" if kind in ("t1", "t2") else "viridis", vmin=0, vmax=hi or 1.0)
+        lo, hi = _display_range(kind, data)
+        im = ax.imshow(data, cmap="magma" if kind in ("t1", "t2") else "viridis", vmin=lo, vmax=hi)
         ax.set_title(f"{kind.upper()} ({result.name} path)")
         ax.axis("off")
         bar = fig.colorbar(im, ax=ax)
@@ -372,12 +382,17 @@ def main(matrix: int = 64, workdir: str | None = None, pacs: str = "folder", qui
         if orthanc_binary() is None:
             print("Orthanc is not installed (/usr/sbin/Orthanc); using a folder as the PACS", file=sys.stderr)
             pacs = "folder"
-    if quiet:
-        logging.getLogger().setLevel(logging.WARNING)
-    else:
-        for name in ("pynetdicom", "recon-node", "node", "matplotlib", "highdicom"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    return run_demo(DemoOptions(matrix=matrix, workdir=Path(workdir) if workdir else None, pacs=pacs, quiet=quiet))
+    # The node's own INFO lines would drown the demo's progress; restored afterwards for in-process callers.
+    names = [""] if quiet else ["pynetdicom", "recon-node", "node", "pipelines", "matplotlib", "highdicom"]
+    saved = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        return run_demo(DemoOptions(matrix=matrix, workdir=Path(workdir) if workdir else None, pacs=pacs,
+                                    quiet=quiet))
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 __all__ = ["DemoOptions", "PathResult", "run_demo", "main", "decode", "roi_table", "store_files"]

@@ -347,7 +347,7 @@ def test_restart_releases_groups_left_in_incoming(make_scp, frames, tmp_path, ca
     (left / ".1.2.3.dcm.deadbeef.tmp").write_bytes(b"half an instance")  # killed mid-write
     empty = spool / "incoming" / "scanner1" / "1.2.3.4"
     empty.mkdir()
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="node")
     scp, rec = make_scp(spool=spool)
     assert not (left / ".1.2.3.dcm.deadbeef.tmp").exists() and not empty.exists()
     assert f"source=scanner1 group {study_uid}: 4 instances from a previous run" in caplog.text
