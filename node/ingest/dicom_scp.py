@@ -66,6 +66,7 @@ from node.config import find_source
 from node.ingest.grouping import Group, GroupStatus, QuietWindowGrouper
 from node.durable import fsync_dir, write_durably
 from node.ingest.units import IngestUnit, UnitHandler
+from pipelines.io.dicom_modules import set_patient_and_study
 from pipelines.io.dicom_uids import deterministic_uid
 from pipelines.io.mrd_reader import read_hdf5_header, study_info_from_header
 from pipelines.types import StudyInfo
@@ -212,20 +213,7 @@ def wrap_ismrmrd_in_raw_data(
     ds.SOPInstanceUID = sop_uid
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
-    # Patient
-    ds.PatientName = info.patient_name
-    ds.PatientID = info.patient_id
-    ds.PatientBirthDate = info.patient_birth_date
-    ds.PatientSex = info.patient_sex if info.patient_sex in ("M", "F", "O") else ""
-    # General study
-    ds.StudyInstanceUID = study_uid
-    ds.StudyDate = info.study_date
-    ds.StudyTime = info.study_time
-    ds.ReferringPhysicianName = info.referring_physician
-    ds.StudyID = info.study_id
-    ds.AccessionNumber = info.accession_number
-    if info.study_description:
-        ds.StudyDescription = info.study_description
+    set_patient_and_study(ds, info, study_uid)
     # General series
     ds.Modality = "MR"
     ds.SeriesInstanceUID = series_uid

@@ -32,6 +32,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, UID, MRImageStorage
 from pydicom.valuerep import format_number_as_ds
 
+from pipelines.io.dicom_modules import set_patient_and_study
 from pipelines.io.dicom_uids import deterministic_uid
 from pipelines.sim.study import SimulatedStudy
 
@@ -120,20 +121,7 @@ def write_dicom_frames(
         ds.SOPInstanceUID = sop_uid
         ds.InstanceCreationDate = date
         ds.InstanceCreationTime = times[0].split(".")[0] if times[0] else ""
-        # Patient
-        ds.PatientName = info.patient_name
-        ds.PatientID = info.patient_id
-        ds.PatientBirthDate = info.patient_birth_date
-        ds.PatientSex = info.patient_sex if info.patient_sex in ("M", "F", "O") else ""
-        # General study
-        ds.StudyInstanceUID = study_uid
-        ds.StudyDate = info.study_date
-        ds.StudyTime = info.study_time
-        ds.ReferringPhysicianName = info.referring_physician
-        ds.StudyID = info.study_id
-        ds.AccessionNumber = info.accession_number
-        if info.study_description:
-            ds.StudyDescription = info.study_description
+        set_patient_and_study(ds, info, study_uid)
         # General series
         ds.Modality = "MR"
         ds.SeriesInstanceUID = series_uid
