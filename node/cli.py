@@ -307,6 +307,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(matrix=args.matrix, workdir=args.workdir, pacs=args.pacs, quiet=args.quiet)
 
 
+TRAINERS = {
+    "xpdnet": "pipelines.recon.train_xpdnet",
+    "ncpdnet": "pipelines.recon.train_ncpdnet",
+    "estimator": "pipelines.mapping.train_estimator",
+}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import importlib
+
+    return int(importlib.import_module(TRAINERS[args.model]).main(list(args.args)) or 0)
+
+
 # ---- parser ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="recon-node", description=(
@@ -394,6 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-name", default="default", help="MRD config name sent first ('' for none)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds of server silence before giving up")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("train", help="train a network on simulated data (xpdnet, ncpdnet, estimator)",
+                       description="Train XPDNet, NC-PDNet or a fingerprint-to-map estimator on data from the "
+                       "built-in simulator; checkpoints, resume, seed, CUDA when present. "
+                       "`recon-node train MODEL --help` lists the model's options.", add_help=True)
+    p.add_argument("model", choices=sorted(TRAINERS))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the model's own options")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("check-config", help="validate a site config and summarise it",
                        description="Print every problem of a site config with its key and a hint (exit 1), "
