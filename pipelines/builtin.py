@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.mapping.estimators.select import ESTIMATOR_CHOICES
 from pipelines.mapping.maps import MODELS, MappingOptions, estimate_maps
 from pipelines.physics.sequences import MRFSequence, get_sequence
 from pipelines.recon.cartesian import reconstruct_frames
@@ -60,9 +61,10 @@ def _mrf_maps_from_images(study: ImageStudy, params: dict[str, Any], ctx: RunCon
     field = params["field"] or study.study.field_strength_T or 3.0
     options = MappingOptions(model=params["model"], rank=params["rank"] or None, energy=params["energy"],
                              mask_threshold=params["mask_threshold"],
-                             memory_bytes=int(params["memory_gb"] * 1024**3), field_strength_T=float(field))
-    ctx.log.info("matching %d frames x %d slices (%dx%d) with sequence %s, model %s, %.1f T, %s data",
-                 seq.n_frames, study.pixels.shape[1], *study.pixels.shape[2:], seq.name, options.model, field,
+                             memory_bytes=int(params["memory_gb"] * 1024**3), field_strength_T=float(field),
+                             estimator=params["estimator"], weights=params["weights"])
+    ctx.log.info("%s: %d frames x %d slices (%dx%d) with sequence %s, model %s, %.1f T, %s data",
+                 params["estimator"], seq.n_frames, study.pixels.shape[1], *study.pixels.shape[2:], seq.name, options.model, field,
                  "magnitude" if study.is_magnitude else "complex")
     return estimate_maps(study.pixels, seq, study.geometry, options, magnitude=study.is_magnitude,
                          device=ctx.device, cache_dir=ctx.cache_dir, progress=ctx.progress)
@@ -82,5 +84,9 @@ register(PipelineSpec(
         "energy": Param(float, 1 - 1e-4, "retained energy that chooses the SVD rank"),
         "mask_threshold": Param(float, 0.05, "background: PD below this fraction of its 99th percentile"),
         "memory_gb": Param(float, 2.0, "peak memory budget of the matcher"),
+        "estimator": Param(str, "dictionary", "map estimator: dictionary matching, a learned network (fc, inn, "
+                           "blochnet, hybrid) or the per-voxel maximum-likelihood fit (mle, slow)",
+                           choices=ESTIMATOR_CHOICES),
+        "weights": Param(str, "", "estimator weights file (default: the shipped weights for the schedule)"),
     },
 ))

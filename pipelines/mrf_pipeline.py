@@ -18,13 +18,14 @@ from pipelines.recon.cartesian import coil_maps_from_mean, ifft2c as ifft2c_np
 from pipelines.recon.coil_maps import lowres_maps
 from pipelines.recon.dcf import pipe_menon_dcf
 from pipelines.recon.raw_prep import validate_raw
-from pipelines.recon.subspace import (CartesianSubspace, NonCartesianSubspace, _unique_points, expand,
-                                      kspace_filter, reconstruct)
+from pipelines.recon.ncpdnet import ncpdnet_subspace
+from pipelines.recon.subspace import (CartesianSubspace, NonCartesianSubspace, SubspaceResult, _unique_points,
+                                      expand, kspace_filter, reconstruct)
 from pipelines.registry import Param, PipelineSpec, RunContext, register
 from pipelines.types import PipelineOutput, RawStudy
 
-RECONS = ("adjoint", "cgsense")
-ESTIMATORS = ("dictionary",)
+RECONS = ("adjoint", "cgsense", "ncpdnet")
+ESTIMATORS = ("dictionary", "fc", "inn", "blochnet", "hybrid", "mle")
 
 
 def sequence_for_raw(raw: RawStudy, name_or_path: str) -> MRFSequence:
@@ -75,6 +76,26 @@ def slice_operator(raw: RawStudy, rows: np.ndarray, basis: torch.Tensor, device:
     return op, data
 
 
+def _ncpdnet_network(raw: RawStudy, seq: MRFSequence, params: dict[str, Any], ctx: RunContext
+                     ) -> tuple[Any, torch.Tensor]:
+    """The MRF NC-PDNet and the subspace basis it was trained in (it travels with the weights)."""
+    from pipelines.recon.ncpdnet import SHIPPED_MRF, cached_ncpdnet
+
+    if raw.trajectory_kind == "cartesian":
+        raise ValueError("recon=ncpdnet is for non-Cartesian (spiral / radial) MRF; use cgsense for Cartesian data")
+    if not params["dcf"]:
+        raise ValueError("recon=ncpdnet needs the density compensation (--set dcf=true)")
+    net, meta = cached_ncpdnet(params["weights"], SHIPPED_MRF, ctx.device)
+    basis = meta.get("basis")
+    if basis is None:
+        raise ValueError(f"weights {params['weights'] or SHIPPED_MRF!r} carry no MRF subspace basis (anatomical "
+                         "NC-PDNet weights? use them with --pipeline noncartesian_recon)")
+    if basis.shape[0] != seq.n_frames:
+        raise ValueError(f"the NC-PDNet weights were trained for a {basis.shape[0]}-frame schedule "
+                         f"({meta.get('sequence')}), this scan has {seq.n_frames} frames ({seq.name})")
+    return net, basis.to(ctx.device)
+
+
 def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[PipelineOutput]:
     validate_raw(raw, "cartesian" if raw.trajectory_kind == "cartesian" else "noncartesian")
     seq = sequence_for_raw(raw, params["sequence"])
@@ -84,6 +105,10 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
                                   device=ctx.device, cache_dir=ctx.cache_dir, progress=ctx.progress)
     rank = min(params["rank"], dictionary.complex.basis.shape[1])
     basis = dictionary.complex.basis[:, :rank].to(ctx.device)
+    net = None
+    if params["recon"] == "ncpdnet":
+        net, basis = _ncpdnet_network(raw, seq, params, ctx)
+        rank = int(basis.shape[1])
     slices = np.unique(raw.slice)
     ny, nx = raw.matrix
     frames = np.empty((seq.n_frames, slices.size, ny, nx), dtype=np.complex64)
@@ -92,18 +117,23 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
         rows = np.flatnonzero(raw.slice == s)
         op, data = slice_operator(raw, rows, basis, ctx.device, weighted=params["dcf"])
         with torch.no_grad():
-            res = reconstruct(op, data, params["recon"], lam=params["lam"], iterations=params["iterations"])
+            if net is not None:
+                res = SubspaceResult(ncpdnet_subspace(op, torch.as_tensor(data), net).cpu().numpy(), 0,
+                                     [f"NC-PDNet ({net.config.n_iter} unrolled iterations)"])
+            else:
+                res = reconstruct(op, data, params["recon"], lam=params["lam"], iterations=params["iterations"])
         ctx.log.info("slice %d: %s reconstruction of %d coefficient images (%s)", int(s), params["recon"], rank,
                      "; ".join(res.notes))
         coefficients = res.coefficients
-        if raw.trajectory_kind != "cartesian":
+        if raw.trajectory_kind != "cartesian" and net is None:  # NC-PDNet was trained to the unfiltered truth
             coefficients = kspace_filter(coefficients, params["filter"])
         frames[:, i] = expand(coefficients, basis)
         notes = res.notes
     # Matched in the reconstruction's own subspace: atoms truncated to the same rank as the fingerprints
     # (matching at a higher rank compares atoms' components the data cannot have).
     options = MappingOptions(model=model, rank=rank, mask_threshold=params["mask_threshold"],
-                             memory_bytes=int(params["memory_gb"] * 1024**3), field_strength_T=float(field))
+                             memory_bytes=int(params["memory_gb"] * 1024**3), field_strength_T=float(field),
+                             estimator=params["estimator"], weights=params["estimator_weights"])
     maps = estimate_maps(frames, seq, raw.geometry, options, magnitude=False, device=ctx.device,
                          cache_dir=ctx.cache_dir, progress=ctx.progress)
     for m in maps:
@@ -119,9 +149,12 @@ register(PipelineSpec(
             "PD, B1, residual maps",
     run=_mrf,
     params={
-        "recon": Param(str, "cgsense", "adjoint (subspace back-projection) or cgsense (low-rank CG-SENSE)",
-                       choices=RECONS),
-        "estimator": Param(str, "dictionary", "map estimator", choices=ESTIMATORS),
+        "recon": Param(str, "cgsense", "adjoint (subspace back-projection), cgsense (low-rank CG-SENSE) or "
+                       "ncpdnet (learned NC-PDNet subspace reconstruction; its own rank and basis)", choices=RECONS),
+        "weights": Param(str, "", "ncpdnet: a site's own safetensors weights (empty: the shipped ncpdnet_mrf)"),
+        "estimator": Param(str, "dictionary", "map estimator: dictionary matching, a learned network (fc, inn, "
+                           "blochnet, hybrid) or the per-voxel maximum-likelihood fit (mle, slow)", choices=ESTIMATORS),
+        "estimator_weights": Param(str, "", "learned estimator weights (empty: the shipped ones for the schedule)"),
         "rank": Param(int, 8, "subspace rank K (coefficient images reconstructed and matched)"),
         "filter": Param(str, "hann", "k-space apodisation of non-Cartesian coefficient images", choices=("hann", "none")),
         "lam": Param(float, 1e-3, "Tikhonov weight relative to the largest eigenvalue of A^H A"),

@@ -57,6 +57,16 @@ def _images(x: torch.Tensor, raw: RawStudy, what: str, notes: list[str]) -> list
 
 
 # ---- Cartesian -------------------------------------------------------------------------------------------------
+def _xpdnet(op: Operator, y: torch.Tensor, p: dict[str, Any], ctx: RunContext) -> torch.Tensor:
+    from pipelines.recon.xpdnet import xpdnet_cartesian  # torch model code: imported only when used
+
+    return xpdnet_cartesian(op, y, weights=p.get("weights", ""))
+
+
+RECONS["xpdnet"] = _xpdnet
+CARTESIAN_RECONS = ("adjoint", "cgsense", "l1", "xpdnet")
+
+
 def _cartesian_maps(avg_k: np.ndarray, avg_mask: np.ndarray, method: str, calib: int, where: str) -> np.ndarray:
     """Maps [S, C, ny, nx] from the repetition-averaged k-space (more calibration lines than one repetition)."""
     out = []
@@ -76,14 +86,18 @@ def _cartesian_recon(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> 
     frame = None if params["frame"] < 0 else int(params["frame"])
     avg_k, avg_mask = cartesian_kspace(raw, None)
     k, mask = (avg_k, avg_mask) if frame is None else cartesian_kspace(raw, frame)
-    maps = _cartesian_maps(avg_k, avg_mask, params["maps"], params["calib"], raw.source_path or "raw data")
+    if params["recon"] == "xpdnet":  # XPDNet estimates (and refines) its own maps from the k-space centre
+        maps = np.ones((k.shape[0], 1, *k.shape[2:]), np.complex64)
+    else:
+        maps = _cartesian_maps(avg_k, avg_mask, params["maps"], params["calib"], raw.source_path or "raw data")
     op = CartesianSense(maps, mask, device=ctx.device)
     with torch.no_grad():
         x = RECONS[params["recon"]](op, torch.from_numpy(k).to(ctx.device), params, ctx)
     r = mask[0].size / max(int(mask[0].sum()), 1)
     ctx.log.info("cartesian_recon: %d slice(s) %dx%d, %d coils, R=%.2f, %s", *k.shape[:1], *k.shape[2:],
                  k.shape[1], r, params["recon"])
-    notes = [f"R = {r:.2f}; maps: {params['maps']}"]
+    maps_note = "XPDNet's own (central k-space, refined)" if params["recon"] == "xpdnet" else params["maps"]
+    notes = [f"R = {r:.2f}; maps: {maps_note}"]
     return _images(x, raw, f"Cartesian recon ({params['recon']})", notes)
 
 
@@ -94,6 +108,11 @@ register(PipelineSpec(
     run=_cartesian_recon,
     params={
         **_common_params(),
+        "recon": Param(str, "cgsense", "reconstruction: adjoint (zero-filled), cgsense (CG-SENSE with Tikhonov), "
+                       "l1 (L1-wavelet by FISTA), xpdnet (unrolled network, shipped or site weights)",
+                       choices=CARTESIAN_RECONS),
+        "weights": Param(str, "", "xpdnet: path to a site's own safetensors weights (empty: the shipped "
+                         "xpdnet_small)"),
         "maps": Param(str, "espirit", "coil maps: espirit (sigpy) or lowres (RSS-normalised calibration "
                       "images)", choices=("espirit", "lowres")),
         "calib": Param(int, 24, "largest calibration block (lines) for the coil maps"),
@@ -103,6 +122,18 @@ register(PipelineSpec(
 
 
 # ---- non-Cartesian ---------------------------------------------------------------------------------------------
+def _ncpdnet(op: Operator, y: torch.Tensor, p: dict[str, Any], ctx: RunContext) -> torch.Tensor:
+    from pipelines.recon.ncpdnet import ncpdnet_noncartesian  # torch model code: imported only when used
+
+    if getattr(op, "dcf", None) is None:
+        raise ValueError("recon=ncpdnet needs the density compensation (--set dcf=true)")
+    return ncpdnet_noncartesian(op, y, weights=p.get("weights", ""))  # type: ignore[arg-type]
+
+
+RECONS["ncpdnet"] = _ncpdnet
+NONCARTESIAN_RECONS = ("adjoint", "cgsense", "l1", "ncpdnet")
+
+
 def _noncartesian_recon(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[PipelineOutput]:
     data, k = noncartesian_samples(raw)
     shape = raw.matrix
@@ -125,6 +156,11 @@ register(PipelineSpec(
     run=_noncartesian_recon,
     params={
         **_common_params(),
+        "recon": Param(str, "cgsense", "reconstruction: adjoint (density-compensated), cgsense (CG-SENSE with "
+                       "Tikhonov), l1 (L1-wavelet by FISTA), ncpdnet (NC-PDNet, shipped or site weights)",
+                       choices=NONCARTESIAN_RECONS),
+        "weights": Param(str, "", "ncpdnet: path to a site's own safetensors weights (empty: the shipped "
+                         "ncpdnet_anatomy)"),
         "dcf": Param(bool, True, "Pipe-Menon density compensation in the adjoint and the normal operator"),
         "toeplitz": Param(bool, True, "A^H D A by Toeplitz embedding (one FFT pair) instead of a NUFFT pair"),
         "maps_cutoff": Param(float, 0.15, "k-space radius (fraction of k_max) of the low-resolution coil maps"),

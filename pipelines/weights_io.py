@@ -34,6 +34,7 @@ def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
     meta = {**meta, "stored_dtype": "float16" if half else "float32"}
     tmp = path.with_name(path.name + ".tmp")
     save_file(out, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    tmp.chmod(0o644)  # safetensors writes 0600; a node running as another user must read shipped weights
     tmp.replace(path)
     return path
 

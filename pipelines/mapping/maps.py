@@ -29,6 +29,9 @@ class MappingOptions:
     mask_threshold: float = 0.05  # fraction of the 99th-percentile PD below which a voxel is background
     memory_bytes: int = 2 * 1024**3
     field_strength_T: float = 3.0
+    # dictionary (matching, the default) or a learned / fitted estimator: fc, inn, blochnet, hybrid, mle
+    estimator: str = "dictionary"
+    weights: str = ""  # a site's own estimator weights (default: the shipped weights for the schedule)
 
 
 def resolve_model(seq: MRFSequence, model: str) -> str:
@@ -69,13 +72,18 @@ def estimate_maps(
         bad = int((~np.isfinite(x)).sum())
         raise ValueError(f"the fingerprint images contain {bad} NaN or infinite values")
     model = resolve_model(seq, options.model)
-    spec = spec or default_spec(seq, model, options.field_strength_T, complex_data=not magnitude)
-    dictionary = build_dictionary(seq, spec, device=device, cache_dir=cache_dir, progress=progress)
     shape = x.shape[1:]
     signals = torch.as_tensor(x.reshape(x.shape[0], -1).T.copy(), device=device)
     # Voxels with no signal at all are background before matching (and cost nothing).
     energy = torch.linalg.vector_norm(signals.abs() if signals.is_complex() else signals, dim=1)
     keep = energy > 1e-6 * float(energy.max()) if energy.numel() and float(energy.max()) > 0 else energy > 0
+    if options.estimator != "dictionary":
+        from pipelines.mapping.estimators.mapping import estimate_learned
+
+        res = estimate_learned(signals[keep], seq, options, model, magnitude=magnitude, device=device)
+        return _to_maps(res, keep.cpu().numpy(), shape, geometry, options, model)
+    spec = spec or default_spec(seq, model, options.field_strength_T, complex_data=not magnitude)
+    dictionary = build_dictionary(seq, spec, device=device, cache_dir=cache_dir, progress=progress)
     kw = dict(magnitude=magnitude, rank=options.rank, energy=options.energy, memory_bytes=options.memory_bytes)
     with torch.no_grad():
         res = match_water_fat(signals[keep], dictionary, **kw) if model == "water_fat" \

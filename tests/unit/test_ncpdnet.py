@@ -1,0 +1,214 @@
+"""NC-PDNet (Ramzi et al. 2022): architecture, DCF, Toeplitz residual, training, shipped weights (anatomy, MRF)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.recon.dcf import pipe_menon_dcf
+from pipelines.recon.ncpdnet import (NCPDNet, NCPDNetConfig, SenseChannels, SubspaceChannels, load_ncpdnet,
+                                     save_ncpdnet, with_maps)
+from pipelines.recon.nufft import NUFFT
+from pipelines.recon.operators import NonCartesianSense
+from pipelines.recon.subspace import NonCartesianSubspace
+from pipelines.recon.train_ncpdnet import AnatomySampler, anatomical_trajectory, mrf_slice_operator
+from pipelines.sim.anatomy import random_coil_maps
+from pipelines.sim.trajectories import mrf_spiral_trajectory, radial_trajectory
+from pipelines.weights_io import WEIGHTS_DIR
+
+ANATOMY = Path(os.environ.get("RECON_NODE_NCPDNET_ANATOMY", WEIGHTS_DIR / "ncpdnet_anatomy.safetensors"))
+MRF = Path(os.environ.get("RECON_NODE_NCPDNET_MRF", WEIGHTS_DIR / "ncpdnet_mrf.safetensors"))
+N = 32
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def _sense(toeplitz: bool, n: int = N, coils: int = 4, spokes: int = 12) -> tuple[SenseChannels, np.ndarray]:
+    k = radial_trajectory(spokes, 2 * n, n).reshape(-1, 2)
+    maps = random_coil_maps(np.random.default_rng(0), n, coils)
+    return SenseChannels(NonCartesianSense(maps, k, pipe_menon_dcf(k, (n, n)), toeplitz=toeplitz)), k
+
+
+def _subspace(rank: int = 3, frames: int = 24, coils: int = 2) -> NonCartesianSubspace:
+    traj = mrf_spiral_trajectory(frames, N, n_interleaves=8)
+    k = traj.reshape(-1, 2)
+    frame = np.repeat(np.arange(frames), traj.shape[2])
+    basis, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((frames, rank))
+                            + 1j * np.random.default_rng(2).standard_normal((frames, rank)))
+    maps = random_coil_maps(np.random.default_rng(3), N, coils)
+    return mrf_slice_operator(k, frame, maps, torch.from_numpy(basis.astype(np.complex64)))
+
+
+def _image(seed: int = 0, n: int = N) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, n), torch.linspace(-1, 1, n), indexing="ij")
+    disk = ((xx / 0.7) ** 2 + (yy / 0.8) ** 2 < 1).float() * (1 + 0.5 * (xx > 0.2).float())
+    return (disk * torch.exp(1j * 0.5 * torch.randn((), generator=g) * xx)).to(torch.complex64)
+
+
+# ---- architecture ----------------------------------------------------------------------------------------------
+def test_reference_sizes_and_shapes():
+    net = NCPDNet()
+    per_iter = (12 * 32 * 9 + 32) + (32 * 32 * 9 + 32) + (32 * 10 * 9 + 10)  # 12 -> 32 -> 32 -> 10 channels
+    assert per_iter == 15626 and net.n_parameters() == 10 * per_iter
+    op, _ = _sense(True)
+    x = _image()[None, None].repeat(2, 1, 1, 1)
+    y = op.forward(x)
+    assert y.shape == (2, 4, 12 * 2 * N)
+    out = NCPDNet(NCPDNetConfig(n_iter=2, n_filters=8))(op, y)
+    assert out.shape == (2, 1, N, N) and out.dtype == torch.complex64 and torch.isfinite(out.abs()).all()
+    sub = SubspaceChannels([_subspace()])
+    c = torch.randn(1, 3, N, N, dtype=torch.complex64)
+    out = NCPDNet(NCPDNetConfig(n_channels=3, n_iter=2, n_filters=8))(sub, sub.forward(c))
+    assert out.shape == (1, 3, N, N)
+    with pytest.raises(ValueError, match="channel"):
+        NCPDNet(NCPDNetConfig(n_channels=2))(sub, sub.forward(c))
+    with pytest.raises(ValueError, match="density"):
+        SenseChannels(NonCartesianSense(np.ones((1, N, N), np.complex64), anatomical_trajectory("radial", N)))
+
+
+def test_dcf_normalised_as_reference():
+    """mean |A^H D A 1| = 1 over the image, for radial and spiral (computed here with the explicit NUFFT)."""
+    for kind in ("radial", "spiral"):
+        k = anatomical_trajectory(kind, 64)
+        d = torch.from_numpy(pipe_menon_dcf(k, (64, 64)))
+        a = NUFFT(k, (64, 64))
+        val = a.adjoint(d * a.forward(torch.ones(1, 64, 64, dtype=torch.complex64))).abs().mean()
+        assert abs(float(val) - 1) < 1e-4, kind
+        assert float(d.min()) > 0
+
+
+def test_toeplitz_and_explicit_residual_agree():
+    op_t, _ = _sense(True)
+    op_e = SenseChannels(NonCartesianSense(op_t.op.maps, _sense(True)[1], op_t.op.dcf, toeplitz=False))
+    x, x_true = _image(1)[None, None], _image(2)[None, None]
+    y = op_t.forward(x_true)
+    r_t = op_t.normal(x) - op_t.adjoint(y)
+    r_e = op_e.adjoint(op_e.forward(x) - y)
+    assert _rel(r_t, r_e) < 1e-4
+    sub = _subspace()
+    c, c0 = torch.randn(1, 3, N, N, dtype=torch.complex64), torch.randn(1, 3, N, N, dtype=torch.complex64)
+    st, se = SubspaceChannels([sub], toeplitz=True), SubspaceChannels([sub], toeplitz=False)
+    yc = st.forward(c0)
+    assert _rel(st.normal(c) - st.adjoint(yc), se.adjoint(se.forward(c) - yc)) < 1e-4
+    # The whole network gives the same output either way.
+    torch.manual_seed(0)
+    net_t = NCPDNet(NCPDNetConfig(n_iter=3, n_filters=8, toeplitz=True))
+    net_e = NCPDNet(NCPDNetConfig(n_iter=3, n_filters=8, toeplitz=False))
+    net_e.load_state_dict(net_t.state_dict())
+    with torch.no_grad():
+        assert _rel(net_t(op_t, y), net_e(op_e, y)) < 1e-4
+
+
+def test_with_maps_shares_kernels():
+    sub = _subspace()
+    other = with_maps(sub, torch.from_numpy(random_coil_maps(np.random.default_rng(9), N, 2)))
+    assert other.kernels() is sub.kernels()
+    fresh = NonCartesianSubspace(other.maps, mrf_spiral_trajectory(24, N, n_interleaves=8).reshape(-1, 2),
+                                 np.repeat(np.arange(24), other.index.size // 24), sub.basis, dcf=sub.dcf)
+    c = torch.randn(3, N, N, dtype=torch.complex64)
+    assert _rel(other.normal(c), fresh.normal(c)) < 1e-4
+
+
+def test_tiny_network_overfits_in_seconds():
+    torch.manual_seed(0)
+    op, _ = _sense(True, spokes=8)
+    x = _image(3)[None, None]
+    y = op.forward(x)
+    net = NCPDNet(NCPDNetConfig(n_iter=2, n_primal=2, n_filters=8))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    t0 = time.perf_counter()
+    losses = []
+    for _ in range(150):
+        loss = ((net(op, y).abs() - x.abs()) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert time.perf_counter() - t0 < 30
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_save_load_roundtrip_and_errors(tmp_path):
+    net = NCPDNet(NCPDNetConfig(n_channels=2, n_iter=2, n_filters=4))
+    basis = torch.randn(24, 2, dtype=torch.complex64)
+    path = save_ncpdnet(net, tmp_path / "n.safetensors", {"task": "test"}, basis=basis)
+    back, meta = load_ncpdnet(path)
+    assert back.config == net.config and meta["task"] == "test"
+    assert torch.equal(meta["basis"], basis)
+    for a, b in zip(back.parameters(), net.parameters()):
+        assert torch.equal(a, b)
+    from pipelines.weights_io import save_weights
+
+    save_weights(tmp_path / "other.safetensors", {"w": torch.zeros(1)}, {"model": "xpdnet"})
+    with pytest.raises(ValueError, match="not ncpdnet"):
+        load_ncpdnet(tmp_path / "other.safetensors")
+
+
+# ---- shipped weights ---------------------------------------------------------------------------------------------
+def test_shipped_anatomy_weights_load():
+    net, meta = load_ncpdnet(ANATOMY)
+    assert net.config == NCPDNetConfig() and net.n_parameters() == 156260
+    assert set(meta["kinds"]) == {"radial", "spiral"}
+
+
+@pytest.mark.parametrize("kind", ["radial", "spiral"])
+def test_shipped_ncpdnet_beats_adjoint_by_3db(kind):
+    """Held-out anatomy (phantom seeds training never draws, not the validation images), SNR 30, estimated maps."""
+    from pipelines.recon.training import psnr
+
+    net, meta = load_ncpdnet(ANATOMY)
+    n = 64  # the network is convolutional: a smaller grid than training keeps the test fast
+    sampler = AnatomySampler((kind,), n, 8, (30.0, 30.0), torch.device("cpu"))
+    gains = []
+    for b in sampler.heldout(kind, 2, first=200):
+        truth = b.target.abs()
+        with torch.no_grad():
+            adj = b.op.adjoint(b.y)[:, 0].abs()
+            out = net(b.op, b.y)[:, 0].abs()
+        scale = (adj * truth).sum() / (adj * adj).sum()  # the adjoint at its best scale
+        gains.append(float(psnr(out, truth) - psnr(adj * scale, truth)))
+    assert min(gains) >= 3.0, gains
+
+
+@pytest.mark.integration  # the whole mrf pipeline twice (simulation, reconstruction, matching)
+@pytest.mark.xfail(strict=True, reason="the shipped ncpdnet_mrf is under-trained (200 CPU steps, see its model card): "
+                   "its grey-matter T1 error is above the back-projection's; retrain, then remove this marker")
+def test_shipped_mrf_ncpdnet_lowers_t1_error(dict_cache):
+    """Spiral MRF brain, one interleaf per frame, SNR 30, through the mrf pipeline: NC-PDNet vs back-projection."""
+    from pipelines.io.mrd_reader import raw_study_from_hdf5
+    from pipelines.physics.sequences import fisp_sequence
+    from pipelines.registry import RunContext, get_pipeline
+    from pipelines.sim.acquisition import AcquisitionSettings, simulate_study
+    from pipelines.sim.mrd_writer import write_ismrmrd
+
+    st = simulate_study("brain", fisp_sequence(), AcquisitionSettings(trajectory="spiral", coils=8, snr=30),
+                        matrix=64)
+    path = dict_cache / "ncpdnet_test_spiral.h5"
+    write_ismrmrd(st, path)
+    raw = raw_study_from_hdf5(path)
+    errors = {}
+    for recon in ("adjoint", "ncpdnet"):
+        maps = {m.kind: m.data[0] for m in get_pipeline("mrf")(raw, {"recon": recon, "weights": str(MRF)},
+                                                               RunContext(cache_dir=dict_cache))}
+        roi = np.isin(st.truth["labels"], [k for k, v in st.label_names.items()
+                                           if v in ("white_matter", "grey_matter")])
+        # Mean, not median: the matched T1 takes the dictionary's 3 % grid values and a median over the piecewise
+        # constant canonical phantom can land on the same grid point for two different reconstructions.
+        errors[recon] = float(np.mean(np.abs(maps["t1"][roi] / st.truth["t1_water_ms"][roi] - 1)))
+    assert errors["ncpdnet"] < errors["adjoint"], errors
+
+
+def test_pipelines_reject_mismatched_weights(dict_cache):
+    from pipelines.recon.ncpdnet import ncpdnet_noncartesian
+
+    op, _ = _sense(True)
+    with pytest.raises(ValueError, match="MRF"):
+        ncpdnet_noncartesian(op.op, op.forward(_image()[None, None]), weights=str(MRF))
