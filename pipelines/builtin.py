@@ -62,9 +62,10 @@ def _mrf_maps_from_images(study: ImageStudy, params: dict[str, Any], ctx: RunCon
     options = MappingOptions(model=params["model"], rank=params["rank"] or None, energy=params["energy"],
                              mask_threshold=params["mask_threshold"],
                              memory_bytes=int(params["memory_gb"] * 1024**3), field_strength_T=float(field),
-                             estimator=params["estimator"], weights=params["weights"])
+                             estimator=params["estimator"], weights=params["estimator_weights"])
     ctx.log.info("%s: %d frames x %d slices (%dx%d) with sequence %s, model %s, %.1f T, %s data",
-                 params["estimator"], seq.n_frames, study.pixels.shape[1], *study.pixels.shape[2:], seq.name, options.model, field,
+                 params["estimator"], seq.n_frames, study.pixels.shape[1], *study.pixels.shape[2:], seq.name,
+                 options.model, field,
                  "magnitude" if study.is_magnitude else "complex")
     return estimate_maps(study.pixels, seq, study.geometry, options, magnitude=study.is_magnitude,
                          device=ctx.device, cache_dir=ctx.cache_dir, progress=ctx.progress)
@@ -73,7 +74,8 @@ def _mrf_maps_from_images(study: ImageStudy, params: dict[str, Any], ctx: RunCon
 register(PipelineSpec(
     name="mrf_maps_from_images",
     input_kind="images",
-    summary="MRF image series (DICOM fingerprint frames) -> T1, T2 or FF, PD, B1, residual maps by dictionary matching",
+    summary="MRF image series (DICOM fingerprint frames) -> T1, T2 or FF, PD, B1, residual maps (dictionary "
+            "matching or a learned estimator)",
     run=_mrf_maps_from_images,
     params={
         "sequence": Param(str, "", "schedule when the DICOM lacks per-frame timing: fisp, t1ff or a JSON file"),
@@ -87,6 +89,6 @@ register(PipelineSpec(
         "estimator": Param(str, "dictionary", "map estimator: dictionary matching, a learned network (fc, inn, "
                            "blochnet, hybrid) or the per-voxel maximum-likelihood fit (mle, slow)",
                            choices=ESTIMATOR_CHOICES),
-        "weights": Param(str, "", "estimator weights file (default: the shipped weights for the schedule)"),
+        "estimator_weights": Param(str, "", "learned estimator weights (empty: the shipped ones for the schedule)"),
     },
 ))

@@ -210,7 +210,7 @@ def test_estimators_run_inside_mrf_maps_from_images(trained, seq60, tmp_path):
     wm = phantom.labels == next(k for k, v in phantom.label_names.items() if v == "white_matter")
     for model in ("fc", "inn", "hybrid"):
         path = trained[model].save(tmp_path / f"{model}.safetensors")
-        maps = {m.kind: m for m in pipe(study, {"estimator": model, "weights": str(path), "model": "single"})}
+        maps = {m.kind: m for m in pipe(study, {"estimator": model, "estimator_weights": str(path), "model": "single"})}
         assert set(maps) == {"t1", "t2", "pd", "b1", "residual"}, model
         t1 = maps["t1"].data[0][wm]
         rel = np.median(np.abs(t1 / phantom.t1_water_ms[wm] - 1))
@@ -222,7 +222,7 @@ def test_estimators_run_inside_mrf_maps_from_images(trained, seq60, tmp_path):
     with pytest.raises(ValueError, match="trained on schedule"):
         other = MRFSequence("other", seq60.flip_angles_deg * 0.9, seq60.tr_ms, seq60.te_ms, ti_ms=seq60.ti_ms)
         study.flip_angles_deg = other.flip_angles_deg
-        pipe(study, {"estimator": "fc", "weights": str(tmp_path / "fc.safetensors")})
+        pipe(study, {"estimator": "fc", "estimator_weights": str(tmp_path / "fc.safetensors")})
 
 
 SHIPPED = [(m, s) for m in ("fc", "inn", "blochnet", "hybrid") for s in ("fisp", "t1ff")]
