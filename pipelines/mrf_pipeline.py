@@ -76,6 +76,11 @@ def slice_operator(raw: RawStudy, rows: np.ndarray, basis: torch.Tensor, device:
     return op, data
 
 
+# Said in every map the shipped MRF weights produce, so a reader of the DICOM series sees it (model card: CPU-trained).
+SHIPPED_MRF_CAVEAT = ("shipped ncpdnet_mrf weights are under-trained (CPU, 825 steps): CSF T1/T2 unreliable; "
+                      "recon=cgsense is the validated reconstruction")
+
+
 def _ncpdnet_network(raw: RawStudy, seq: MRFSequence, params: dict[str, Any], ctx: RunContext
                      ) -> tuple[Any, torch.Tensor]:
     """The MRF NC-PDNet and the subspace basis it was trained in (it travels with the weights)."""
@@ -119,7 +124,8 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
         with torch.no_grad():
             if net is not None:
                 res = SubspaceResult(ncpdnet_subspace(op, torch.as_tensor(data), net).cpu().numpy(), 0,
-                                     [f"NC-PDNet ({net.config.n_iter} unrolled iterations)"])
+                                     [f"NC-PDNet ({net.config.n_iter} unrolled iterations)"]
+                                     + ([] if params["weights"] else [SHIPPED_MRF_CAVEAT]))
             else:
                 res = reconstruct(op, data, params["recon"], lam=params["lam"], iterations=params["iterations"])
         ctx.log.info("slice %d: %s reconstruction of %d coefficient images (%s)", int(s), params["recon"], rank,
