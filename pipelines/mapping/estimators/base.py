@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import time
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -176,7 +177,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return d
 
 
-class Estimator(nn.Module):
+class Estimator(nn.Module, ABC):
     """Base class: an encoder, a network predicting normalised parameters, and the sequence it was trained for."""
 
     model_name: ClassVar[str] = "base"
@@ -197,13 +198,14 @@ class Estimator(nn.Module):
         self.train_info: dict[str, Any] = {}
         self.build()
 
-    # ---- to implement ----------------------------------------------------------------------------------------
+    # ---- what each model defines ------------------------------------------------------------------------------
+    @abstractmethod
     def build(self) -> None:
-        raise NotImplementedError
+        """Create the model's layers (called at the end of ``__init__``)."""
 
+    @abstractmethod
     def forward_unit(self, features: torch.Tensor) -> torch.Tensor:
         """Features [N, F] -> normalised parameters [N, P] (in [0, 1] once clamped)."""
-        raise NotImplementedError
 
     def input_features(self, z: torch.Tensor) -> torch.Tensor:
         """What the network reads, from unit-norm aligned vectors (default: the standardised encoder features)."""
