@@ -64,13 +64,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     seq = get_sequence(args.sequence)
+    if args.slices < 1:
+        raise ValueError(f"--slices must be >= 1, got {args.slices}")
     settings = AcquisitionSettings(
         trajectory=args.trajectory, coils=args.coils, snr=args.snr, acceleration=args.acceleration,
         cartesian_mask=args.mask, fov_mm=args.fov, seed=args.seed,
+        slice_thickness_mm=args.slice_thickness, slice_gap_mm=args.slice_gap,
     )
     t0 = time.perf_counter()
-    print(f"simulating {args.phantom} phantom {args.matrix}x{args.matrix}, sequence {seq.name} "
+    stack = (f", {args.slices} slices {args.slice_thickness:g} mm + {args.slice_gap:g} mm gap"
+             if args.slices > 1 else "")
+    print(f"simulating {args.phantom} phantom {args.matrix}x{args.matrix}{stack}, sequence {seq.name} "
           f"({seq.n_frames} frames), {args.trajectory}, {args.coils} coils, SNR {args.snr:g}", file=sys.stderr)
+    if args.slices > 1:
+        return _simulate_multislice(args, seq, settings, t0)
     study = simulate_study(args.phantom, seq, settings, matrix=args.matrix, field_strength_T=args.field,
                            progress=not args.quiet)
     out = Path(args.out)
@@ -91,6 +98,46 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         written.append(f"sent to {args.send} ({len(replies)} replies)")
     print(f"wrote {', '.join(written)} in {time.perf_counter() - t0:.1f} s "
           f"(R = {study.acceleration:.2f}, noise std {study.noise_std:.3g})")
+    return 0
+
+
+def _simulate_multislice(args: argparse.Namespace, seq: Any, settings: Any, t0: float) -> int:
+    """``simulate --slices N``: one pass over the slices, each simulated, written (ISMRMRD, DICOM) and dropped."""
+    import numpy as np
+
+    from pipelines.sim.acquisition import simulate_multislice
+    from pipelines.sim.dicom_frames import MAX_STORED_VALUE, write_dicom_frames
+    from pipelines.sim.mrd_writer import IsmrmrdFileWriter, build_header, send_study
+
+    ms = simulate_multislice(args.phantom, seq, settings, n_slices=args.slices, matrix=args.matrix,
+                             field_strength_T=args.field, progress=not args.quiet)
+    out = Path(args.out)
+    n_dicom = 0
+    scale = MAX_STORED_VALUE / ms.frame_peak if ms.frame_peak > 0 else 1.0
+    n_per_slice = ms.n_frames * ms.n_readouts
+    with IsmrmrdFileWriter(out, build_header(ms), chunk_rows=min(n_per_slice, 1024)) as writer:
+        for s in range(ms.n_slices):
+            st = ms.slice(s)
+            writer.append(st)
+            if args.dicom_out:
+                n_dicom += len(write_dicom_frames(st, Path(args.dicom_out), scale=scale))
+            if not args.quiet:
+                z = float(ms.geometry.slice_locations_mm[s])
+                print(f"  slice {s + 1}/{ms.n_slices} at z = {z:+.1f} mm done ({time.perf_counter() - t0:.1f} s)",
+                      file=sys.stderr)
+            del st  # before the next slice is simulated: one slice in memory at a time
+    truth_path = out.with_name(out.stem + "_truth.npz")
+    np.savez_compressed(truth_path, **ms.truth, slice_positions_mm=ms.geometry.positions,
+                        label_names=json.dumps({int(k): v for k, v in ms.label_names.items()}))
+    written = [str(out), f"{truth_path} (maps [slices, y, x])"]
+    if args.dicom_out:
+        written.append(f"{args.dicom_out} ({n_dicom} DICOM frames, {ms.n_slices} slices in one series)")
+    if args.send:
+        host, _, port = args.send.rpartition(":")
+        replies = send_study(out, host or "127.0.0.1", int(port))  # from the file: no second simulation
+        written.append(f"sent to {args.send} ({len(replies)} replies)")
+    print(f"wrote {', '.join(written)} in {time.perf_counter() - t0:.1f} s "
+          f"(R = {ms.acceleration:.2f}, noise std {ms.noise_std:.3g})")
     return 0
 
 
@@ -260,7 +307,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=1, default=str))
         return 0
     if node:
-        print(f"node pid {node['pid']}: MRD port {node['mrd_port']}, DICOM port {node.get('dicom_port')}")
+        print(f"node pid {node['pid']}: MRD port {node['mrd_port']}"
+              + (f", MRD TLS port {node['mrd_tls_port']}" if node.get("mrd_tls_port") else "")
+              + f", DICOM port {node.get('dicom_port')}")
     else:
         print("node: not running (no run file)")
     print("jobs: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -275,12 +324,108 @@ def cmd_status(args: argparse.Namespace) -> int:
     if jobs:
         rows = [("ID", "SOURCE", "ROUTE", "PIPELINE", "STATE", "TRIES", "AGE", "EGRESS", "ERROR")]
         for j in jobs:
-            rows.append((j.id, j.source or "-", j.route or "-", j.pipeline or "-", j.state, str(j.attempts),
+            tries = str(j.attempts) + (f" ({j.node_deaths} node stop)" if j.node_deaths else "")
+            rows.append((j.id, j.source or "-", j.route or "-", j.pipeline or "-", j.state, tries,
                          _age(j.created), _egress_text(egress.get(j.id), j.send_to), (j.error or "")[:100]))
         _table(rows)
     if args.log:
         for j in jobs:
             print(f"\n--- log of {j.id} ---\n{j.log}", end="")
+    return 0
+
+
+def _open_store(cfg: Any) -> Any:
+    from node.jobs import JobStore
+
+    db = cfg.node.database_path
+    if not db.exists():
+        raise ValueError(f"no job database at {db}: the node has not run with this config yet")
+    return JobStore(db, max_attempts=cfg.node.max_attempts, max_node_deaths=cfg.node.max_node_deaths)
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Queue a failed / unrouted job again, routed with the current site config (a running node picks it up)."""
+    from node import audit
+    from node.routing import route
+    from node.service import unit_from_disk
+
+    cfg = _load_site(args.config)
+    if cfg.node.audit_log is not None:
+        audit.configure(cfg.node.audit_log)
+    store = _open_store(cfg)
+    try:
+        job = store.get(args.job)
+        if job is None:
+            raise ValueError(f"no job {args.job!r} in {store.path} (see `recon-node status`)")
+        if job.state in ("queued", "running"):
+            raise ValueError(f"job {job.id} is {job.state}; only a failed or unrouted job is retried "
+                             "(a done or sent job with --force)")
+        if job.state in ("done", "sent") and not args.force:
+            raise ValueError(f"job {job.id} is {job.state}; add --force to run it again (use `recon-node resend "
+                             f"{job.id}` to send its outputs again)")
+        unit = unit_from_disk(Path(job.unit_path))
+        if unit is None:
+            raise ValueError(f"job {job.id}: its input {job.unit_path} is no longer in the spool; it cannot be retried")
+        if not unit.source:
+            unit.source = job.source
+        r = route(cfg, unit)
+        if r is None:
+            raise ValueError(f"job {job.id}: no route of {cfg.path} matches its input "
+                             f"({', '.join(f'{k}={v}' for k, v in unit.attributes.items() if k != 'json')}); "
+                             "add a route, then retry")
+        new = store.requeue(job.id, route=r.name, pipeline=r.pipeline, params=r.params, send_to=r.send_to)
+        audit.event("job.retry", job_id=job.id, actor="operator", route=r.name, previous_state=job.state)
+    finally:
+        store.close()
+    print(f"job {new.id} queued again (was {job.state}): route {new.route}, pipeline {new.pipeline}"
+          + (f", send to {', '.join(new.send_to)}" if new.send_to else "")
+          + "; a running node picks it up within a second")
+    return 0
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    """Queue a done / sent job's DICOM outputs again for its destinations (delivered ones too)."""
+    from node import audit
+    from node.egress.egress import result_files
+    from node.egress.sender import SENT, Outbox
+
+    cfg = _load_site(args.config, check_pipelines=False)
+    if cfg.node.audit_log is not None:
+        audit.configure(cfg.node.audit_log)
+    store = _open_store(cfg)
+    try:
+        job = store.get(args.job)
+        if job is None:
+            raise ValueError(f"no job {args.job!r} in {store.path} (see `recon-node status`)")
+        if job.state not in ("done", "sent"):
+            raise ValueError(f"job {job.id} is {job.state}: only a done or sent job has outputs to resend"
+                             + (f" (run `recon-node retry {job.id}` first)" if job.state == "failed" else ""))
+        dests = args.to or job.send_to
+        unknown = [d for d in dests if cfg.destination(d) is None]
+        if unknown:
+            raise ValueError(f"no destination called {', '.join(unknown)} in {cfg.path}")
+        if not dests:
+            raise ValueError(f"job {job.id} has no destinations (its route sends nowhere); name one with --to")
+        files = result_files(job.result_dir)
+        if not files:
+            raise ValueError(f"job {job.id}: no DICOM outputs under {job.result_dir} (removed by retention?)")
+        outbox = Outbox(cfg.node.outbox_path, recover=False)  # beside a running sender: leave rows in flight alone
+        try:
+            n = 0
+            for dest in dests:
+                n += outbox.enqueue(files, dest, job.id)  # new rows, and failed ones re-armed
+                for item in outbox.items(destination=dest, job_id=job.id):
+                    if item.state == SENT:  # delivered before: back to pending, due now
+                        outbox.mark_retry(item.id, "resend requested by the operator", 0.0)
+                        n += 1
+        finally:
+            outbox.close()
+        store.reopen_delivery(job.id)
+        audit.event("job.resend", job_id=job.id, actor="operator", destinations=dests, n_instances=len(files))
+    finally:
+        store.close()
+    print(f"job {job.id}: {len(files)} instance(s) queued again for {', '.join(dests)} ({n} outbox rows re-armed); "
+          "a running node sends them now, a stopped one when it starts")
     return 0
 
 
@@ -358,6 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", choices=["equidistant", "random"], default="equidistant", help="Cartesian mask")
     p.add_argument("--field", type=float, default=3.0, help="field strength in tesla (1.5 or 3)")
     p.add_argument("--fov", type=float, default=240.0, help="field of view in mm")
+    p.add_argument("--slices", type=int, default=1,
+                   help="number of parallel axial slices, each through its own part of the anatomy (default 1)")
+    p.add_argument("--slice-thickness", type=float, default=5.0, help="slice thickness in mm (default 5)")
+    p.add_argument("--slice-gap", type=float, default=0.0,
+                   help="gap between neighbouring slices in mm (centre spacing = thickness + gap; default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="ISMRMRD HDF5 file to write")
     p.add_argument("--dicom-out", help="also write the fingerprint frames as a DICOM MR series here")
@@ -397,6 +547,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the newest N jobs")
     p.add_argument("--log", action="store_true", help="include each job's log")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("retry", help="queue a failed or unrouted job again, routed with the current config",
+                       description="Put a failed (or unrouted) job back in the queue with fresh attempt counts, "
+                       "re-routed with the current site config (fix the route or config first). A running node "
+                       "picks it up at once. Done / sent jobs need --force.")
+    p.add_argument("job", help="job id (see `recon-node status`)")
+    p.add_argument("--config", required=True, help="site config YAML")
+    p.add_argument("--force", action="store_true", help="also run a done or sent job again")
+    p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("resend", help="send a job's DICOM outputs to its destinations again",
+                       description="Queue every DICOM output of a done or sent job again in the egress outbox "
+                       "(instances delivered before too); the node's sender delivers them.")
+    p.add_argument("job", help="job id (see `recon-node status`)")
+    p.add_argument("--config", required=True, help="site config YAML")
+    p.add_argument("--to", action="append", default=None, metavar="DESTINATION",
+                   help="only this destination (repeatable; default: the destinations of the job's route)")
+    p.set_defaults(func=cmd_resend)
 
     p = sub.add_parser("submit", help="send an ISMRMRD file to an MRD server, as a scanner would",
                        description="Stream an ISMRMRD .h5 file to an MRD server and print its replies. Exit 0 "

@@ -45,6 +45,17 @@ def _check_ae(value: str | None) -> str | None:
     return v
 
 
+class TLSSettings(_Model):
+    """The node's TLS certificate (``node.tls``), used by the MRD TLS port (``mrd_tls_port``) and the DICOM TLS
+    port (``dicom_tls_port``): PEM certificate + key; ``ca`` verifies client certificates, required with
+    ``require_client_cert``."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    require_client_cert: bool = False
+
+
 class NodeSettings(_Model):
     ae_title: str = "RECON_NODE"
     dicom_port: int = Field(11112, ge=0, le=65535)
@@ -64,11 +75,43 @@ class NodeSettings(_Model):
     plugins: list[str] = Field(default_factory=list)  # Python modules imported at start (site pipelines)
     templates_dir: Path | None = None  # site copy of dicom_templates/ (default: the shipped templates)
     parametric_map: bool = False  # also send a float32 Parametric Map series per quantitative map
+    audit_log: Path | None = None  # JSON-lines audit file (IHE ATNA spirit); None: no audit log
+    # ---- hardening, DICOM side (issue 15) ----
+    uid_root: str | None = None  # organisational UID root for output UIDs; None: random root kept in the spool
+    file_group: str | None = None  # group that may read the spool/results (files 0640, folders 0750); None: own
+    dicom_max_dataset_mb: float = Field(512.0, gt=0)  # largest DICOM dataset accepted (C-STORE refused above)
+    dicom_accept_compressed: bool = True  # accept JPEG / JPEG-LS / JPEG 2000 / RLE when the decoders are installed
+    tls: TLSSettings | None = None  # certificate for the TLS ports (cert, key, ca, require_client_cert)
+    dicom_tls_port: int | None = Field(None, ge=0, le=65535)  # DICOM TLS SCP (usually 2762); None: off
+    # ---- hardening, MRD side and jobs (issue 15) ----
+    mrd_tls_port: int | None = Field(None, ge=0, le=65535)  # MRD over TLS (certificate from node.tls); None: off
+    mrd_max_connections: int = Field(16, ge=1, le=4096)  # concurrent MRD connections; more are refused with ERR
+    mrd_max_stream_mb: int = Field(65536, ge=1)  # one MRD stream (all messages) at most this many MB
+    mrd_max_stream_s: float = Field(3600.0, gt=0)  # one MRD stream must end (CLOSE) within this many seconds
+    mrd_max_text_messages: int = Field(64, ge=0)  # TEXT / config-text messages per stream
+    mrd_max_text_kb: int = Field(1024, ge=1)  # one TEXT / config-text message at most this many KB
+    mrd_disk_check_mb: int = Field(256, ge=1)  # re-check free spool space after every this many MB received
+    max_node_deaths: int = Field(5, ge=1, le=1000)  # node crashes/kills during one job before it stays failed
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str | None) -> str | None:
         return _check_ae(v)
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        from node.uids import InvalidUID, validate_uid
+
+        try:
+            v = validate_uid(v, "uid_root")
+        except InvalidUID as e:
+            raise ValueError(f"{e}; use your organisation's registered root, e.g. 1.2.826.0.1.3680043.10.999") from None
+        if len(v) > 40:
+            raise ValueError(f"uid_root is {len(v)} characters; at most 40 leave room for the generated part")
+        return v
 
     @property
     def database_path(self) -> Path:
@@ -127,6 +170,10 @@ class Destination(_Model):
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
     path: Path | None = None
+    tls: bool = False  # C-STORE over DICOM TLS (kind dicom)
+    tls_ca: Path | None = None  # CA that signed the PACS certificate (None: the system store)
+    tls_cert: Path | None = None  # our client certificate, when the PACS asks for one
+    tls_key: Path | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -181,6 +228,7 @@ class Route(_Model):
     params: dict[str, Any] = Field(default_factory=dict)
     send_to: list[str] = Field(default_factory=list)
     reply_over_mrd: bool = False
+    allow_partial: bool = False  # run even when the input is incomplete (fewer frames/slices than declared)
 
 
 class GroupingRule(_Model):
@@ -191,6 +239,8 @@ class GroupingRule(_Model):
 class Grouping(_Model):
     default: GroupingRule = Field(default_factory=GroupingRule)
     sources: dict[str, GroupingRule] = Field(default_factory=dict)
+    # after a restart, groups found on disk wait at least this long for the rest of their study (senders back off)
+    restart_grace_seconds: float = Field(120.0, ge=0)
 
 
 class Retention(_Model):
@@ -337,6 +387,7 @@ def _cross_check(cfg: SiteConfig, check_pipelines: bool) -> list[Problem]:
     src_names = [s.name for s in cfg.sources]
     dst_names = [d.name for d in cfg.destinations]
     problems += _check_destinations(cfg)
+    problems += _check_mrd_tls(cfg)
     if cfg.egress.backoff_max_s < cfg.egress.backoff_base_s:
         problems.append(("egress.backoff_max_s", f"{cfg.egress.backoff_max_s:g} s is below backoff_base_s "
                          f"({cfg.egress.backoff_base_s:g} s)", "make backoff_max_s at least backoff_base_s"))
@@ -394,6 +445,24 @@ def _cross_check(cfg: SiteConfig, check_pipelines: bool) -> list[Problem]:
     return problems
 
 
+def _check_mrd_tls(cfg: SiteConfig) -> list[Problem]:
+    """MRD over TLS needs the certificate block; a client-certificate requirement needs the CA that signs them."""
+    n = cfg.node
+    if n.mrd_tls_port is None:
+        return []
+    problems: list[Problem] = []
+    if n.tls is None:
+        problems.append(("node.mrd_tls_port", "MRD over TLS needs the node's certificate",
+                         "add node.tls with cert and key (PEM files), or remove node.mrd_tls_port"))
+    elif n.tls.require_client_cert and n.tls.ca is None:
+        problems.append(("node.tls.ca", "require_client_cert needs the CA that signs the client certificates",
+                         "set node.tls.ca to that CA's PEM file, or set require_client_cert: false"))
+    if n.mrd_tls_port != 0 and n.mrd_tls_port == n.mrd_port:
+        problems.append(("node.mrd_tls_port", f"the same port as node.mrd_port ({n.mrd_port})",
+                         "use another port for MRD over TLS, e.g. 9003"))
+    return problems
+
+
 def _check_destinations(cfg: SiteConfig) -> list[Problem]:
     problems: list[Problem] = []
     for i, d in enumerate(cfg.destinations):
@@ -446,13 +515,17 @@ def _absolutize(data: dict[str, Any], base: Path) -> None:
 
     node = data.get("node")
     if isinstance(node, dict):
-        for k in ("spool_dir", "database", "cache_dir", "templates_dir"):
+        for k in ("spool_dir", "database", "cache_dir", "templates_dir", "audit_log"):
             if k in node:
                 node[k] = absolute(node[k])
+        if isinstance(node.get("tls"), dict):
+            node["tls"] = {k: (absolute(v) if k in ("cert", "key", "ca") else v) for k, v in node["tls"].items()}
     dests = data.get("destinations")
     if isinstance(dests, list):
         data["destinations"] = [{**d, "path": absolute(d["path"])} if isinstance(d, dict) and "path" in d else d
                                 for d in dests]
+        data["destinations"] = [{**d, **{k: absolute(d[k]) for k in ("tls_ca", "tls_cert", "tls_key") if k in d}}
+                                if isinstance(d, dict) else d for d in data["destinations"]]
 
 
 def parse_config(data: Any, where: str | Path = "<config>", base: Path | None = None,

@@ -4,11 +4,19 @@ States: ``queued`` -> ``running`` -> ``done`` | ``failed`` (after ``max_attempts
 matched; the input stays in the spool). A done job whose DICOM outputs reached every destination of its route
 becomes ``sent`` (egress, see ``node/egress/sender.py``). A unit path creates at most one job: creating it again returns the
 existing job, so a retried ingest never duplicates work.
+
+Two limits stop retries, counted apart: the job's own errors (``attempts - node_deaths`` against
+``node.max_attempts``; a :class:`permanent <node.worker.PermanentJobError>` error stops at once) and the times the
+node died while the job ran (``node_deaths`` against ``node.max_node_deaths``, larger by default: a kill or a power
+cut is not the job's fault, but a job that really takes the node down, e.g. by running out of memory, must still
+stop being retried). The error of a failed job names the limit that stopped it. Every state change is written to
+the audit log (:mod:`node.audit`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -16,6 +24,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from node import audit
+
+log = logging.getLogger("recon-node.jobs")
 
 STATES = ("queued", "running", "done", "sent", "failed", "unrouted")
 
@@ -32,6 +44,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     send_to TEXT NOT NULL DEFAULT '[]',
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
+    node_deaths INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     log TEXT NOT NULL DEFAULT '',
     result_dir TEXT,
@@ -66,12 +79,13 @@ class Job:
     started: float | None = None
     finished: float | None = None
     seq: int = 0
+    node_deaths: int = 0  # times the node stopped (crash, kill) while this job ran; part of ``attempts``
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("id", "unit_path", "kind", "source", "route", "pipeline", "params",
-                                            "send_to", "state", "attempts", "error", "result_dir", "attributes",
-                                            "created", "updated", "started", "finished")}
+                                            "send_to", "state", "attempts", "node_deaths", "error", "result_dir",
+                                            "attributes", "created", "updated", "started", "finished")}
         d["log"] = self.log
         return d
 
@@ -83,16 +97,23 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         state=row["state"], attempts=row["attempts"], error=row["error"], log=row["log"] or "",
         result_dir=row["result_dir"], attributes=json.loads(row["attributes"] or "{}"), created=row["created"],
         updated=row["updated"], started=row["started"], finished=row["finished"], seq=row["seq"],
+        node_deaths=row["node_deaths"] if "node_deaths" in row.keys() else 0,
     )
+
+
+def _audit(job_id: str, state: str, **fields: Any) -> None:
+    audit.event("job.state", outcome="failure" if state == "failed" else "success", job_id=job_id, state=state,
+                **fields)
 
 
 class JobStore:
     """Thread-safe access to the job database (one connection, serialised by a lock; WAL for other processes)."""
 
-    def __init__(self, path: str | Path, max_attempts: int = 3) -> None:
+    def __init__(self, path: str | Path, max_attempts: int = 3, max_node_deaths: int = 5) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_attempts = max_attempts
+        self.max_node_deaths = max_node_deaths
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
@@ -101,6 +122,13 @@ class JobStore:
         self._db.execute("PRAGMA busy_timeout=30000")
         with self._lock:
             self._db.executescript(_SCHEMA)
+            cols = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)").fetchall()}
+            if "node_deaths" not in cols:  # a database from before node deaths were counted apart
+                try:
+                    self._db.execute("ALTER TABLE jobs ADD COLUMN node_deaths INTEGER NOT NULL DEFAULT 0")
+                except sqlite3.OperationalError as e:  # another process added it in between
+                    if "duplicate column" not in str(e):
+                        raise
 
     def close(self) -> None:
         with self._lock:
@@ -143,6 +171,9 @@ class JobStore:
                  json.dumps(send_to or []), state, 1 if claim else 0, error,
                  json.dumps(attributes or {}, default=str), now, now, now if claim else None))
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        _audit(job_id, state, source=source, unit=Path(unit_path).name, route=route, pipeline=pipeline,
+               study_uid=(attributes or {}).get("StudyInstanceUID") or (attributes or {}).get("studyInstanceUID"),
+               reason=error)
         return _row_to_job(row), True
 
     def get(self, job_id: str) -> Job | None:
@@ -161,13 +192,16 @@ class JobStore:
             db.execute("UPDATE jobs SET state='running', attempts=attempts+1, started=?, updated=?, finished=NULL "
                        "WHERE id = ? AND state = 'queued'", (now, now, row["id"]))
             out = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
-        return _row_to_job(out)
+        job = _row_to_job(out)
+        _audit(job.id, "running", attempts=job.attempts)
+        return job
 
     def finish(self, job_id: str, result_dir: str | Path | None = None) -> None:
         now = time.time()
         with self._tx() as db:
             db.execute("UPDATE jobs SET state='done', error=NULL, result_dir=?, finished=?, updated=? WHERE id=?",
                        (str(result_dir) if result_dir else None, now, now, job_id))
+        _audit(job_id, "done")
 
     def mark_sent(self, job_id: str) -> bool:
         """A done job whose outputs reached all its destinations becomes ``sent``; False if it was not done."""
@@ -175,19 +209,42 @@ class JobStore:
         with self._tx() as db:
             n = db.execute("UPDATE jobs SET state='sent', updated=? WHERE id=? AND state='done'",
                            (now, job_id)).rowcount
+        if n:
+            _audit(job_id, "sent")
         return bool(n)
 
-    def fail(self, job_id: str, error: str, max_attempts: int | None = None) -> str:
-        """Record a failed attempt: back to ``queued`` while attempts remain, else ``failed``. Returns the state."""
+    def reopen_delivery(self, job_id: str) -> bool:
+        """A ``sent`` job goes back to ``done`` (operator resend: its outputs are queued again)."""
+        with self._tx() as db:
+            n = db.execute("UPDATE jobs SET state='done', updated=? WHERE id=? AND state='sent'",
+                           (time.time(), job_id)).rowcount
+        if n:
+            _audit(job_id, "done", reason="resend requested")
+        return bool(n)
+
+    def fail(self, job_id: str, error: str, max_attempts: int | None = None, permanent: bool = False) -> str:
+        """Record a failed attempt: back to ``queued`` while the job's own failures stay below ``max_attempts``,
+        else ``failed``; ``permanent`` (the same input would fail the same way) fails it at once. Returns the state.
+
+        The stored error of a failed job says what stopped it (permanent error or ``node.max_attempts``).
+        """
         limit = max_attempts or self.max_attempts
         now = time.time()
         with self._tx() as db:
-            row = db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute("SELECT attempts, node_deaths FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise KeyError(job_id)
-            state = "queued" if row["attempts"] < limit else "failed"
+            own = row["attempts"] - row["node_deaths"]
+            if permanent:
+                state, text = "failed", f"{error} (not retried: the same input fails the same way; fix the input, " \
+                                        f"the route or the site config, then run `recon-node retry {job_id}`)"
+            elif own < limit:
+                state, text = "queued", error
+            else:
+                state, text = "failed", f"{error} (stopped after {own} failed attempt(s): node.max_attempts is {limit})"
             db.execute("UPDATE jobs SET state=?, error=?, updated=?, finished=? WHERE id=?",
-                       (state, error, now, now if state == "failed" else None, job_id))
+                       (state, text, now, now if state == "failed" else None, job_id))
+        _audit(job_id, state, attempts=row["attempts"], reason=text)
         return state
 
     def append_log(self, job_id: str, line: str) -> None:
@@ -216,32 +273,68 @@ class JobStore:
         with self._lock:
             return {r[0] for r in self._db.execute("SELECT unit_path FROM jobs").fetchall()}
 
-    def recover(self, max_attempts: int | None = None) -> list[str]:
-        """At start-up: jobs left ``running`` by a stopped node go back to ``queued``.
+    def recover(self, max_node_deaths: int | None = None) -> list[str]:
+        """At start-up: jobs left ``running`` by a stopped node count one node death and go back to ``queued``.
 
-        A job that was running when the node died ``max_attempts`` times becomes ``failed`` (it may be what
-        kills the node), with a reason that says so.
+        A job during which the node died ``max_node_deaths`` times becomes ``failed`` (it may be what kills the
+        node, e.g. by running out of memory), with a reason that names the limit. Node deaths do not use up the
+        job's own ``max_attempts``.
         """
-        limit = max_attempts or self.max_attempts
+        limit = max_node_deaths or self.max_node_deaths
         now = time.time()
+        changes: list[tuple[str, str, str | None]] = []
         with self._tx() as db:
-            rows = db.execute("SELECT id, attempts FROM jobs WHERE state = 'running'").fetchall()
+            rows = db.execute("SELECT id, node_deaths FROM jobs WHERE state = 'running'").fetchall()
             requeued = []
             for r in rows:
-                if r["attempts"] >= limit:
-                    db.execute("UPDATE jobs SET state='failed', error=?, updated=?, finished=? WHERE id=?",
-                               (f"the node stopped during this job {r['attempts']} times (crash or kill); "
-                                "not retried again - check the job log and the node's memory", now, now, r["id"]))
+                deaths = r["node_deaths"] + 1
+                if deaths >= limit:
+                    error = (f"the node stopped during this job {deaths} times (crash, kill or out of memory): "
+                             f"node.max_node_deaths is {limit}; not retried again - check the job log and the "
+                             f"node's memory, then `recon-node retry {r['id']}`")
+                    db.execute("UPDATE jobs SET state='failed', node_deaths=?, error=?, updated=?, finished=? "
+                               "WHERE id=?", (deaths, error, now, now, r["id"]))
+                    changes.append((r["id"], "failed", error))
                 else:
-                    db.execute("UPDATE jobs SET state='queued', updated=? WHERE id=?", (now, r["id"]))
+                    db.execute("UPDATE jobs SET state='queued', node_deaths=?, updated=? WHERE id=?",
+                               (deaths, now, r["id"]))
                     requeued.append(r["id"])
+                    changes.append((r["id"], "queued", f"the node stopped during this job ({deaths} of {limit})"))
+        for job_id, state, reason in changes:
+            _audit(job_id, state, reason=reason)
         return requeued
 
-    def requeue(self, job_id: str) -> None:
-        """Put a failed (or done) job back in the queue with a fresh attempt count (operator retry)."""
+    def requeue(self, job_id: str, *, route: str | None = None, pipeline: str | None = None,
+                params: dict[str, Any] | None = None, send_to: list[str] | None = None) -> Job:
+        """Put a failed, unrouted (or done) job back in the queue with fresh counts (operator retry).
+
+        ``route``/``pipeline``/``params``/``send_to`` replace the job's when given (re-routed with the current
+        site config). A running job is left alone (``ValueError``).
+        """
+        now = time.time()
         with self._tx() as db:
-            db.execute("UPDATE jobs SET state='queued', attempts=0, error=NULL, updated=? WHERE id=?",
-                       (time.time(), job_id))
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            if row["state"] in ("running", "queued"):
+                raise ValueError(f"job {job_id} is {row['state']}; only a failed, unrouted, done or sent job can be "
+                                 "retried")
+            sets = ["state='queued'", "attempts=0", "node_deaths=0", "error=NULL", "finished=NULL", "updated=?"]
+            args: list[Any] = [now]
+            for col, value in (("route", route), ("pipeline", pipeline)):
+                if value is not None:
+                    sets.append(f"{col}=?")
+                    args.append(value)
+            if params is not None:
+                sets.append("params=?")
+                args.append(json.dumps(params, default=str))
+            if send_to is not None:
+                sets.append("send_to=?")
+                args.append(json.dumps(send_to))
+            db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id=?", (*args, job_id))
+            out = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        _audit(job_id, "queued", reason="retry requested")
+        return _row_to_job(out)
 
 
 class _Tx:

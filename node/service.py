@@ -1,9 +1,11 @@
 """The running node: MRD server + DICOM SCP + workers around one job store, wired IngestUnit -> route -> job.
 
-Start-up order: open the job store, requeue jobs a killed node left running, give every unit in
+Start-up order: open the audit log, delete leftovers of interrupted writes in ``<spool>/tmp`` (``*.partial``, half
+written result folders), open the job store, requeue jobs a killed node left running, give every unit in
 ``<spool>/units`` that has no job its job (covers a kill between the unit's rename and its job insert), start the
 egress (outbox + sender thread; queue done jobs a stopped node had not queued; C-ECHO every destination in the
-background), the workers, then the listeners. ``<spool>/run/node.json`` tells tools (and tests) the pid and the ports in use.
+background), the workers, then the listeners (MRD, MRD over TLS when ``node.mrd_tls_port`` is set, DICOM).
+``<spool>/run/node.json`` tells tools (and tests) the pid and the ports in use.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from node import audit
 from node.config import SiteConfig
 from node.egress.egress import Egress, summarise
 from node.ingest.units import IngestUnit
@@ -78,13 +81,23 @@ def unit_from_disk(path: Path) -> IngestUnit | None:
 class NodeService:
     def __init__(self, cfg: SiteConfig) -> None:
         self.cfg = cfg
+        # ---- hardening, DICOM side (issue 15): umask 027 + existing spool 0640/0750 (node.file_group), and the
+        # node's UID root (output UIDs unique per node). Before anything creates a file.
+        from node import uids
+        from node.durable import restrict_permissions
+
+        restrict_permissions([cfg.node.spool_dir], cfg.node.file_group)
+        uids.configure(cfg.node.spool_dir, cfg.node.uid_root)
+        # ---- end of the DICOM-side hook
         for d in (cfg.node.spool_dir, cfg.node.units_dir, cfg.node.results_dir, cfg.node.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(cfg.node.database_path, max_attempts=cfg.node.max_attempts)
+        self.store = JobStore(cfg.node.database_path, max_attempts=cfg.node.max_attempts,
+                              max_node_deaths=cfg.node.max_node_deaths)
         self.worker = Worker(cfg, self.store)
         self.egress = Egress(cfg, self.store)
         self.worker.on_done.append(self.egress.on_done)
         self.mrd_server: Any = None
+        self.mrd_tls_server: Any = None
         self.dicom_scp: Any = None
         self._stop = threading.Event()
         self._last_retention = 0.0
@@ -142,8 +155,30 @@ class NodeService:
             created.append(self.handle_unit(unit))
         return created
 
+    def clean_tmp(self) -> int:
+        """Delete what interrupted writes left in ``<spool>/tmp`` (nothing there is ever acknowledged: MRD units
+        and results are renamed out of it only when complete). Runs before any listener or worker starts."""
+        removed = 0
+        tmp = self.cfg.node.tmp_dir
+        for p in sorted(tmp.iterdir()) if tmp.is_dir() else []:
+            try:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                removed += 1
+            except OSError as e:
+                log.warning("cannot remove the leftover %s: %s", p, e)
+        if removed:
+            log.info("removed %d leftover(s) of interrupted writes from %s", removed, tmp)
+        return removed
+
     def start(self) -> None:
+        if self.cfg.node.audit_log is not None:
+            audit.configure(self.cfg.node.audit_log)
+        audit.event("node.start", pid=os.getpid(), ae_title=self.cfg.node.ae_title)
         n = set_torch_threads(self.cfg)
+        self.clean_tmp()
         requeued = self.store.recover()
         for job_id in requeued:
             log.warning("job %s: was running when the node stopped; queued again", job_id)
@@ -153,15 +188,25 @@ class NodeService:
                  ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "empty", n)
         self.egress.start()
         self.worker.start()
-        from node.ingest.mrd_server import MRDServer
+        from node.ingest.mrd_server import MRDServer, tls_server_context
 
-        self.mrd_server = MRDServer(self.cfg, self.handle_unit, run_sync=self.run_sync).start()
+        slots = threading.BoundedSemaphore(self.cfg.node.mrd_max_connections)  # shared by plain and TLS
+        self.mrd_server = MRDServer(self.cfg, self.handle_unit, run_sync=self.run_sync, slots=slots).start()
+        if self.cfg.node.mrd_tls_port is not None:
+            self.mrd_tls_server = MRDServer(self.cfg, self.handle_unit, run_sync=self.run_sync,
+                                            tls_context=tls_server_context(self.cfg),
+                                            port=self.cfg.node.mrd_tls_port, slots=slots).start()
         try:
             from node.ingest.dicom_scp import DicomSCP  # written separately; optional until it exists
         except ImportError as e:
             log.warning("DICOM SCP not available (%s); serving MRD only", e)
         else:
             self.dicom_scp = DicomSCP(self.cfg, self.handle_unit)
+            grouper = getattr(self.dicom_scp, "grouper", None)
+            if grouper is not None and getattr(grouper, "restart_grace", None) is not None:
+                # groups found on disk at start wait this long for the rest of their study (issue 15, item 5);
+                # set before start(), which re-arms them
+                grouper.restart_grace = max(grouper.restart_grace, self.cfg.grouping.restart_grace_seconds)
             self.dicom_scp.start()
         self._write_run_file()
 
@@ -169,6 +214,7 @@ class NodeService:
         run = self.cfg.node.spool_dir / "run"
         run.mkdir(exist_ok=True)
         info = {"pid": os.getpid(), "started": time.time(), "mrd_port": self.mrd_server.port,
+                "mrd_tls_port": self.mrd_tls_server.port if self.mrd_tls_server is not None else None,
                 "dicom_port": getattr(self.dicom_scp, "port", self.cfg.node.dicom_port) if self.dicom_scp else None,
                 "config": str(self.cfg.path) if self.cfg.path else None}
         tmp = run / "node.json.partial"
@@ -177,8 +223,9 @@ class NodeService:
 
     def stop(self) -> None:
         log.info("stopping: no new connections; waiting up to %g s for running jobs", self.cfg.node.shutdown_grace_s)
-        if self.mrd_server is not None:
-            self.mrd_server.stop()
+        for server in (self.mrd_server, self.mrd_tls_server):
+            if server is not None:
+                server.stop()
         if self.dicom_scp is not None:
             try:
                 self.dicom_scp.stop()
@@ -189,6 +236,7 @@ class NodeService:
         self.egress.stop()  # rows not yet delivered stay in the outbox and are sent after the next start
         (self.cfg.node.spool_dir / "run" / "node.json").unlink(missing_ok=True)
         log.info("stopped")
+        audit.event("node.stop", pid=os.getpid())
 
     # ---- housekeeping ------------------------------------------------------------------------------------------
     def apply_retention(self) -> int:

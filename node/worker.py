@@ -4,6 +4,10 @@ Results of job ``J`` go to ``<spool>/results/J/`` (``maps.npz`` and/or ``images.
 series per output under ``dicom/``); they are written to ``<spool>/tmp/`` first and renamed into place, so a
 result folder is either complete or absent. Each ``on_done`` hook is called as ``hook(job, outputs, out_dir)``
 after the job is marked done (egress plugs in here); a failing hook is logged in the job log, the job stays done.
+
+Failures are classified: a deterministic one (unknown pipeline, bad parameters, a template error, an input that
+cannot be read, incomplete input, any :class:`PermanentJobError`) fails the job at once, since running it again
+would fail the same way; anything else (I/O, memory, CUDA) is retried up to ``node.max_attempts``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,50 @@ from node.jobs import Job, JobStore
 log = logging.getLogger("recon-node.worker")
 
 DoneHook = Callable[[Job, list[Any], Path], None]
+
+
+class PermanentJobError(Exception):
+    """A failure that the same input, route and config reproduce: the job fails at once, without retries."""
+
+
+# Errors that say the input, the parameters or a template are wrong: deterministic, never retried.
+_DETERMINISTIC = (ValueError, TypeError, KeyError, IndexError, LookupError, NotImplementedError)
+
+
+def is_permanent(e: BaseException, stage: str) -> bool:
+    """Whether ``e``, raised while ``stage`` (setup, load, check, run, write), would happen again on a retry."""
+    if isinstance(e, PermanentJobError):
+        return True
+    if isinstance(e, (MemoryError, OSError)) and not isinstance(e, FileNotFoundError):
+        return False  # out of memory, disk full, a share that went away: may pass on the next attempt
+    if stage in ("setup", "load", "check"):
+        return isinstance(e, (*_DETERMINISTIC, FileNotFoundError))
+    # in the pipeline and the writer, CUDA and torch report transient trouble as RuntimeError: retry those
+    return isinstance(e, _DETERMINISTIC) and not isinstance(e, RuntimeError)
+
+
+def check_input_complete(job: Job, study: Any, allow_partial: bool) -> str | None:
+    """For raw (MRD) input: frames / slices / readouts against the header and schedule. Returns a warning when
+    incomplete but allowed; raises :class:`PermanentJobError` when incomplete and the route does not allow it."""
+    from pipelines.types import RawStudy
+
+    if not isinstance(study, RawStudy):
+        return None
+    import ismrmrd.xsd as x
+
+    from node.ingest.units import raw_completeness
+
+    header = x.CreateFromDocument(study.header_xml.encode("utf-8"))
+    seq = getattr(study, "sequence", None)
+    n_sched = len(seq.flip_angles_deg) if seq is not None and getattr(seq, "flip_angles_deg", None) is not None \
+        else None
+    problem = raw_completeness(header, study.frame, study.slice, n_sched).problem()
+    if problem is None:
+        return None
+    if allow_partial:
+        return f"{problem}; processed anyway (the route allows partial data)"
+    raise PermanentJobError(f"{problem}; the route {job.route!r} does not allow partial data (send the whole scan, "
+                            "or set `allow_partial: true` on the route and `recon-node retry` the job)")
 
 
 @dataclass
@@ -71,7 +119,9 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def load_unit(kind: str, path: Path) -> Any:
+def load_unit(kind: str, path: Path, allow_partial: bool = False, jlog: logging.Logger | None = None) -> Any:
+    """The job's input as a RawStudy / ImageStudy. ``allow_partial`` (the route's): a DICOM series with fewer
+    frames than its instances declare is read anyway (the reader refuses it otherwise -- issue 15 item 4)."""
     if not path.exists():
         raise FileNotFoundError(f"the job's input {path} is missing from the spool (deleted by hand or by retention?)")
     if kind == "mrd":
@@ -80,7 +130,7 @@ def load_unit(kind: str, path: Path) -> Any:
         return raw_study_from_hdf5(path)
     from pipelines.io.dicom_reader import image_study_from_dicom
 
-    return image_study_from_dicom(path)
+    return image_study_from_dicom(path, allow_partial=allow_partial, logger=jlog)
 
 
 def source_references(study: Any) -> list[tuple[str, str]]:
@@ -92,8 +142,10 @@ def source_references(study: Any) -> list[tuple[str, str]]:
 
 def write_results(outputs: list[Any], study_info: Any, final: Path, tmp_root: Path, job_id: str,
                   summary: dict[str, Any], *, references: list[tuple[str, str]] | None = None,
-                  templates_dir: Path | None = None, parametric_map: bool = False) -> Path:
+                  templates_dir: Path | None = None, parametric_map: bool = False,
+                  jlog: logging.Logger | None = None) -> Path:
     """maps.npz / images.npz, DICOM series and summary.json into ``final``, via a temp folder and a rename.
+    ``jlog``: the job's log (warnings about the input's UIDs replaced in the outputs go there).
 
     ``references`` (source instances), ``templates_dir`` (site templates) and ``parametric_map`` go to
     :func:`node.egress.dicom_writer.write_outputs`.
@@ -115,7 +167,7 @@ def write_results(outputs: list[Any], study_info: Any, final: Path, tmp_root: Pa
         if images:
             np.savez(tmp / "images.npz", **images)
         files = write_outputs(outputs, study_info, tmp / "dicom", job_id=job_id, references=references,
-                              templates_dir=templates_dir, parametric_map=parametric_map)
+                              templates_dir=templates_dir, parametric_map=parametric_map, logger=jlog)
         summary = {**summary, "dicom_files": len(files), "outputs": [
             {"kind": o.kind, "shape": list(o.data.shape), "unit": getattr(o, "unit", ""),
              "description": o.description, "notes": list(o.notes)} for o in outputs]}
@@ -217,25 +269,41 @@ class Worker:
             self._busy += 1
         jlog, handler = job_logger(self.store, job)
         t0 = time.perf_counter()
+        stage = "setup"
         try:
-            jlog.info("attempt %d of %d: pipeline %s on %s unit %s (route %s)", job.attempts,
-                      self.cfg.node.max_attempts, job.pipeline, job.kind, Path(job.unit_path).name, job.route)
+            jlog.info("attempt %d (%d failed before, limit %d; node stopped during it %d time(s), limit %d): "
+                      "pipeline %s on %s unit %s (route %s)", job.attempts, job.attempts - 1 - job.node_deaths,
+                      self.cfg.node.max_attempts, job.node_deaths, self.cfg.node.max_node_deaths, job.pipeline,
+                      job.kind, Path(job.unit_path).name, job.route)
             try:
                 spec = get_pipeline(job.pipeline or "")
                 params = spec.resolve_params(job.params)
-                study = load_unit(job.kind, Path(job.unit_path))
+                stage = "load"
+                r = next((r for r in self.cfg.routes if r.name == job.route), None)
+                study = load_unit(job.kind, Path(job.unit_path), bool(r is not None and r.allow_partial), jlog)
+                stage = "check"
+                note = check_input_complete(job, study, bool(r is not None and r.allow_partial))
+                if note:
+                    jlog.warning("%s", note)
+                stage = "run"
                 outputs, device = self._run_pipeline(spec, study, params, jlog)
+                stage = "write"
                 final = self.cfg.node.results_dir / job.id
                 write_results(outputs, study.study, final, self.cfg.node.tmp_dir, job.id, summary={
                     "job": job.id, "source": job.source, "route": job.route, "pipeline": job.pipeline,
                     "params": params, "device": device, "input": job.unit_path,
                     "seconds": round(time.perf_counter() - t0, 3)}, references=source_references(study),
-                    templates_dir=self.cfg.node.templates_dir, parametric_map=self.cfg.node.parametric_map)
+                    templates_dir=self.cfg.node.templates_dir, parametric_map=self.cfg.node.parametric_map,
+                    jlog=jlog)
             except Exception as e:  # noqa: BLE001 - a job's failure must never stop the node
                 err = error_text(e)
-                jlog.error("failed: %s", err)
+                permanent = is_permanent(e, stage)
+                jlog.error("failed while %s: %s%s", {"setup": "preparing", "load": "reading the input",
+                                                    "check": "checking the input", "run": "running the pipeline",
+                                                    "write": "writing the results"}[stage], err,
+                           " (deterministic: not retried)" if permanent else "")
                 self.store.append_log(job.id, traceback.format_exc())
-                state = self.store.fail(job.id, err, self.cfg.node.max_attempts)
+                state = self.store.fail(job.id, err, self.cfg.node.max_attempts, permanent=permanent)
                 jlog.info("job is now %s%s", state, " (will be retried)" if state == "queued" else
                           f" after {job.attempts} attempt(s); input kept at {job.unit_path}")
                 if state == "queued":

@@ -1,11 +1,14 @@
 """The raw MRF pipeline: ISMRMRD k-space (spiral, radial or Cartesian) -> subspace reconstruction -> maps.
 
 The dictionary comes first because its SVD basis defines the subspace the images are reconstructed in; the
-coefficient images are then expanded to frames and matched against the same dictionary.
+K coefficient images of each slice are then matched against the same dictionary in that subspace (never
+expanded to the frames: 1000 frames of ten 256^2 slices would be 5.2 GB). Slices are reconstructed one at a
+time, after coil compression to virtual coils, so memory stays at one slice's operator.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -20,7 +23,7 @@ from pipelines.recon.dcf import pipe_menon_dcf
 from pipelines.recon.raw_prep import validate_raw
 from pipelines.recon.ncpdnet import ncpdnet_subspace
 from pipelines.recon.subspace import (CartesianSubspace, NonCartesianSubspace, SubspaceResult, _unique_points,
-                                      expand, kspace_filter, reconstruct)
+                                      kspace_filter, reconstruct)
 from pipelines.registry import Param, PipelineSpec, RunContext, register
 from pipelines.types import PipelineOutput, RawStudy
 
@@ -45,13 +48,32 @@ def sequence_for_raw(raw: RawStudy, name_or_path: str) -> MRFSequence:
     return seq
 
 
+def compress_coils(data: np.ndarray, energy: float, min_coils: int = 4) -> tuple[np.ndarray, int]:
+    """Virtual coils by SVD of the coil covariance (Huang et al., MRI 2008): data [C, ...] -> [V, ...] keeping
+    the fewest virtual coils that retain ``energy`` of the signal (all of them with energy >= 1)."""
+    c = data.shape[0]
+    if energy >= 1 or c <= min_coils:
+        return data, c
+    flat = data.reshape(c, -1)
+    cov = flat @ flat.conj().T
+    evals, evecs = np.linalg.eigh(cov)
+    evals, evecs = evals[::-1].clip(min=0), evecs[:, ::-1]
+    cum = np.cumsum(evals) / max(float(evals.sum()), 1e-30)
+    v = int(min(c, max(min_coils, np.searchsorted(cum, energy) + 1)))
+    return (evecs[:, :v].conj().T @ flat).reshape(v, *data.shape[1:]).astype(data.dtype), v
+
+
 def slice_operator(raw: RawStudy, rows: np.ndarray, basis: torch.Tensor, device: torch.device,
-                   weighted: bool) -> tuple[Any, np.ndarray]:
-    """The subspace operator of one slice and its samples in the operator's layout."""
+                   weighted: bool, coil_energy: float = 1.0) -> tuple[Any, np.ndarray]:
+    """The subspace operator of one slice and its samples in the operator's layout (virtual coils when
+    ``coil_energy`` < 1)."""
     ny, nx = raw.matrix
     frame = raw.frame[rows]
     if raw.trajectory_kind == "cartesian":
         data = raw.data[rows]  # [A, C, nx]
+        if coil_energy < 1:
+            comp, _ = compress_coils(data.transpose(1, 0, 2), coil_energy)
+            data = np.ascontiguousarray(comp.transpose(1, 0, 2))
         mean_k = np.zeros((data.shape[1], ny, nx), dtype=np.complex128)
         counts = np.zeros(ny)
         np.add.at(mean_k.transpose(1, 0, 2), raw.line[rows], data)
@@ -65,6 +87,7 @@ def slice_operator(raw: RawStudy, rows: np.ndarray, basis: torch.Tensor, device:
     k = traj.reshape(-1, 2)
     frame_of_sample = np.repeat(frame, n_s)
     data = raw.data[rows].transpose(1, 0, 2).reshape(raw.data.shape[1], -1)  # [C, M]
+    data, _ = compress_coils(data, coil_energy)
     # Density of the union of all frames, computed on the distinct positions (arms repeat), then shared
     # among the samples that hit the same position.
     points, index = _unique_points(k)
@@ -107,7 +130,8 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
     field = params["field"] or raw.study.field_strength_T or 3.0
     model = resolve_model(seq, params["model"])
     dictionary = build_dictionary(seq, default_spec(seq, model, float(field), complex_data=True),
-                                  device=ctx.device, cache_dir=ctx.cache_dir, progress=ctx.progress)
+                                  device=ctx.device, cache_dir=ctx.cache_dir, progress=ctx.progress,
+                                  report=ctx.log.info)
     rank = min(params["rank"], dictionary.complex.basis.shape[1])
     basis = dictionary.complex.basis[:, :rank].to(ctx.device)
     net = None
@@ -116,11 +140,15 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
         rank = int(basis.shape[1])
     slices = np.unique(raw.slice)
     ny, nx = raw.matrix
-    frames = np.empty((seq.n_frames, slices.size, ny, nx), dtype=np.complex64)
+    # Only K coefficient images per slice are ever held (K x slices x ny x nx complex: 42 MB for 10 slices at 256^2,
+    # rank 8); the frames are never formed.
+    coefficients = np.empty((rank, slices.size, ny, nx), dtype=np.complex64)
     notes: list[str] = []
     for i, s in enumerate(slices):
+        t0 = time.perf_counter()
         rows = np.flatnonzero(raw.slice == s)
-        op, data = slice_operator(raw, rows, basis, ctx.device, weighted=params["dcf"])
+        op, data = slice_operator(raw, rows, basis, ctx.device, weighted=params["dcf"],
+                                  coil_energy=params["coil_energy"])
         with torch.no_grad():
             if net is not None:
                 res = SubspaceResult(ncpdnet_subspace(op, torch.as_tensor(data), net).cpu().numpy(), 0,
@@ -128,20 +156,25 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
                                      + ([] if params["weights"] else [SHIPPED_MRF_CAVEAT]))
             else:
                 res = reconstruct(op, data, params["recon"], lam=params["lam"], iterations=params["iterations"])
-        ctx.log.info("slice %d: %s reconstruction of %d coefficient images (%s)", int(s), params["recon"], rank,
-                     "; ".join(res.notes))
-        coefficients = res.coefficients
+        c = res.coefficients
         if raw.trajectory_kind != "cartesian" and net is None:  # NC-PDNet was trained to the unfiltered truth
-            coefficients = kspace_filter(coefficients, params["filter"])
-        frames[:, i] = expand(coefficients, basis)
-        notes = res.notes
-    # Matched in the reconstruction's own subspace: atoms truncated to the same rank as the fingerprints
-    # (matching at a higher rank compares atoms' components the data cannot have).
+            c = kspace_filter(c, params["filter"])
+        coefficients[:, i] = c
+        notes = res.notes + ([f"{data.shape[0]} virtual coils of {raw.data.shape[1]} (coil compression, "
+                              f"{params['coil_energy']:g} of the energy)"] if data.shape[0] < raw.data.shape[1] else [])
+        ctx.log.info("slice %d/%d (index %d): %s reconstruction of %d coefficient images in %.1f s (%s)", i + 1,
+                     slices.size, int(s), params["recon"], rank, time.perf_counter() - t0, "; ".join(notes))
+        del op, data
+    # Matched in the reconstruction's own subspace, in the coefficient domain: atoms truncated to the same rank
+    # as the fingerprints (matching at a higher rank compares atoms' components the data cannot have).
     options = MappingOptions(model=model, rank=rank, mask_threshold=params["mask_threshold"],
                              memory_bytes=int(params["memory_gb"] * 1024**3), field_strength_T=float(field),
-                             estimator=params["estimator"], weights=params["estimator_weights"])
-    maps = estimate_maps(frames, seq, raw.geometry, options, magnitude=False, device=ctx.device,
-                         cache_dir=ctx.cache_dir, progress=ctx.progress)
+                             estimator=params["estimator"], weights=params["estimator_weights"],
+                             search=params["search"])
+    t0 = time.perf_counter()
+    maps = estimate_maps(coefficients, seq, raw.geometry, options, magnitude=False, device=ctx.device,
+                         cache_dir=ctx.cache_dir, progress=ctx.progress, basis=basis, report=ctx.log.info)
+    ctx.log.info("maps of %d slices in %.1f s", slices.size, time.perf_counter() - t0)
     for m in maps:
         m.notes = [f"{raw.trajectory_kind} MRF, {params['recon']} subspace reconstruction (rank {rank})"] + notes \
             + m.notes
@@ -171,5 +204,9 @@ register(PipelineSpec(
         "field": Param(float, 0.0, "field strength in T (0: from the header)"),
         "mask_threshold": Param(float, 0.05, "background: PD below this fraction of its 99th percentile"),
         "memory_gb": Param(float, 2.0, "peak memory budget of the matcher"),
+        "search": Param(str, "fast", "dictionary search: fast (coarse-to-fine, the default) or exhaustive (every "
+                        "atom; the reference, ~20x slower)", choices=("fast", "exhaustive")),
+        "coil_energy": Param(float, 0.99, "coil compression: keep the fewest virtual coils holding this fraction "
+                             "of the signal energy (1: no compression)"),
     },
 ))

@@ -34,17 +34,42 @@ class Geometry:
     def fov_mm(self) -> tuple[float, float]:
         return (self.matrix[0] * self.pixel_spacing_mm[0], self.matrix[1] * self.pixel_spacing_mm[1])
 
+    @property
+    def slice_normal(self) -> np.ndarray:
+        """Unit normal of the slices: row direction x column direction (DICOM's SliceLocation axis)."""
+        o = np.asarray(self.orientation, dtype=np.float64)
+        return np.cross(o[:3], o[3:])
+
+    @property
+    def slice_locations_mm(self) -> np.ndarray:
+        """Position of every slice along :attr:`slice_normal` (mm), in slice order."""
+        return np.asarray(self.positions, dtype=np.float64).reshape(-1, 3) @ self.slice_normal
+
     @classmethod
     def centred(
-        cls, matrix: tuple[int, int], fov_mm: tuple[float, float], slice_thickness_mm: float = 5.0
+        cls, matrix: tuple[int, int], fov_mm: tuple[float, float], slice_thickness_mm: float = 5.0,
+        n_slices: int = 1, slice_gap_mm: float = 0.0,
     ) -> Geometry:
-        """One axial slice centred at the isocentre."""
+        """Axial slices centred at the isocentre: one, or a stack of ``n_slices`` parallel slices.
+
+        Slices are ``slice_thickness_mm + slice_gap_mm`` apart (centre to centre) along the normal (+z, superior
+        for an axial slice in LPS), in increasing z: slice 0 is the most inferior, and the stack's middle sits at
+        the isocentre (for an even count, halfway between the two middle slices).
+        """
+        if n_slices < 1:
+            raise ValueError(f"n_slices must be >= 1, got {n_slices}")
         spacing = (fov_mm[0] / matrix[0], fov_mm[1] / matrix[1])
         # DICOM position is the centre of the first pixel. The isocentre is the encoding centre, pixel N//2 of the
         # centred FFT (for even N half a pixel past the middle of the FOV), so the first pixel is N//2 pixels away.
         first = np.array([-(matrix[1] // 2) * spacing[1], -(matrix[0] // 2) * spacing[0], 0.0], dtype=np.float64)
+        positions = first[None, :]
+        if n_slices > 1:
+            step = float(slice_thickness_mm) + float(slice_gap_mm)
+            z = (np.arange(n_slices, dtype=np.float64) - (n_slices - 1) / 2.0) * step
+            positions = np.repeat(positions, n_slices, axis=0)
+            positions[:, 2] = z
         return cls(matrix=matrix, pixel_spacing_mm=spacing, slice_thickness_mm=slice_thickness_mm,
-                   positions=first[None, :])
+                   positions=positions)
 
 
 @dataclass

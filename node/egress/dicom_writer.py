@@ -5,7 +5,13 @@ pixels, ``real = stored * slope + intercept`` from the kind's template, written 
 (UCUM unit + quantity code) and, when slope/intercept are not 1/0, as RescaleSlope/RescaleIntercept too, so
 WindowCenter/Width are in real units. Identity: same StudyInstanceUID, patient module and FrameOfReferenceUID as
 the source; geometry (ImagePositionPatient per slice, orientation, spacing, thickness) from the output's Geometry;
-SeriesInstanceUID / SOPInstanceUID derived from job id + kind, so writing (and sending) again is idempotent.
+SeriesInstanceUID / SOPInstanceUID derived from the node's UID root + the input's own UIDs + job id + kind
+(:func:`output_uid`), so writing (and sending) again is idempotent while two nodes -- or a reset spool whose job
+ids start at 1 again -- never give the same UID to different patients' maps.
+
+UIDs from the input (StudyInstanceUID, FrameOfReferenceUID, referenced SOP Instance UIDs; from an MRD header they
+were never checked) are validated with :func:`node.uids.validate_uid`; an invalid one is replaced by a generated
+UID and a warning names it (it lands in the job log), so nothing but digits and dots reaches a file path.
 
 Reconstructed images (kind ``image`` or any ReconImage without its own template) are magnitudes scaled per
 series so the brightest voxel is stored as the template's ``auto_max`` (4095): ``stored = round(|x| / scale)``,
@@ -31,8 +37,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
+from node import uids
 from node.egress.templates import Code, SeriesTemplate, TemplateError, template_for
-from pipelines.io.dicom_uids import deterministic_uid
 from pipelines.types import Geometry, PipelineOutput, QuantitativeMap, ReconImage, StudyInfo
 
 __all__ = ["write_outputs", "write_series", "build_series", "template_for", "TemplateError", "SOFTWARE_VERSION"]
@@ -158,8 +164,37 @@ def _slice_positions(output: PipelineOutput, n: int) -> tuple[np.ndarray, bool]:
     )
 
 
+def _input_key(study: StudyInfo, references: list[Reference] | None) -> str:
+    """What identifies the input in output UIDs: its study / series UIDs and source instances (hashed)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in (study.study_instance_uid, study.series_instance_uid, *(u for _, u in references or [])):
+        h.update(str(part).encode("utf-8", "replace") + b"|")
+    return h.hexdigest()[:32]
+
+
+def output_uid(job_id: str, study: StudyInfo, references: list[Reference] | None, *parts: object,
+               uid_root: str | None = None) -> str:
+    """Series / SOP Instance UID of an output: node root + input UIDs + job id + ``parts`` (kind, role, index)."""
+    return uids.derived_uid(uid_root or uids.node_root(), job_id, _input_key(study, references), *parts)
+
+
+def _checked_uid(value: str, what: str, job_id: str, fallback: str, logger: logging.Logger | None = None) -> str:
+    """``value`` when it is a valid UID; empty: ``fallback``; invalid: ``fallback`` and a warning for the job
+    (to ``logger``, the job's log when the worker gives it)."""
+    if not value:
+        return fallback
+    try:
+        return uids.validate_uid(value, what)
+    except uids.InvalidUID as e:
+        (logger or log).warning("job %s: %s; using the generated UID %s instead", job_id, e, fallback)
+        return fallback
+
+
 def _base_dataset(study: StudyInfo, geometry: Geometry, template: SeriesTemplate, job_id: str,
-                  series_uid: str, series_number: int, description: str, now: datetime) -> Dataset:
+                  series_uid: str, series_number: int, description: str, now: datetime,
+                  uid_root: str | None = None, logger: logging.Logger | None = None) -> Dataset:
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     # Patient and study: copied from the source so the series lands in the source's study.
@@ -167,7 +202,11 @@ def _base_dataset(study: StudyInfo, geometry: Geometry, template: SeriesTemplate
     ds.PatientID = study.patient_id
     ds.PatientBirthDate = study.patient_birth_date
     ds.PatientSex = study.patient_sex
-    ds.StudyInstanceUID = study.study_instance_uid or deterministic_uid("study", job_id)
+    # The study UID is copied from the input (an MRD header's studyInstanceUID was never checked before): an
+    # invalid one becomes a UID of our own, so it cannot reach a folder destination's path (../../x, /abs, \n).
+    ds.StudyInstanceUID = _checked_uid(study.study_instance_uid, "the input's StudyInstanceUID", job_id,
+                                       uids.derived_uid(uid_root or uids.node_root(), "study", job_id,
+                                                        _input_key(study, None)), logger)
     ds.StudyID = study.study_id
     ds.StudyDate = study.study_date
     ds.StudyTime = study.study_time
@@ -189,8 +228,9 @@ def _base_dataset(study: StudyInfo, geometry: Geometry, template: SeriesTemplate
     ds.SoftwareVersions = SOFTWARE_VERSION
     if study.institution_name:
         ds.InstitutionName = study.institution_name
-    ds.FrameOfReferenceUID = (geometry.frame_of_reference_uid or study.frame_of_reference_uid
-                              or deterministic_uid("for", ds.StudyInstanceUID))
+    ds.FrameOfReferenceUID = _checked_uid(geometry.frame_of_reference_uid or study.frame_of_reference_uid,
+                                          "the input's FrameOfReferenceUID", job_id,
+                                          uids.derived_uid(None, "for", ds.StudyInstanceUID), logger)
     ds.PositionReferenceIndicator = ""
     # General image / MR image.
     ds.ImageType = list(template.image_type)
@@ -251,8 +291,11 @@ def _refs_for(refs: list[Reference], index: int, n_slices: int) -> list[Referenc
 
 def build_series(output: PipelineOutput, study: StudyInfo, job_id: str, *, template: SeriesTemplate,
                  series_number: int, references: list[Reference] | None = None,
-                 now: datetime | None = None) -> list[Dataset]:
-    """The MR Image Storage datasets (file meta included) of one output, one per slice or frame."""
+                 now: datetime | None = None, uid_root: str | None = None,
+                 logger: logging.Logger | None = None) -> list[Dataset]:
+    """The MR Image Storage datasets (file meta included) of one output, one per slice or frame.
+
+    ``uid_root``: the node's UID root (default: the one the node configured, :func:`node.uids.node_root`)."""
     unit = output.unit if isinstance(output, QuantitativeMap) else ""
     if isinstance(output, QuantitativeMap) and template.map_unit and unit != template.map_unit:
         raise TemplateError(
@@ -274,9 +317,15 @@ def build_series(output: PipelineOutput, study: StudyInfo, job_id: str, *, templ
         log.warning("job %s: %s map: %s", job_id, output.kind, note)
         if note not in output.notes:
             output.notes.append(note)
-    series_uid = deterministic_uid(job_id, output.kind, "series")
+    # References are UIDs from the input too: keep only valid ones (an invalid one would be refused by the PACS).
+    refs = [(c, u) for c, u in (references or []) if uids.is_valid_uid(u) and uids.is_valid_uid(c)]
+    if len(refs) != len(references or []):
+        (logger or log).warning("job %s: %d source reference(s) without a valid UID left out of the Source Image "
+                                "Sequence", job_id, len(references or []) - len(refs))
+    series_uid = output_uid(job_id, study, refs, output.kind, "series", uid_root=uid_root)
     description = template.description(output.description)
-    base = _base_dataset(study, g, template, job_id, series_uid, series_number, description, now or datetime.now())
+    base = _base_dataset(study, g, template, job_id, series_uid, series_number, description, now or datetime.now(),
+                         uid_root=uid_root, logger=logger)
     center, width = _window(template, enc)
     rwvm = _rwvm(template, enc)
     normal = np.cross(np.asarray(g.orientation[:3], float), np.asarray(g.orientation[3:], float))
@@ -285,13 +334,12 @@ def build_series(output: PipelineOutput, study: StudyInfo, job_id: str, *, templ
         gaps = np.abs(np.diff(np.asarray(g.positions, float).reshape(-1, 3) @ normal))
         if np.allclose(gaps, gaps[0], rtol=1e-3) and gaps[0] > 0:
             base.SpacingBetweenSlices = float(round(gaps[0], 6))
-    refs = list(references or [])
     out = []
     for i in range(data.shape[0]):
         ds = Dataset()
         ds.update(base)
         ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = deterministic_uid(job_id, output.kind, "instance", i)
+        ds.SOPInstanceUID = output_uid(job_id, study, refs, output.kind, "instance", i, uid_root=uid_root)
         ds.InstanceNumber = i + 1
         pos = positions[i]
         ds.ImagePositionPatient = [float(round(v, 6)) for v in pos]
@@ -350,7 +398,8 @@ def _template_of(output: PipelineOutput, templates_dir: str | Path | None) -> Se
 
 
 def write_parametric_map(output: QuantitativeMap, study: StudyInfo, sources: list[Dataset], out_dir: Path,
-                         job_id: str, *, template: SeriesTemplate, series_number: int) -> Path:
+                         job_id: str, *, template: SeriesTemplate, series_number: int,
+                         uid_root: str | None = None) -> Path:
     """One float32 Parametric Map instance (highdicom) of ``output``; ``sources`` are its MR instances."""
     import highdicom as hd
     from pydicom.sr.coding import Code as PydicomCode
@@ -373,9 +422,11 @@ def write_parametric_map(output: QuantitativeMap, study: StudyInfo, sources: lis
     pm = hd.pm.ParametricMap(
         source_images=sources,
         pixel_array=data,
-        series_instance_uid=deterministic_uid(job_id, output.kind, "pm-series"),
+        series_instance_uid=output_uid(job_id, study, None, str(sources[0].SeriesInstanceUID), output.kind,
+                                       "pm-series", uid_root=uid_root),
         series_number=series_number,
-        sop_instance_uid=deterministic_uid(job_id, output.kind, "pm-instance"),
+        sop_instance_uid=output_uid(job_id, study, None, str(sources[0].SeriesInstanceUID), output.kind,
+                                    "pm-instance", uid_root=uid_root),
         instance_number=1,
         manufacturer="recon-node",
         manufacturer_model_name="recon-node",
@@ -411,14 +462,18 @@ def _content_label(label: str) -> str:
 
 def write_outputs(outputs: list[PipelineOutput], study: StudyInfo, out_dir: str | Path, job_id: str, *,
                   references: list[Reference] | None = None, templates_dir: str | Path | None = None,
-                  parametric_map: bool = False, series_number_base: int | None = None) -> list[Path]:
+                  parametric_map: bool = False, series_number_base: int | None = None,
+                  uid_root: str | None = None, logger: logging.Logger | None = None) -> list[Path]:
     """Write every output as its own series under ``out_dir/<kind>/``; returns all files written.
 
     ``references``: (SOP Class UID, SOP Instance UID) of the source instances (Source Image Sequence).
     ``templates_dir``: a site's template folder (default: the shipped ``dicom_templates/``).
     ``parametric_map``: also write a float32 Parametric Map instance per quantitative map (``<kind>_pmap/``).
     ``series_number_base``: SeriesNumber = base + template offset (default 100 x the source series number).
-    UIDs derive from ``job_id`` + kind, so writing the same job again gives the same instances.
+    ``uid_root``: the node's UID root (default: :func:`node.uids.node_root`, set by the running node).
+    ``logger``: where warnings about the input's UIDs go (the worker passes the job's log).
+    UIDs derive from the node root + the input's UIDs + ``job_id`` + kind, so writing the same job again gives the
+    same instances and another node (or a reset spool) gives other ones.
     """
     out_dir = Path(out_dir)
     base = series_number_base if series_number_base is not None else 100 * max(int(study.series_number or 1), 1)
@@ -427,7 +482,7 @@ def write_outputs(outputs: list[PipelineOutput], study: StudyInfo, out_dir: str 
         template = _template_of(output, templates_dir)
         number = base + template.series_number_offset
         datasets = build_series(output, study, job_id, template=template, series_number=number,
-                                references=references)
+                                references=references, uid_root=uid_root, logger=logger)
         kind_dir = out_dir / output.kind
         kind_dir.mkdir(parents=True, exist_ok=True)
         for i, ds in enumerate(datasets):
@@ -436,6 +491,6 @@ def write_outputs(outputs: list[PipelineOutput], study: StudyInfo, out_dir: str 
             written.append(path)
         if parametric_map and isinstance(output, QuantitativeMap):
             written.append(write_parametric_map(output, study, datasets, out_dir / f"{output.kind}_pmap", job_id,
-                                                template=template, series_number=number + 50))
+                                                template=template, series_number=number + 50, uid_root=uid_root))
         log.info("job %s: %s -> %d instance(s), series %d", job_id, output.kind, len(datasets), number)
     return written

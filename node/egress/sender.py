@@ -15,7 +15,14 @@ missing response put the row back to ``pending`` with exponential backoff (1 s, 
 Folder destinations (:class:`FolderDestination`, a share a site imports from) go through the same rows: each file
 is copied to ``<path>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` (temp file in that folder,
 fsync, atomic rename, fsync of the folder), so a file under its final name is always complete and a resend
-overwrites it with the same bytes. ``verify`` checks that the folder can be written.
+overwrites it with the same bytes. The three path components must be valid DICOM UIDs (digits and dots) and the
+resolved path must stay under the destination folder (:func:`node.uids.safe_path_under`); otherwise the row fails
+at once with the reason (``../../x``, an absolute path or a newline never become a path). ``verify`` checks that
+the folder can be written.
+
+TLS: a destination with ``tls: true`` is reached over DICOM TLS (pynetdicom ``tls_args``): the PACS certificate is
+verified against ``tls_ca`` (or the system store) and its host name; ``tls_cert`` / ``tls_key`` are our client
+certificate when the PACS asks for one.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from node import audit, uids
 from node.durable import copy_durably
 
 log = logging.getLogger(__name__)
@@ -80,6 +88,23 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def ssl_context(self) -> Any:
+        """The client-side TLS context (certificate and host name verified), or None without TLS."""
+        if not self.tls:
+            return None
+        import ssl
+
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                         cafile=str(self.tls_ca) if self.tls_ca else None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.tls_cert:
+            ctx.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
+        return ctx
 
     @property
     def target(self) -> str:
@@ -241,6 +266,11 @@ class Outbox:
         with self._lock:
             self._db.execute("UPDATE outbox SET state=?, attempts=attempts+1, last_error=?, updated_at=? WHERE id=?",
                              (FAILED, error, now, item_id))
+            row = self._db.execute("SELECT job_id, sop_instance_uid, destination FROM outbox WHERE id=?",
+                                   (item_id,)).fetchone()
+        if row is not None:  # every way an instance ends undelivered goes through here
+            audit.event("egress.failed", "failure", destination=row["destination"], job_id=row["job_id"],
+                        sop_uid=str(row["sop_instance_uid"])[:64], reason=error)
 
     def defer(self, destination: str, until: float) -> None:
         """Hold every pending row of ``destination`` until ``until`` (one retry per backoff, not one per row)."""
@@ -314,13 +344,21 @@ def _destination(name: str, d: Any) -> AnyDestination:
             raise ValueError(f"folder destination {name!r} has no path")
         return FolderDestination(str(getattr(d, "name", name) or name), Path(d.path))
     if all(hasattr(d, a) for a in ("ae_title", "host", "port")):
-        return Destination(str(getattr(d, "name", name) or name), str(d.ae_title), str(d.host), int(d.port))
+        return Destination(str(getattr(d, "name", name) or name), str(d.ae_title), str(d.host), int(d.port),
+                           tls=bool(getattr(d, "tls", False)), tls_ca=getattr(d, "tls_ca", None),
+                           tls_cert=getattr(d, "tls_cert", None), tls_key=getattr(d, "tls_key", None))
     try:
         ae_title, host, port = d
         return Destination(name, str(ae_title), str(host), int(port))
     except (TypeError, ValueError) as e:
         raise ValueError(f"destination {name!r}: expected (ae_title, host, port) or an object with those "
                          f"fields, got {d!r}") from e
+
+
+def _tls_args(dest: Destination) -> tuple[Any, str | None] | None:
+    """pynetdicom's ``tls_args`` (context, server host name) for a TLS destination, else None."""
+    ctx = dest.ssl_context()
+    return None if ctx is None else (ctx, dest.host)
 
 
 def _destinations(given: Mapping[str, Any] | Iterable[Any]) -> dict[str, AnyDestination]:
@@ -429,19 +467,29 @@ class Sender(threading.Thread):
             try:
                 ds = pydicom.dcmread(src, stop_before_pixels=True,
                                      specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
-                study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
-                if not study or not series:
-                    raise ValueError("no StudyInstanceUID / SeriesInstanceUID")
             except Exception as e:
                 self.outbox.mark_failed(it.id, f"job {it.job_id}: cannot read {it.path}: {type(e).__name__}: {e}")
                 continue
             try:
-                copy_durably(src, dest.path / study / series / f"{it.sop_instance_uid}.dcm")
+                # Only validated UIDs become path components, and the result must stay under the folder.
+                study = uids.validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+                series = uids.validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+                sop = uids.validate_uid(it.sop_instance_uid, "SOPInstanceUID")
+                final = uids.safe_path_under(dest.path, study, series, f"{sop}.dcm")
+            except uids.InvalidUID as e:
+                error = f"job {it.job_id}: {it.path} not written to {dest.path}: {e}"
+                log.error("destination %s: %s", dest.name, error)
+                self.outbox.mark_failed(it.id, error)
+                continue
+            try:
+                copy_durably(src, final)
             except OSError as e:
                 self._retry(dest, [it], f"cannot write to {dest.path}: {e.strerror or e}")
                 continue
             self.outbox.mark_sent(it.id)
             self._delivered.add(it.job_id)
+            audit.event("egress.delivered", destination=dest.name, target=str(dest.path), job_id=it.job_id,
+                        sop_uid=it.sop_instance_uid)
             sent += 1
         if sent:
             self.outbox.note_destination(dest.name, success=True)
@@ -494,7 +542,7 @@ class Sender(threading.Thread):
         self.outbox.mark_sending(it.id for it in readable)
         ae = self._ae(contexts)
         try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=_tls_args(dest))
         except Exception as e:  # bad host name ...
             self._retry(dest, readable, f"cannot connect: {type(e).__name__}: {e}", whole_destination=True)
             return 0
@@ -528,6 +576,8 @@ class Sender(threading.Thread):
                                  it.sop_instance_uid, dest.name, code)
                     self.outbox.mark_sent(it.id)
                     self._delivered.add(it.job_id)
+                    audit.event("egress.delivered", destination=dest.name, target=dest.target, job_id=it.job_id,
+                                sop_uid=it.sop_instance_uid, tls=dest.tls)
                     sent += 1
                 else:
                     comment = str(status.get("ErrorComment", "") or "")
@@ -552,7 +602,7 @@ class Sender(threading.Thread):
         ae = self._ae([(_VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])])
         ok, error = False, None
         try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=_tls_args(dest))
             if assoc.is_established:
                 status = assoc.send_c_echo()
                 ok = status is not None and "Status" in status and int(status.Status) == 0

@@ -27,6 +27,23 @@ Behaviour (see README_dicom.md for the operator's view):
   given a sidecar ``<spool>/units/<unit id>.json`` (the IngestUnit, as the MRD server writes it) before it gets its
   final name, so the service's start-up rescan can create the job of a unit whose hand-over never happened.
 * Handler calls run one at a time on a dispatch thread; an exception is logged and the unit stays on disk.
+
+Hardening (issue 15):
+
+* **Transfer syntaxes**: only those the node can decode are accepted -- the native ones (implicit / explicit VR
+  little endian, deflated, big endian) and, with ``node.dicom_accept_compressed``, every compressed one for which
+  pydicom has a working decoder plug-in (pylibjpeg + libjpeg / openjpeg / rle: JPEG baseline / extended /
+  lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE). A compressed instance whose pixel data does not decode is refused
+  (0xC210) instead of being acknowledged and failing in the pipeline.
+* **Dataset size**: received datasets are written to ``<spool>/incoming/.rx/`` while they arrive (pynetdicom's
+  ``STORE_RECV_CHUNKED_DATASET``), never held in memory whole; past ``node.dicom_max_dataset_mb`` the rest of the
+  dataset is discarded as it arrives and the instance is refused with 0xA702 -- memory and disk stay bounded.
+* **UIDs**: SOP Instance / Study / Series UIDs are checked with :func:`node.uids.validate_uid` (PS3.5 grammar,
+  64 characters) before they name a file; an invalid or empty one fails that instance only (0xC211), the
+  association goes on.
+* **TLS**: ``node.dicom_tls_port`` with the ``node.tls`` certificate block (cert, key, CA, ``require_client_cert``)
+  opens a DICOM TLS port beside the plain one (bind the plain one to loopback or firewall it to go TLS-only).
+* **Audit**: association accepted / refused, instance stored / refused go to :mod:`node.audit`.
 """
 
 from __future__ import annotations
@@ -36,6 +53,8 @@ import logging
 import os
 import re
 import shutil
+import ssl
+import struct
 import threading
 import time
 import uuid
@@ -59,12 +78,13 @@ from pydicom.uid import (
     RawDataStorage,
     SecondaryCaptureImageStorage,
 )
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, _config, dimse_messages, evt, transport
 from pynetdicom.sop_class import Verification
 
+from node import audit, uids
 from node.config import find_source
 from node.ingest.grouping import Group, GroupStatus, QuietWindowGrouper
-from node.durable import fsync_dir, write_durably
+from node.durable import copy_durably, fsync_dir, write_durably
 from node.ingest.units import IngestUnit, UnitHandler
 from pipelines.io.dicom_modules import set_patient_and_study
 from pipelines.io.dicom_uids import deterministic_uid
@@ -84,6 +104,7 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = (
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 WRITE_FAILED = 0xA701
+DATASET_TOO_LARGE = 0xA702  # A7xx "Refused: Out of Resources": larger than node.dicom_max_dataset_mb
 CANNOT_DECODE = 0xC210
 MISSING_UID = 0xC211
 BAD_ISMRMRD = 0xC212
@@ -100,8 +121,152 @@ CREATOR_VERSION_UID = deterministic_uid("recon-node", "ismrmrd-in-raw-data", 1)
 UNKNOWN_SOURCE = "unknown"
 GROUP_INFO = ".group.json"  # sidecar in each incoming group folder: source, first association, first instance
 
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+RX_DIR = ".rx"  # <spool>/incoming/.rx: datasets being received (a source folder never starts with ".")
+
+
+# ---- transfer syntaxes -----------------------------------------------------------------------------------------
+_NATIVE_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+)
+
+
+def decodable_transfer_syntaxes(accept_compressed: bool = True) -> list[str]:
+    """The transfer syntaxes this node can decode: the native ones, plus (``accept_compressed``) each compressed
+    one whose pydicom pixel decoder has an installed plug-in. Accepting anything else would acknowledge data that
+    the pipeline cannot read (issue 15: JPEG Lossless acknowledged, then ``all plugins are missing``)."""
+    out = list(_NATIVE_SYNTAXES)
+    if not accept_compressed:
+        return out
+    from pydicom.pixels import get_decoder
+
+    for ts in ALL_TRANSFER_SYNTAXES:
+        if ts in out:
+            continue
+        try:
+            if get_decoder(UID(ts)).is_available:
+                out.append(str(ts))
+        except (NotImplementedError, ValueError):  # no decoder at all for this syntax (MPEG, JPIP ...)
+            continue
+    return out
+
+
+# ---- received datasets go to the spool, bounded ---------------------------------------------------------------
+# pynetdicom writes a C-STORE dataset to a NamedTemporaryFile while it arrives when STORE_RECV_CHUNKED_DATASET is
+# set. Two additions, bound to the association by the wrapper below: the file goes to <spool>/incoming/.rx (patient
+# data never lands in /tmp, and is covered by the spool's permissions), and once a dataset passes the size limit
+# its remaining fragments are dropped as they arrive, so a 200 MB element costs neither memory nor disk; the
+# C-STORE handler then refuses it (0xA702).
+_rx = threading.local()
+_too_large: dict[str, int] = {}  # temp file path -> bytes seen, for datasets over the limit
+_too_large_lock = threading.Lock()
+_orig_decode_msg = dimse_messages.DIMSEMessage.decode_msg
+_orig_named_temp = dimse_messages.NamedTemporaryFile
+
+
+def _rx_temp_file(*args: Any, **kwargs: Any) -> Any:
+    folder = getattr(_rx, "dir", None)
+    if folder is not None:
+        kwargs.setdefault("dir", folder)
+        kwargs.setdefault("prefix", ".rx-")
+    return _orig_named_temp(*args, **kwargs)
+
+
+_C_STORE_RQ = 0x0001
+_STORE_UID_KEYWORDS = ("AffectedSOPClassUID", "AffectedSOPInstanceUID")
+# Stands in for a missing / empty UID in a C-STORE command (pynetdicom needs a value to spool the dataset under);
+# the handler refuses any request carrying it.
+MISSING_UID_MARK = "0.0"
+
+
+def _complete_store_command(self: Any, data: bytes) -> bytes:
+    """The last command fragment of a C-STORE-RQ whose command set lacks an Affected SOP Class / Instance UID
+    (pynetdicom leaves out an empty UID) or has it empty: re-encoded with :data:`MISSING_UID_MARK` there.
+
+    Without it pynetdicom drops the request as invalid and never answers, so the peer times out and aborts the
+    whole association (issue 15: "an empty SOP UID aborts the whole association"). With it the request reaches the
+    C-STORE handler, which refuses that one instance (0xC211) and the association goes on."""
+    from pynetdicom.dsutils import decode, encode
+
+    try:
+        from io import BytesIO
+
+        cs = decode(BytesIO(self.encoded_command_set.getvalue() + data[1:]), True, True)
+        if int(cs.get("CommandField", 0) or 0) != _C_STORE_RQ or all(cs.get(k) for k in _STORE_UID_KEYWORDS):
+            return data
+        for k in _STORE_UID_KEYWORDS:
+            if not cs.get(k):
+                setattr(cs, k, MISSING_UID_MARK)
+        del cs.CommandGroupLength
+        body = encode(cs, True, True)
+        if body is None:
+            return data
+        cs.CommandGroupLength = len(body)
+        self.encoded_command_set = BytesIO()
+        return data[:1] + (encode(cs, True, True) or b"")
+    except Exception:  # noqa: BLE001 - leave anything odd to pynetdicom's own handling
+        return data
+
+
+def _bounded_decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
+    limits = getattr(assoc, "recon_node_rx", None)
+    if limits is None:  # not one of our associations (e.g. a test's own SCP in this process)
+        return _orig_decode_msg(self, primitive, assoc)
+    folder, limit = limits
+    pdvs = getattr(primitive, "presentation_data_value_list", None) or []
+    if any(d and d[0] & 3 == 3 for _, d in pdvs):  # the last fragment of a command set
+        primitive.presentation_data_value_list = [
+            [cx, _complete_store_command(self, d) if d and d[0] & 3 == 3 else d] for cx, d in pdvs]
+    f = getattr(self, "_data_set_file", None)
+    seen = int(getattr(self, "_recon_rx_bytes", 0))
+    if f is not None and getattr(primitive, "presentation_data_value_list", None):
+        kept = []
+        for cx, data in primitive.presentation_data_value_list:
+            if not data[0] & 1:  # a dataset fragment
+                seen += len(data) - 1
+                if seen > limit:
+                    with _too_large_lock:
+                        _too_large[str(f.name)] = seen
+                    data = data[:1]  # keep the control byte (last-fragment flag), drop the bytes
+            kept.append([cx, data])
+        primitive.presentation_data_value_list = kept
+        self._recon_rx_bytes = seen
+    _rx.dir = folder
+    try:
+        return _orig_decode_msg(self, primitive, assoc)
+    finally:
+        _rx.dir = None
+
+
+# pynetdicom reads a whole PDU into memory, as long as its 4-byte length field says, before anything else sees it.
+# A peer that ignores our maximum PDU length (16 KB) could so push hundreds of MB into memory in one P-DATA-TF,
+# past every dataset limit. Any PDU longer than PDU_CAP_BYTES on one of our associations closes the connection
+# before it is read (a protocol violation: conforming peers never come near it).
+PDU_CAP_BYTES = 4 * 2**20
+_orig_sock_recv = transport.AssociationSocket.recv
+
+
+def _bounded_sock_recv(self: Any, nr_bytes: int) -> bytearray:
+    assoc = getattr(self, "_assoc", None)
+    cap = getattr(getattr(assoc, "ae", None), "recon_node_pdu_cap", None)
+    if cap is not None and nr_bytes > cap:
+        log.error("peer %s: PDU of %d bytes announced, more than %d; connection closed (the peer ignores the "
+                  "maximum PDU length)", getattr(getattr(assoc, "requestor", None), "address", "?"), nr_bytes, cap)
+        audit.event("dicom.association.refused", "refused",
+                    actor_ip=str(getattr(getattr(assoc, "requestor", None), "address", "")),
+                    reason=f"PDU of {nr_bytes} bytes over {cap}")
+        raise OSError(f"PDU of {nr_bytes} bytes exceeds {cap}")
+    return _orig_sock_recv(self, nr_bytes)
+
+
+def _install_rx_hooks() -> None:
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = _rx_temp_file
+    dimse_messages.DIMSEMessage.decode_msg = _bounded_decode_msg  # type: ignore[method-assign]
+    transport.AssociationSocket.recv = _bounded_sock_recv  # type: ignore[method-assign]
 
 
 # ---- small helpers ---------------------------------------------------------------------------------------------
@@ -109,11 +274,6 @@ def _safe_name(name: str) -> str:
     """A path component from a source name (sidecar files keep the real name)."""
     s = _UNSAFE.sub("_", name.strip()) or "_"
     return "_" + s if s.startswith(".") else s
-
-
-def _valid_uid(value: Any) -> bool:
-    s = str(value or "")
-    return 0 < len(s) <= 64 and bool(_UID_RE.match(s))
 
 
 def _is_temp(p: Path) -> bool:
@@ -145,8 +305,21 @@ def write_unit_sidecar(unit: IngestUnit) -> Path:
 def _status(code: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = code
-    ds.ErrorComment = comment[:64]  # LO
+    # LO: 64 characters, no backslash or control characters (the comment may quote a hostile value).
+    ds.ErrorComment = "".join(c if 32 <= ord(c) < 127 and c != "\\" else "?" for c in comment)[:64]
     return ds
+
+
+def _int_value(value: Any) -> int:
+    """A UL read back as int. Sent with implicit VR, the private length element has no VR in any dictionary, so
+    pydicom gives its raw 4 bytes (UN) -- ``int(b'...')`` was the ``invalid literal for int()`` of issue 15."""
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) != 4:
+            raise ValueError(f"length element holds {len(value)} bytes, expected 4 (UL)")
+        return int(struct.unpack("<I", bytes(value))[0])
+    if isinstance(value, (list, tuple)):
+        value = value[0]
+    return int(value)
 
 
 # ---- ISMRMRD inside DICOM --------------------------------------------------------------------------------------
@@ -159,13 +332,13 @@ def embedded_ismrmrd(ds: Dataset) -> bytes | None:
     if block is not None and ISMRMRD_DATA_ELEMENT in block:
         data = bytes(block[ISMRMRD_DATA_ELEMENT].value or b"")
         if ISMRMRD_LENGTH_ELEMENT in block:
-            n = int(block[ISMRMRD_LENGTH_ELEMENT].value)
+            n = _int_value(block[ISMRMRD_LENGTH_ELEMENT].value)
             if 0 <= n <= len(data):
                 data = data[:n]
         return data
     doc = ds.get("EncapsulatedDocument")
     if doc and bytes(doc[:8]) == HDF5_SIGNATURE:
-        n = int(ds.get("EncapsulatedDocumentLength") or 0)
+        n = _int_value(ds.get("EncapsulatedDocumentLength") or 0)
         data = bytes(doc)
         return data[:n] if 0 < n <= len(data) else data
     return None
@@ -309,6 +482,11 @@ class DicomSCP:
         self._lock = threading.Lock()
         self._dispatch: ThreadPoolExecutor | None = None
         self._server: Any = None
+        self._tls_server: Any = None
+        self.rx_dir = self.incoming / RX_DIR
+        self.max_dataset_bytes = int(float(getattr(cfg.node, "dicom_max_dataset_mb", 512)) * 2**20)
+        self.transfer_syntaxes = decodable_transfer_syntaxes(bool(getattr(cfg.node, "dicom_accept_compressed",
+                                                                          True)))
         self.ae = self._make_ae()
 
     # ---- set-up ----------------------------------------------------------------------------------------------
@@ -316,11 +494,12 @@ class DicomSCP:
         ae = AE(ae_title=self.cfg.node.ae_title)
         ae.add_supported_context(Verification)
         for sop in STORAGE_SOP_CLASSES:
-            ae.add_supported_context(sop, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(sop, self.transfer_syntaxes)
         ae.network_timeout = 60
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
         ae.maximum_associations = 16
+        ae.recon_node_pdu_cap = max(PDU_CAP_BYTES, 2 * int(ae.maximum_pdu_size or 0))  # see _bounded_sock_recv
         return ae
 
     @property
@@ -329,12 +508,44 @@ class DicomSCP:
             return int(self.cfg.node.dicom_port)
         return int(self._server.server_address[1])
 
+    @property
+    def tls_port(self) -> int | None:
+        """The DICOM TLS port (None without ``node.dicom_tls_port``)."""
+        if self._tls_server is not None:
+            return int(self._tls_server.server_address[1])
+        port = getattr(self.cfg.node, "dicom_tls_port", None)
+        return None if port is None else int(port)
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """Server-side TLS context from ``node.tls``: our certificate; client certificates verified against the
+        CA, required when ``require_client_cert``."""
+        tls = getattr(self.cfg.node, "tls", None)
+        if getattr(self.cfg.node, "dicom_tls_port", None) is None:
+            return None
+        if tls is None:
+            raise ValueError("node.dicom_tls_port is set but node.tls (cert, key) is missing; add a node.tls block "
+                             "with the node's certificate and key")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+        if tls.ca is not None:
+            ctx.load_verify_locations(cafile=str(tls.ca))
+            ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+        elif tls.require_client_cert:
+            raise ValueError("node.tls.require_client_cert needs node.tls.ca (the CA of the client certificates)")
+        else:
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
     def start(self) -> None:
         """Recover the spool, start the grouper and the dispatcher, open the port (non-blocking)."""
         if self._server is not None:
             return
         self.incoming.mkdir(parents=True, exist_ok=True)
         self.units.mkdir(parents=True, exist_ok=True)
+        self.rx_dir.mkdir(parents=True, exist_ok=True)
+        _install_rx_hooks()
+        ssl_context = self._ssl_context()  # before anything starts: a bad certificate stops the node here
         self._dispatch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recon-node-dicom-dispatch")
         self._recover()
         self.grouper.start()
@@ -347,10 +558,19 @@ class DicomSCP:
         bind = self.cfg.node.bind or "0.0.0.0"
         self._server = self.ae.start_server((bind, int(self.cfg.node.dicom_port)), block=False,
                                             evt_handlers=handlers)
-        log.info("DICOM SCP %s listening on %s:%d (spool %s)", self.cfg.node.ae_title, bind, self.port, self.spool)
+        if ssl_context is not None:
+            self._tls_server = self.ae.start_server((bind, int(self.cfg.node.dicom_tls_port)), block=False,
+                                                    evt_handlers=handlers, ssl_context=ssl_context)
+        log.info("DICOM SCP %s listening on %s:%d%s (spool %s; %d transfer syntaxes; datasets up to %.0f MB)",
+                 self.cfg.node.ae_title, bind, self.port,
+                 f", TLS on {self.tls_port}" if self._tls_server is not None else "", self.spool,
+                 len(self.transfer_syntaxes), self.max_dataset_bytes / 2**20)
 
     def stop(self) -> None:
         """Close the port and stop the threads. Pending groups stay in the spool and are re-armed on next start."""
+        if self._tls_server is not None:
+            self._tls_server.shutdown()
+        self._tls_server = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -385,6 +605,8 @@ class DicomSCP:
         if called != own:
             log.warning("association rejected: called AE %r is not this node (%r); calling ae=%s peer=%s",
                         called, own, calling, address)
+            audit.event("dicom.association.refused", "refused", actor_ae=calling, actor_ip=address,
+                        called_ae=called, reason="called AE title not recognised")
             self._reject(assoc, 0x07)
             return
         try:
@@ -392,12 +614,16 @@ class DicomSCP:
         except Exception as e:
             log.error("association rejected: source lookup failed for ae=%s peer=%s (%s: %s)",
                       calling, address, type(e).__name__, e, exc_info=True)
+            audit.event("dicom.association.refused", "refused", actor_ae=calling, actor_ip=address,
+                        called_ae=called, reason=f"source lookup failed: {type(e).__name__}")
             self._reject(assoc, 0x01)
             return
         if source is None:
             if bool(getattr(self.cfg, "reject_unknown_sources", True)):
                 log.warning("association rejected: calling ae=%s peer=%s matches no configured DICOM source "
                             "(add it under 'sources' with protocols [dicom])", calling, address)
+                audit.event("dicom.association.refused", "refused", actor_ae=calling, actor_ip=address,
+                            called_ae=called, reason="calling AE title / host not a configured source")
                 self._reject(assoc, 0x03)
                 return
             name = UNKNOWN_SOURCE
@@ -407,7 +633,14 @@ class DicomSCP:
             name = str(source.name)
         with self._lock:
             self._peers[id(assoc)] = _Peer(name, calling, called, address)
-        log.info("source=%s ae=%s peer=%s: association requested", name, calling, address)
+        # Bind the bounded, spooled receive (module top) to this association.
+        assoc.recon_node_rx = (str(self.rx_dir), self.max_dataset_bytes)
+        tls = assoc.dul.socket is not None and isinstance(getattr(assoc.dul.socket, "socket", None),
+                                                           ssl.SSLSocket)
+        audit.event("dicom.association.accepted", actor_ae=calling, actor_ip=address, called_ae=called,
+                    source=name, tls=tls)
+        log.info("source=%s ae=%s peer=%s: association requested%s", name, calling, address,
+                 " (TLS)" if tls else "")
 
     @staticmethod
     def _reject(assoc: Any, diagnostic: int) -> None:
@@ -438,28 +671,90 @@ class DicomSCP:
     # ---- C-STORE ---------------------------------------------------------------------------------------------
     def _on_store(self, event: evt.Event) -> int | Dataset:
         peer = self._peer(event)
+        rx = self._received_path(event)
         try:
-            return self._store(event, peer)
+            status = self._store(event, peer, rx)
         except _StoreFailure as e:
             log.error("%s: C-STORE refused with 0x%04X: %s", peer.who(), e.status, e.comment)
+            audit.event("dicom.instance.refused", "refused", actor_ae=peer.calling_ae, actor_ip=peer.address,
+                        source=peer.source, status=f"0x{e.status:04X}", reason=e.comment,
+                        sop_uid=self._request_uid(event))
             return _status(e.status, e.comment)
         except OSError as e:
             log.error("%s: C-STORE failed: cannot write to the spool %s (%s); check the disk and permissions",
                       peer.who(), self.spool, e, exc_info=True)
+            audit.event("dicom.instance.refused", "failure", actor_ae=peer.calling_ae, actor_ip=peer.address,
+                        source=peer.source, status=f"0x{WRITE_FAILED:04X}", reason="spool not writable")
             return _status(WRITE_FAILED, "node cannot write its spool")
         except Exception as e:
             log.error("%s: C-STORE failed unexpectedly (%s: %s)", peer.who(), type(e).__name__, e, exc_info=True)
+            audit.event("dicom.instance.refused", "failure", actor_ae=peer.calling_ae, actor_ip=peer.address,
+                        source=peer.source, status=f"0x{CANNOT_DECODE:04X}", reason=type(e).__name__)
             return _status(CANNOT_DECODE, f"cannot process dataset: {type(e).__name__}")
+        finally:
+            if rx is not None:
+                with _too_large_lock:
+                    _too_large.pop(str(rx), None)
+        return status
 
-    def _decode(self, event: evt.Event) -> Dataset:
+    @staticmethod
+    def _request_uid(event: evt.Event) -> str:
+        """The command's Affected SOP Instance UID for logs (only when it is a valid UID)."""
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+            uid = str(event.request.AffectedSOPInstanceUID or "")
+        except Exception:  # noqa: BLE001
+            return ""
+        return uid if uids.is_valid_uid(uid) else ""
+
+    @staticmethod
+    def _received_path(event: evt.Event) -> Path | None:
+        """The spooled dataset (chunked receive), or None when pynetdicom kept it in memory."""
+        try:
+            p = event.dataset_path
+        except AttributeError:
+            return None
+        if isinstance(p, tuple):
+            p = p[0]
+        return Path(p) if p else None
+
+    def _decode(self, event: evt.Event, rx: Path | None) -> Dataset:
+        try:
+            if rx is not None:
+                ds = pydicom.dcmread(rx)  # preamble + file meta (pynetdicom's) + the dataset as received
+            else:
+                ds = event.dataset
+                ds.file_meta = event.file_meta
             for _ in ds:  # decode every top-level element now, so a corrupt one fails here and not later
                 pass
         except Exception as e:
             raise _StoreFailure(CANNOT_DECODE, f"cannot decode dataset ({type(e).__name__}: {e})") from e
         return ds
+
+    def _check_pixels(self, ds: Dataset) -> None:
+        """Compressed pixel data must decode now: acknowledging it and failing in the pipeline is what issue 15
+        found. Native pixel data must at least be as long as Rows x Columns x frames x bits say."""
+        ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+        if "PixelData" not in ds:
+            return
+        if not ts.is_compressed:  # native: the pixel module must describe the bytes that came (cheap check)
+            from pydicom.pixels.utils import get_expected_length
+
+            try:
+                rows, cols = int(ds.Rows), int(ds.Columns)
+                expected = int(get_expected_length(ds, unit="bytes"))
+            except Exception as e:
+                raise _StoreFailure(CANNOT_DECODE, f"image pixel module incomplete ({type(e).__name__})") from e
+            have = len(ds.PixelData or b"")
+            if rows < 1 or cols < 1 or have < expected:
+                raise _StoreFailure(CANNOT_DECODE, f"pixel data {have} bytes, pixel module says {expected}")
+            return
+        try:
+            from pydicom.pixels import iter_pixels
+
+            for _ in iter_pixels(ds):  # frame by frame: memory of one frame at a time
+                pass
+        except Exception as e:
+            raise _StoreFailure(CANNOT_DECODE, f"{ts.name} pixel data does not decode ({type(e).__name__})") from e
 
     def _check_space(self, n_bytes: int) -> None:
         reserve = float(self.cfg.node.disk_reserve_mb) * 1024 * 1024
@@ -470,38 +765,52 @@ class DicomSCP:
                 f"spool disk full: {free / 2**20:.0f} MB free, reserve {reserve / 2**20:.0f} MB",
             )
 
-    def _store(self, event: evt.Event, peer: _Peer) -> int:
-        ds = self._decode(event)
+    def _store(self, event: evt.Event, peer: _Peer, rx: Path | None) -> int:
+        if rx is not None:
+            with _too_large_lock:
+                seen = _too_large.get(str(rx))
+            if seen is not None:
+                raise _StoreFailure(DATASET_TOO_LARGE,
+                                    f"dataset over {self.max_dataset_bytes / 2**20:.0f} MB "
+                                    f"(node.dicom_max_dataset_mb); not stored")
+        if MISSING_UID_MARK in (str(event.request.AffectedSOPInstanceUID), str(event.request.AffectedSOPClassUID)):
+            raise _StoreFailure(MISSING_UID, "C-STORE request without Affected SOP Class / Instance UID")
+        ds = self._decode(event, rx)
         by, quiet = self._grouping(peer.source)
-        sop = ds.get("SOPInstanceUID")
-        study = ds.get("StudyInstanceUID")
-        for keyword, value in (("SOPInstanceUID", sop), ("StudyInstanceUID", study)):
-            if not _valid_uid(value):
-                raise _StoreFailure(MISSING_UID, f"{keyword} missing or invalid ({str(value or '')[:30]!r})")
-        if by == "series":
-            key = ds.get("SeriesInstanceUID")
-            if not _valid_uid(key):
-                raise _StoreFailure(MISSING_UID, "SeriesInstanceUID missing or invalid")
-        else:
-            key = study
-        key = str(key)
+        try:
+            # Every UID that becomes a file name or a group key is checked against the UID grammar first.
+            sop = uids.validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+            study = uids.validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+            key = uids.validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID") if by == "series" else study
+            if "SeriesInstanceUID" in ds:
+                uids.validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        except uids.InvalidUID as e:
+            raise _StoreFailure(MISSING_UID, str(e)) from e
 
         if str(ds.get("SOPClassUID", "")) == RawDataStorage:
             payload = embedded_ismrmrd(ds)
             if payload is not None:
                 return self._store_ismrmrd(payload, ds, peer)
 
-        data = event.encoded_dataset()
-        self._check_space(len(data))
+        self._check_pixels(ds)
+        data = None if rx is not None else event.encoded_dataset()
+        size = rx.stat().st_size if rx is not None else len(data or b"")
+        self._check_space(size)
         folder = self.incoming / _safe_name(peer.source) / key
         info = {"source": peer.source, "key": key, "by": by, "calling_ae": peer.calling_ae,
                 "called_ae": peer.called_ae, "peer": peer.address, "first_instance": f"{sop}.dcm",
                 "created": datetime.now().isoformat(timespec="seconds")}
         self.grouper.hold(peer.source, key, folder, quiet, association=id(event.assoc), info=info,
                           prepare=lambda p: self._prepare_group(p, info))
-        write_durably(folder / f"{sop}.dcm", data)
+        target = uids.safe_path_under(self.incoming, _safe_name(peer.source), key, f"{sop}.dcm")
+        if rx is not None:
+            copy_durably(rx, target)
+        else:
+            write_durably(target, data or b"")
         self.grouper.touch(peer.source, key)
         log.debug("%s: stored %s into %s %s", peer.who(), sop, by, key)
+        audit.event("dicom.instance.stored", actor_ae=peer.calling_ae, actor_ip=peer.address, source=peer.source,
+                    study_uid=study, series_uid=str(ds.get("SeriesInstanceUID", "")), sop_uid=sop, bytes=size)
         return SUCCESS
 
     def _prepare_group(self, folder: Path, info: dict[str, Any]) -> None:
@@ -535,6 +844,9 @@ class DicomSCP:
             tmp.unlink(missing_ok=True)
         log.info("%s: Raw Data Storage %s carried an ISMRMRD file (%d acquisitions) -> unit %s",
                  peer.who(), ds.SOPInstanceUID, n, target.name)
+        audit.event("dicom.instance.stored", actor_ae=peer.calling_ae, actor_ip=peer.address, source=peer.source,
+                    study_uid=str(ds.get("StudyInstanceUID", "")), sop_uid=str(ds.SOPInstanceUID),
+                    unit=target.name, bytes=len(payload))
         self._submit(unit)
         return SUCCESS
 
@@ -619,7 +931,10 @@ class DicomSCP:
         sidecars written here)."""
         for tmp in list(self.units.glob(".*.tmp")):
             tmp.unlink(missing_ok=True)
-        for src_dir in sorted(p for p in self.incoming.iterdir() if p.is_dir()):
+        if self.rx_dir.is_dir():  # datasets a killed node was receiving (never acknowledged)
+            for tmp in list(self.rx_dir.iterdir()):
+                tmp.unlink(missing_ok=True)
+        for src_dir in sorted(p for p in self.incoming.iterdir() if p.is_dir() and p.name != RX_DIR):
             for folder in sorted(p for p in src_dir.iterdir() if p.is_dir()):
                 for tmp in folder.iterdir():
                     if _is_temp(tmp):

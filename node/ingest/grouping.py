@@ -11,6 +11,12 @@ group. ``release`` is called *with the grouper's lock held*, so that a concurren
 either lands before the release (and postpones it) or creates a new group after it; it must therefore be quick
 (rename a folder, queue work) and must not call back into the grouper.
 
+**Restart.** A group found on disk at start-up (its instances were acknowledged before the node stopped) is
+re-armed with a window of at least ``restart_grace`` seconds (:meth:`arm`), longer than the usual quiet time: a
+sender whose association was cut by the stop needs time to notice, back off and send the rest, and the rest must
+land in the *same* group. With only the quiet time, a node that is restarted (or killed again) while senders
+back off released the first half as one unit and the resent rest as a second one: one study split into two jobs.
+
 Time is injectable (``clock``) so that tests drive the windows with a fake clock and :meth:`poll`; in service the
 :meth:`start` thread polls on its own.
 """
@@ -63,9 +69,11 @@ class QuietWindowGrouper:
         release: Callable[[Group], None],
         clock: Callable[[], float] = time.monotonic,
         max_wait: float = 1.0,
+        restart_grace: float = 0.0,  # the service passes ``grouping.restart_grace_seconds`` (default 120 s)
     ) -> None:
         self._release = release
         self._clock = clock
+        self.restart_grace = float(restart_grace)  # minimum window of a group re-armed after a restart
         self._max_wait = max_wait  # the thread re-checks at least this often (real clock only)
         self._groups: dict[GroupId, Group] = {}
         self._cond = threading.Condition()
@@ -129,15 +137,18 @@ class QuietWindowGrouper:
         return group
 
     def arm(self, source: str, key: str, path: Path, quiet_seconds: float, n_instances: int = 0,
-            info: dict[str, Any] | None = None) -> Group:
-        """Start a window for a group found on disk (restart): released after ``quiet_seconds`` from now."""
+            info: dict[str, Any] | None = None, grace: float | None = None) -> Group:
+        """Start a window for a group found on disk (restart): released after ``max(quiet_seconds, grace)`` from
+        now (``grace`` defaults to ``restart_grace``). Instances stored meanwhile (a sender resending what the
+        stop interrupted) join this same group; after them the usual sliding quiet time applies."""
+        window = max(float(quiet_seconds), self.restart_grace if grace is None else float(grace))
         with self._cond:
             group = self._groups.get((source, key))
             if group is None:
                 group = Group(source, key, path, float(quiet_seconds), 0.0, info=dict(info or {}))
                 self._groups[(source, key)] = group
             group.n_instances = max(group.n_instances, n_instances)
-            group.deadline = self._clock() + quiet_seconds
+            group.deadline = max(group.deadline, self._clock() + window)
             self._cond.notify_all()
             return group
 

@@ -15,11 +15,13 @@ MRD images (magnitude, ``image_series_index`` per output kind, meta attributes `
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -36,6 +38,7 @@ import numpy as np
 from ismrmrd.hdf5 import acquisition_dtype, acquisition_header_dtype, waveform_dtype, waveform_header_dtype
 from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolDeserializer, ProtocolSerializer
 
+from node import audit
 from node.config import SiteConfig, find_source, spool_space_problem
 from node.durable import fsync_dir, write_durably
 from node.ingest.units import IngestUnit, UnitHandler
@@ -61,17 +64,43 @@ class _MessageTooLarge(Exception):
     pass
 
 
-class _SocketStream:
-    """``read(n)`` over a socket for the deserializer: idle timeout, maximum read size, EOF flag."""
+class _StreamLimit(Exception):
+    """A configured bound of one stream was reached (size, duration, texts, free disk); the message says which."""
 
-    def __init__(self, sock: socket.socket, idle_timeout: float, max_bytes: int) -> None:
+
+class _SocketStream:
+    """``read(n)`` over a socket for the deserializer: idle timeout, maximum read size, EOF flag.
+
+    Besides the per-message bound it enforces the bounds of the whole stream, so that no peer can hold a thread,
+    memory or disk without limit: total bytes (``max_total``), wall time until CLOSE (``max_seconds``, which drops a
+    trickle sender that the idle timeout alone never would) and, every ``disk_check_bytes``, the free space of the
+    spool (``disk_problem()`` returns a sentence when it fell below the reserve).
+    """
+
+    def __init__(self, sock: socket.socket, idle_timeout: float, max_bytes: int, max_total: int | None = None,
+                 max_seconds: float | None = None, disk_check_bytes: int | None = None,
+                 disk_problem: Callable[[], str | None] | None = None) -> None:
         self.sock = sock
         self.idle_timeout = idle_timeout
         self.max_bytes = max_bytes
+        self.max_total = max_total
+        self.max_seconds = max_seconds
+        self.deadline = time.monotonic() + max_seconds if max_seconds else None
+        self.disk_check_bytes = disk_check_bytes
+        self.disk_problem = disk_problem
+        self._next_disk_check = disk_check_bytes or 0
         self.bytes_read = 0
         self.eof = False
         self._last_id: int | None = None
         sock.settimeout(idle_timeout)
+
+    def _timeout(self) -> float:
+        if self.deadline is None:
+            return self.idle_timeout
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _StreamLimit(f"the stream did not end within node.mrd_max_stream_s ({self.max_seconds:g} s)")
+        return min(self.idle_timeout, left)
 
     def read(self, n: int) -> bytes:
         n = int(n)
@@ -79,19 +108,28 @@ class _SocketStream:
             raise _MessageTooLarge(
                 f"a message field of {n} bytes exceeds node.mrd_max_message_mb ({self.max_bytes >> 20} MB); "
                 "the stream is malformed or the limit too low")
+        if self.max_total is not None and self.bytes_read + n > self.max_total:
+            raise _StreamLimit(f"the stream exceeds node.mrd_max_stream_mb ({self.max_total >> 20} MB)")
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
         while got < n:
+            self.sock.settimeout(self._timeout())
             try:
                 k = self.sock.recv_into(view[got:], n - got)
             except socket.timeout:
+                self._timeout()  # raises when the stream's own deadline is what expired
                 raise TimeoutError(f"no data for {self.idle_timeout:g} s") from None
             if k == 0:
                 self.eof = True
                 break
             got += k
         self.bytes_read += got
+        if self.disk_problem is not None and self.disk_check_bytes and self.bytes_read >= self._next_disk_check:
+            self._next_disk_check = self.bytes_read + self.disk_check_bytes
+            problem = self.disk_problem()
+            if problem:
+                raise _StreamLimit(problem)
         data = bytes(view[:got])
         self._guard(n, data)
         return data
@@ -129,9 +167,21 @@ def _header_text(raw: bytes) -> str:
 
 
 class _Deserializer(ProtocolDeserializer):
-    """ProtocolDeserializer that keeps the header's XML text as sent and tolerates a wrong encoding declaration."""
+    """ProtocolDeserializer that keeps the header's XML text as sent and tolerates a wrong encoding declaration.
+
+    Text messages (TEXT, CONFIG_TEXT) are bounded in number and size before they are read (``max_texts``,
+    ``max_text_bytes``). Texts and the XML header lose everything from the first NUL on: python-ismrmrd-server's
+    reference client (``connection.py``, the FIRE / OpenRecon peer) NUL-terminates them, and that server
+    strips the same way (``.split('\\x00', 1)[0]``).
+    """
 
     header_text: str | None = None
+
+    def __init__(self, stream: Any, max_texts: int | None = None, max_text_bytes: int | None = None) -> None:
+        super().__init__(stream)
+        self.max_texts = max_texts
+        self.max_text_bytes = max_text_bytes
+        self.n_texts = 0
 
     def _deserialize_ismrmrd_header(self) -> x.ismrmrdHeader:
         length_bytes = self._stream.read(4)
@@ -141,7 +191,7 @@ class _Deserializer(ProtocolDeserializer):
         raw = self._stream.read(length)
         if len(raw) < length:
             raise EOFError("Incomplete ISMRMRD header")
-        text = _header_text(raw)
+        text = _header_text(raw.split(b"\x00", 1)[0])
         try:
             header = x.CreateFromDocument(text.encode("utf-8"))
         except Exception as e:  # noqa: BLE001 - xsdata parser errors
@@ -149,6 +199,22 @@ class _Deserializer(ProtocolDeserializer):
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
         self.header_text = text
         return header
+
+    def _deserialize_text(self) -> str:
+        self.n_texts += 1
+        if self.max_texts is not None and self.n_texts > self.max_texts:
+            raise _StreamLimit(f"more than node.mrd_max_text_messages ({self.max_texts}) text messages")
+        length_bytes = self._stream.read(4)
+        if len(length_bytes) < 4:
+            raise EOFError("Incomplete text length")
+        length = struct.unpack("<I", length_bytes)[0]
+        if self.max_text_bytes is not None and length > self.max_text_bytes:
+            raise _StreamLimit(f"a text message of {length} bytes exceeds node.mrd_max_text_kb "
+                               f"({self.max_text_bytes >> 10} KB)")
+        raw = self._stream.read(length)
+        if len(raw) < length:
+            raise EOFError("Incomplete text data")
+        return raw.split(b"\x00", 1)[0].decode("utf-8", errors="replace")
 
 
 class _UnitWriter:
@@ -224,8 +290,19 @@ def _str_param(header: x.ismrmrdHeader, name: str) -> str | None:
     return next((p.value for p in up.userParameterString if p.name == name), None)
 
 
+class HeaderError(ValueError):
+    """The ISMRMRD header parsed but says something the node cannot work with; the text is for the sender."""
+
+
+TRAJECTORIES = tuple(t.value for t in x.trajectoryType)
+
+
 def mrd_unit_attributes(header: x.ismrmrdHeader) -> dict[str, str]:
-    """What routes may match on: protocolName, seriesDescription, trajectory, sequence, measurementID."""
+    """What routes may match on: protocolName, seriesDescription, trajectory, sequence, measurementID.
+
+    Raises :class:`HeaderError` for a header without an encoding or with a trajectory outside the ISMRMRD
+    schema (the XML binding then keeps the raw text instead of a ``trajectoryType``).
+    """
     meas = header.measurementInformation
     attrs: dict[str, str] = {}
     if meas is not None:
@@ -233,8 +310,14 @@ def mrd_unit_attributes(header: x.ismrmrdHeader) -> dict[str, str]:
             value = getattr(meas, key, None)
             if value:
                 attrs[key] = str(value)
-    if header.encoding:
-        attrs["trajectory"] = str(header.encoding[0].trajectory.value)
+    if not header.encoding:
+        raise HeaderError("the ISMRMRD header has no <encoding>; the node cannot tell how the data was acquired")
+    traj = header.encoding[0].trajectory
+    value = getattr(traj, "value", traj)
+    if value not in TRAJECTORIES:
+        raise HeaderError(f"the ISMRMRD header's <trajectory> is {str(value)[:40]!r}, not one of the ISMRMRD "
+                          f"trajectory types ({', '.join(TRAJECTORIES)})")
+    attrs["trajectory"] = str(value)
     seq = _str_param(header, "mrf_sequence_name")
     if seq:
         attrs["sequence"] = seq
@@ -277,18 +360,30 @@ def images_for_outputs(outputs: list[Any], job_id: str) -> list[ismrmrd.Image]:
 
 
 class MRDServer:
-    """Listens on ``cfg.node.bind:cfg.node.mrd_port``; ``start()`` returns once listening (``.port`` is the port)."""
+    """Listens on ``cfg.node.bind:cfg.node.mrd_port``; ``start()`` returns once listening (``.port`` is the port).
 
-    def __init__(self, cfg: SiteConfig, handler: UnitHandler, run_sync: SyncRunner | None = None) -> None:
+    With ``tls_context`` it serves MRD over TLS instead (``node.mrd_tls_port``, the certificate settings of
+    ``node.tls``); the handshake runs on the connection's thread, bounded by the idle timeout. ``slots`` bounds the
+    concurrent connections (shared by the plain and the TLS listener); a connection beyond it is answered ``ERR``
+    at once and closed, so idle peers cannot pile up threads.
+    """
+
+    def __init__(self, cfg: SiteConfig, handler: UnitHandler, run_sync: SyncRunner | None = None,
+                 tls_context: ssl.SSLContext | None = None, port: int | None = None,
+                 slots: threading.BoundedSemaphore | None = None) -> None:
         self.cfg = cfg
         self.handler = handler
         self.run_sync = run_sync
-        self.port = cfg.node.mrd_port
+        self.tls_context = tls_context
+        self.port = cfg.node.mrd_port if port is None else port
+        self.slots = slots or threading.BoundedSemaphore(cfg.node.mrd_max_connections)
+        self.name = "MRD over TLS" if tls_context is not None else "MRD"
         self._sock: socket.socket | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conns: set[threading.Thread] = set()
         self._lock = threading.Lock()
+        self.refused_busy = 0  # connections refused because every slot was taken (for tests and status)
 
     def start(self) -> MRDServer:
         for d in (self.cfg.node.units_dir, self.cfg.node.tmp_dir):
@@ -296,19 +391,21 @@ class MRDServer:
         family = socket.AF_INET6 if ":" in self.cfg.node.bind else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        key = "node.mrd_tls_port" if self.tls_context is not None else "node.mrd_port"
         try:
-            sock.bind((self.cfg.node.bind, self.cfg.node.mrd_port))
+            sock.bind((self.cfg.node.bind, self.port))
         except OSError as e:
             sock.close()
-            raise OSError(f"MRD server cannot listen on {self.cfg.node.bind}:{self.cfg.node.mrd_port} ({e.strerror}); "
-                          "another program uses the port - change node.mrd_port or stop it") from None
+            raise OSError(f"{self.name} server cannot listen on {self.cfg.node.bind}:{self.port} ({e.strerror}); "
+                          f"another program uses the port - change {key} or stop it") from None
         sock.listen(64)
         sock.settimeout(0.5)
         self._sock = sock
         self.port = sock.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept_loop, name="mrd-accept", daemon=True)
+        self._thread = threading.Thread(target=self._accept_loop, name=f"mrd-accept-{self.port}", daemon=True)
         self._thread.start()
-        log.info("MRD server listening on %s:%d", self.cfg.node.bind, self.port)
+        log.info("%s server listening on %s:%d (at most %d connections)", self.name, self.cfg.node.bind, self.port,
+                 self.cfg.node.mrd_max_connections)
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -323,6 +420,11 @@ class MRDServer:
         for t in conns:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
 
+    @property
+    def active_connections(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
     def _accept_loop(self) -> None:
         assert self._sock is not None
         while not self._stop.is_set():
@@ -335,29 +437,78 @@ class MRDServer:
                     return
                 time.sleep(0.1)
                 continue
+            if not self.slots.acquire(blocking=False):
+                self._refuse_busy(conn, addr[0])
+                continue
             t = threading.Thread(target=self._serve, args=(conn, addr[0]), name=f"mrd-{addr[0]}:{addr[1]}",
                                  daemon=True)
             with self._lock:
                 self._conns.add(t)
-            t.start()
+            try:
+                t.start()
+            except BaseException:
+                with self._lock:
+                    self._conns.discard(t)
+                self.slots.release()
+                conn.close()
+                raise
+
+    def _refuse_busy(self, conn: socket.socket, peer: str) -> None:
+        """Every slot is taken: answer ERR + CLOSE on the accept thread (a few bytes, bounded send) and close."""
+        self.refused_busy += 1
+        limit = self.cfg.node.mrd_max_connections
+        log.warning("%s connection from %s refused: %d connections already open (node.mrd_max_connections)",
+                    self.name, peer, limit)
+        audit.event("mrd.connection.refused", outcome="refused", actor_ip=peer, port=self.port,
+                    reason=f"node.mrd_max_connections ({limit}) reached")
+        if self.tls_context is not None:
+            conn.close()  # an answer would need a TLS handshake on the accept thread; closing is the answer
+            return
+        try:
+            conn.settimeout(2.0)
+            buf = io.BytesIO()
+            ser = ProtocolSerializer(buf)
+            ser.serialize(f"ERR the node is busy: {limit} MRD connections are open (node.mrd_max_connections); "
+                          "send again later")
+            ser.close()
+            conn.sendall(buf.getvalue())
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            conn.close()
 
     # ---- one connection ------------------------------------------------------------------------------------
     def _serve(self, sock: socket.socket, peer: str) -> None:
-        out = sock.makefile("wb")
-        ser = ProtocolSerializer(out)
         try:
-            self._serve_inner(sock, peer, ser, out)
-        except Exception as e:  # noqa: BLE001 - one connection never takes the server down
-            log.exception("MRD connection from %s: unexpected error: %s", peer, e)
-            self._reply(ser, out, f"ERR internal error in the node ({type(e).__name__}: {e}); see the node log")
-        finally:
-            for closable in (out, sock):
+            if self.tls_context is not None:
                 try:
-                    closable.close()
-                except OSError:
-                    pass
+                    sock.settimeout(self.cfg.node.mrd_idle_timeout_s)
+                    sock = self.tls_context.wrap_socket(sock, server_side=True)
+                except (ssl.SSLError, OSError) as e:
+                    log.warning("%s connection from %s refused: TLS handshake failed (%s)", self.name, peer, e)
+                    audit.event("mrd.connection.refused", outcome="refused", actor_ip=peer, port=self.port,
+                                reason=f"TLS handshake failed: {str(e)[:120]}")
+                    sock.close()
+                    return
+            out = sock.makefile("wb")
+            ser = ProtocolSerializer(out)
+            try:
+                self._serve_inner(sock, peer, ser, out)
+            except Exception as e:  # noqa: BLE001 - one connection never takes the server down
+                log.exception("MRD connection from %s: unexpected error: %s", peer, e)
+                self._answer(sock, ser, out, f"ERR internal error in the node ({type(e).__name__}: {e}); see the "
+                                             "node log")
+            finally:
+                for closable in (out, sock):
+                    try:
+                        closable.close()
+                    except OSError:
+                        pass
+        finally:
             with self._lock:
                 self._conns.discard(threading.current_thread())
+            self.slots.release()
 
     def _reply(self, ser: ProtocolSerializer, out: Any, *texts: str, images: list[ismrmrd.Image] = ()) -> None:
         """Send images, texts and CLOSE; a peer that already left is not an error."""
@@ -368,15 +519,30 @@ class MRDServer:
                 ser.serialize(t)
             ser.close()
             out.flush()
-        except OSError as e:
+        except (OSError, ValueError) as e:
             log.info("could not send the reply (%s): %s", " | ".join(texts), e)
 
     def _refuse(self, sock: socket.socket, ser: ProtocolSerializer, out: Any, text: str,
                 linger_s: float = 1.0, linger_bytes: int = 1 << 20) -> None:
-        """Answer ERR + CLOSE, then discard (never parse) what the peer still sends for a moment, so that closing
-        with unread data does not reset the connection before the peer has read the answer."""
-        self._reply(ser, out, text)
+        """Answer ERR + CLOSE, then linger (see :meth:`_answer`)."""
+        self._answer(sock, ser, out, text, linger_s=linger_s, linger_bytes=linger_bytes)
+
+    def _answer(self, sock: socket.socket, ser: ProtocolSerializer, out: Any, *texts: str,
+                images: list[ismrmrd.Image] = (), linger_s: float = 1.0, linger_bytes: int = 1 << 20) -> None:
+        """Answer (images, texts, CLOSE), then discard (never parse) what the peer still sends for a moment, so
+        that closing with unread data (e.g. bytes after the peer's CLOSE) does not reset the connection before
+        the peer has read the answer."""
+        self._reply(ser, out, *texts, images=images)
         try:
+            if isinstance(sock, ssl.SSLSocket):
+                sock.settimeout(linger_s)
+                drained, deadline = 0, time.monotonic() + linger_s
+                while time.monotonic() < deadline and drained < linger_bytes:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    drained += len(chunk)
+                return
             sock.shutdown(socket.SHUT_WR)
             sock.settimeout(linger_s)
             drained, deadline = 0, time.monotonic() + linger_s
@@ -385,7 +551,7 @@ class MRDServer:
                 if not chunk:
                     break
                 drained += len(chunk)
-        except OSError:
+        except (OSError, ValueError):
             pass
 
     def _serve_inner(self, sock: socket.socket, peer: str, ser: ProtocolSerializer, out: Any) -> None:
@@ -393,6 +559,8 @@ class MRDServer:
         src = find_source(cfg, "mrd", peer, None)
         if src is None and cfg.reject_unknown_sources:
             log.warning("MRD connection from %s refused: no source with protocol mrd lists this host", peer)
+            audit.event("mrd.connection.refused", outcome="refused", actor_ip=peer, port=self.port,
+                        reason="unknown source")
             self._refuse(sock, ser, out, f"ERR unknown source {peer}: this host is not a configured MRD source "
                                          "of this node (ask the node's administrator to add it under sources)")
             return
@@ -400,8 +568,12 @@ class MRDServer:
         problem = spool_space_problem(cfg)
         if problem:
             log.error("MRD connection from %s [%s] refused: %s", peer, source, problem)
+            audit.event("mrd.connection.refused", outcome="refused", actor_ip=peer, source=source, port=self.port,
+                        reason="spool disk full")
             self._refuse(sock, ser, out, f"ERR {problem}")
             return
+        audit.event("mrd.connection.accepted", actor_ip=peer, source=source, port=self.port,
+                    tls=self.tls_context is not None)
         try:
             unit = self._receive(sock, peer, source)
         except StreamError as e:
@@ -409,41 +581,51 @@ class MRDServer:
                 log.debug("MRD connection from %s [%s] closed without data", peer, source)
                 return
             log.warning("MRD stream from %s [%s] rejected: %s", peer, source, e)
+            audit.event("mrd.stream.rejected", outcome="failure", actor_ip=peer, source=source,
+                        reason=str(e)[:200])
             self._refuse(sock, ser, out, f"ERR {e}", linger_s=2.0, linger_bytes=256 << 20)
             return
+        audit.event("unit.stored", actor_ip=peer, source=source, unit=unit.path.name, unit_kind="mrd",
+                    n_objects=unit.n_objects, study_uid=unit.attributes.get("studyInstanceUID"))
         r = route(cfg, unit)
         if r is not None and r.reply_over_mrd and self.run_sync is not None:
             job_id, result = self.run_sync(unit)
             if result.ok:
                 images = images_for_outputs(result.outputs, job_id)
                 log.info("job %s [%s]: sending %d images back over MRD to %s", job_id, source, len(images), peer)
-                self._reply(ser, out, f"job {job_id} done", images=images)
+                self._answer(sock, ser, out, f"job {job_id} done", images=images)
             else:
-                self._reply(ser, out, f"ERR job {job_id} {result.state}: {result.error}")
+                self._answer(sock, ser, out, f"ERR job {job_id} {result.state}: {result.error}")
             return
         try:
             job_id = self.handler(unit)
         except Exception as e:  # noqa: BLE001
             log.exception("MRD unit %s from %s [%s]: could not create its job", unit.path.name, peer, source)
-            self._reply(ser, out, f"ERR the data was stored as {unit.path.name} but its job could not be created "
+            self._answer(sock, ser, out, f"ERR the data was stored as {unit.path.name} but its job could not be created "
                                   f"({type(e).__name__}: {e}); it will be picked up when the node restarts")
             return
         if r is None:
-            self._reply(ser, out, f"job {job_id} unrouted: no route of this node matches this scan "
-                                  f"({', '.join(f'{k}={v}' for k, v in unit.attributes.items())}); the data is kept")
+            self._answer(sock, ser, out, f"job {job_id} unrouted: no route of this node matches this scan "
+                                  f"({', '.join(f'{k}={v}' for k, v in unit.attributes.items() if k != 'json')}); "
+                                  "the data is kept")
         else:
-            self._reply(ser, out, f"job {job_id} queued")
+            self._answer(sock, ser, out, f"job {job_id} queued")
 
     def _receive(self, sock: socket.socket, peer: str, source: str) -> IngestUnit:
         cfg = self.cfg
+        n = cfg.node
         unit_id = f"mrd-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        tmp = cfg.node.tmp_dir / f"{unit_id}.h5.partial"
-        stream = _SocketStream(sock, cfg.node.mrd_idle_timeout_s, cfg.node.mrd_max_message_mb << 20)
-        de = _Deserializer(stream)
+        tmp = n.tmp_dir / f"{unit_id}.h5.partial"
+        stream = _SocketStream(sock, n.mrd_idle_timeout_s, n.mrd_max_message_mb << 20,
+                               max_total=n.mrd_max_stream_mb << 20, max_seconds=n.mrd_max_stream_s,
+                               disk_check_bytes=n.mrd_disk_check_mb << 20,
+                               disk_problem=lambda: spool_space_problem(cfg))
+        de = _Deserializer(stream, max_texts=n.mrd_max_text_messages, max_text_bytes=n.mrd_max_text_kb << 10)
         writer: _UnitWriter | None = None
         header: x.ismrmrdHeader | None = None
+        attrs: dict[str, str] = {}
         config = ""
-        texts: list[str] = []
+        json_text: str | None = None  # the first JSON text (configAdditional); other texts are counted, not kept
         n_images = n_arrays = 0
         t0 = time.monotonic()
 
@@ -460,12 +642,16 @@ class MRDServer:
                         writer.acquisition(obj)
                     elif isinstance(obj, x.ismrmrdHeader):
                         if header is None:
+                            try:
+                                attrs = mrd_unit_attributes(obj)  # refuse a header the node cannot use, early
+                            except HeaderError as e:
+                                raise StreamError(str(e)) from None
                             header = obj
                             writer = _UnitWriter(tmp, de.header_text or _header_text(obj.toXML().encode()))
                         else:
                             log.warning("MRD stream from %s [%s]: ignoring a second header", peer, source)
                     elif isinstance(obj, (ConfigFile, ConfigText)):
-                        config = str(obj)
+                        config = str(obj).split("\x00", 1)[0]
                     elif isinstance(obj, ismrmrd.Waveform):
                         if writer is not None:
                             writer.waveform(obj)
@@ -474,7 +660,8 @@ class MRDServer:
                     elif isinstance(obj, np.ndarray):
                         n_arrays += 1
                     elif isinstance(obj, str):
-                        texts.append(obj)
+                        if json_text is None and obj.lstrip().startswith("{"):
+                            json_text = obj
             except EOFError:
                 if stream.bytes_read == 0:
                     raise StreamError("") from None
@@ -482,16 +669,17 @@ class MRDServer:
                                   "truncated); nothing was stored, send the scan again") from None
             except TimeoutError as e:
                 raise StreamError(f"{e} {count()} (node.mrd_idle_timeout_s); nothing was stored") from None
-            except _MessageTooLarge as e:
-                raise StreamError(f"{e} ({count()})") from None
+            except (_MessageTooLarge, _StreamLimit) as e:
+                raise StreamError(f"{e} ({count()}); nothing was stored") from None
             except MemoryError:
                 raise StreamError(f"a message too large for this node's memory {count()}; the stream is "
                                   "malformed") from None
-            except (ValueError, struct.error) as e:
+            except (ValueError, TypeError, OverflowError, struct.error, UnicodeDecodeError) as e:
+                # ismrmrd raises TypeError for an unknown image data type, OverflowError for absurd dimensions
                 if stream.eof:
                     raise StreamError(f"the stream ended in the middle of a message {count()} (connection "
                                       "dropped or data truncated); nothing was stored, send the scan again") from None
-                raise StreamError(f"malformed MRD stream {count()}: {e}") from None
+                raise StreamError(f"malformed MRD stream {count()}: {str(e)[:200]}") from None
             except OSError as e:
                 raise StreamError(f"connection error {count()}: {e}") from None
             if header is None or writer is None:
@@ -499,30 +687,53 @@ class MRDServer:
             if writer.n_acquisitions == 0:
                 raise StreamError("no acquisitions received; nothing was stored")
             writer.close()
+            study_uid = getattr(getattr(header, "studyInformation", None), "studyInstanceUID", None)
+            if study_uid:
+                attrs["studyInstanceUID"] = str(study_uid)[:64]
+            if config:
+                attrs["config"] = config[:200]
+            if json_text:
+                attrs["json"] = json_text[:4096]
+            final = n.units_dir / f"{unit_id}.h5"
+            unit = IngestUnit(kind="mrd", path=final, source=source, peer=peer, attributes=attrs,
+                              n_objects=writer.n_acquisitions)
+            try:
+                write_sidecar(final.with_suffix(".json"), unit)
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
+            except BaseException:
+                final.with_suffix(".json").unlink(missing_ok=True)
+                raise
         except BaseException:
             if writer is not None:
                 writer.abort()
             tmp.unlink(missing_ok=True)
-            raise
-        attrs = mrd_unit_attributes(header)
-        if config:
-            attrs["config"] = config[:200]
-        json_texts = [t for t in texts if t.lstrip().startswith("{")]
-        if json_texts:
-            attrs["json"] = json_texts[0]
-        final = cfg.node.units_dir / f"{unit_id}.h5"
-        unit = IngestUnit(kind="mrd", path=final, source=source, peer=peer, attributes=attrs,
-                          n_objects=writer.n_acquisitions)
-        try:
-            write_sidecar(final.with_suffix(".json"), unit)
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            final.with_suffix(".json").unlink(missing_ok=True)
             raise
         log.info("MRD unit %s from %s [%s]: %d acquisitions, %d waveforms%s in %.1f s (protocol %s, %s)",
                  unit_id, peer, source, writer.n_acquisitions, writer.n_waveforms,
                  f", {n_images} images ignored" if n_images else "", time.monotonic() - t0,
                  attrs.get("protocolName", "?"), attrs.get("trajectory", "?"))
         return unit
+
+
+def tls_server_context(cfg: SiteConfig) -> ssl.SSLContext:
+    """The TLS context of the MRD TLS port from ``node.tls`` (cert, key, ca, require_client_cert); TLS >= 1.2."""
+    tls = getattr(cfg.node, "tls", None)
+    if tls is None:
+        raise ValueError("node.mrd_tls_port is set but node.tls (cert, key) is missing; add a node.tls block with "
+                         "the node's certificate and key, or remove node.mrd_tls_port")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+        if tls.ca:
+            ctx.load_verify_locations(cafile=str(tls.ca))
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"node.tls: cannot load the certificate / key / CA ({e}); check the PEM files") from None
+    if tls.require_client_cert:
+        if not tls.ca:
+            raise ValueError("node.tls.require_client_cert needs node.tls.ca (the CA that signs scanner certificates)")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    elif tls.ca:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx

@@ -17,6 +17,11 @@ Rules (errors are ValueError and name the file or the series):
   a warning.
 * Exactly one SeriesInstanceUID; several are listed in the error.
 * Every slice must have the same number of frames.
+* Completeness (issue 15: a 96-of-120-frame series and a 3-frame subset became maps): when the instances say how
+  many temporal positions the series has (NumberOfTemporalPositions) or how many images the acquisition has
+  (ImagesInAcquisition), a folder with fewer frames / images, or with gaps in TemporalPositionIdentifier, raises
+  :class:`IncompleteSeriesError` naming what is missing -- unless ``allow_partial=True`` (a route's
+  ``allow_partial: true``), which logs a warning and reads what arrived. A single file is read as it is.
 
 Output: ``pixels`` float32 [frames, slices, y, x] with RescaleSlope / RescaleIntercept applied when present;
 ``flip_angles_deg`` / ``tr_ms`` / ``te_ms`` when every frame carries them (one value per frame, from the first
@@ -57,6 +62,23 @@ class _Frame:
     tr: float | None
     te: float | None
     sop_uid: str
+    expected_frames: int | None = None  # NumberOfTemporalPositions the instance declares
+    expected_images: int | None = None  # ImagesInAcquisition the instance declares
+    temporal_id: int | None = None  # TemporalPositionIdentifier
+
+
+class IncompleteSeriesError(ValueError):
+    """The series has fewer frames / images than its own instances declare (see the module docstring)."""
+
+
+def _int(ds: Dataset | None, keyword: str) -> int | None:
+    if ds is None:
+        return None
+    try:
+        v = ds.get(keyword)
+        return int(v) if v not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _float(ds: Dataset | None, keyword: str) -> float | None:
@@ -134,6 +156,9 @@ def _single_frames(ds: Dataset, path: Path) -> list[_Frame]:
         tr=_float(ds, "RepetitionTime"),
         te=_float(ds, "EchoTime"),
         sop_uid=str(ds.SOPInstanceUID),
+        expected_frames=_int(ds, "NumberOfTemporalPositions"),
+        expected_images=_int(ds, "ImagesInAcquisition"),
+        temporal_id=_int(ds, "TemporalPositionIdentifier"),
     )]
 
 
@@ -253,8 +278,49 @@ def _inversion_time(ds: Dataset) -> float | None:
     return None
 
 
-def image_study_from_dicom(path: str | Path) -> ImageStudy:
-    """Read the single image series under ``path`` (folder, recursive, or one file). See the module docstring."""
+def _ranges(ids: list[int]) -> str:
+    """1,2,3,7,8 -> '1-3, 7-8' (missing temporal positions, shortened)."""
+    out: list[str] = []
+    for i in sorted(ids):
+        if out and out[-1].split("-")[-1] == str(i - 1):
+            out[-1] = out[-1].split("-")[0] + f"-{i}"
+        else:
+            out.append(str(i))
+    text = ", ".join(out)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_complete(root: Path, frames: list[_Frame], per_slice: list[list[_Frame]]) -> None:
+    """IncompleteSeriesError when the series has fewer frames / images than its instances declare."""
+    hint = ("the sender may have been cut off or may still be sending: resend the whole series, or set "
+            "allow_partial: true on the route to map what arrived")
+    n_frames = len(per_slice[0])
+    declared = sorted({f.expected_frames for f in frames if f.expected_frames})
+    if len(declared) > 1:
+        raise IncompleteSeriesError(f"{root}: the instances disagree on NumberOfTemporalPositions "
+                                    f"({', '.join(map(str, declared))}); {hint}")
+    if declared:
+        want = declared[0]
+        for s in per_slice:
+            have = {f.temporal_id for f in s if f.temporal_id is not None}
+            missing = sorted(set(range(1, want + 1)) - have) if have else []
+            if len(s) < want or missing:
+                raise IncompleteSeriesError(
+                    f"{root}: incomplete series: {len(s)} of {want} frames (NumberOfTemporalPositions {want})"
+                    + (f"; missing temporal positions {_ranges(missing)}" if missing else "") + f"; {hint}")
+    images = sorted({f.expected_images for f in frames if f.expected_images})
+    if images and len(frames) < images[-1]:
+        raise IncompleteSeriesError(f"{root}: incomplete series: {len(frames)} of {images[-1]} images "
+                                    f"({len(per_slice)} slice(s) x {n_frames} frames; ImagesInAcquisition "
+                                    f"{images[-1]}); {hint}")
+
+
+def image_study_from_dicom(path: str | Path, *, allow_partial: bool = False,
+                           logger: logging.Logger | None = None) -> ImageStudy:
+    """Read the single image series under ``path`` (folder, recursive, or one file). See the module docstring.
+
+    ``allow_partial``: read a series with fewer frames than it declares (a warning to ``logger``, e.g. the job's
+    log, default this module's) instead of refusing it."""
     root = Path(path)
     datasets: list[tuple[Path, Dataset]] = []
     for p in _files(root):
@@ -296,6 +362,13 @@ def image_study_from_dicom(path: str | Path) -> ImageStudy:
             f"{root}: slices have different numbers of frames ({', '.join(str(len(s)) for s in per_slice)})"
         )
     n_frames = counts.pop()
+    try:
+        if root.is_dir():  # one file named on its own is read as it is: whoever named it chose a subset
+            check_complete(root, frames, per_slice)
+    except IncompleteSeriesError as e:
+        if not allow_partial:
+            raise
+        (logger or log).warning("%s (allow_partial is set: reading the %d frame(s) that arrived)", e, n_frames)
     pixels = np.stack([np.stack([s[t].pixels for s in per_slice]) for t in range(n_frames)]).astype(np.float32)
 
     ref = per_slice[0]

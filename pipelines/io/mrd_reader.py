@@ -193,13 +193,20 @@ def _geometry(header: x.ismrmrdHeader, heads: np.ndarray, where: str) -> Geometr
     dx, dy = fov_x / mx, fov_y / my
     row = heads["read_dir"][0].astype(np.float64)
     col = heads["phase_dir"][0].astype(np.float64)
-    if not (np.isclose(np.linalg.norm(row), 1, atol=1e-3) and np.isclose(np.linalg.norm(col), 1, atol=1e-3)):
+    valid_dirs = bool(np.isclose(np.linalg.norm(row), 1, atol=1e-3) and np.isclose(np.linalg.norm(col), 1, atol=1e-3))
+    if not valid_dirs:
         log.warning("%s: acquisitions carry no valid read/phase directions; assuming an axial slice", where)
         row, col = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
     slices = heads["idx"]["slice"]
     positions = []
     for s in np.unique(slices):
-        centre = heads["position"][int(np.argmax(slices == s))].astype(np.float64)
+        first = int(np.argmax(slices == s))
+        # Geometry has one orientation for the stack; a slice tilted against slice 0 would be mispositioned.
+        if valid_dirs and not (np.allclose(heads["read_dir"][first], row, atol=1e-3)
+                and np.allclose(heads["phase_dir"][first], col, atol=1e-3)):
+            log.warning("%s: slice %d is not parallel to slice %d (read/phase directions differ); "
+                        "its images get slice %d's orientation", where, int(s), int(slices[0]), int(slices[0]))
+        centre = heads["position"][first].astype(np.float64)
         # The encoding centre (k-space phase origin) is pixel (N//2) of the centred FFT, not the middle of the FOV.
         positions.append(centre - row * ((mx // 2) * dx) - col * ((my // 2) * dy))
     meas = header.measurementInformation

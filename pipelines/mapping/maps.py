@@ -7,6 +7,7 @@ flagged in each map's mask.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class MappingOptions:
     # dictionary (matching, the default) or a learned / fitted estimator: fc, inn, blochnet, hybrid, mle
     estimator: str = "dictionary"
     weights: str = ""  # a site's own estimator weights (default: the shipped weights for the schedule)
+    search: str = "fast"  # dictionary search: fast (coarse-to-fine) or exhaustive (every atom)
 
 
 def resolve_model(seq: MRFSequence, model: str) -> str:
@@ -59,36 +61,88 @@ def estimate_maps(
     device: torch.device | str = "cpu",
     cache_dir: Path | None = None,
     progress: bool = False,
+    basis: torch.Tensor | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> list[QuantitativeMap]:
-    """Maps from fingerprint images [frames, slices, y, x] (or [frames, y, x])."""
+    """Maps from fingerprint images [frames, slices, y, x] (or [frames, y, x]).
+
+    With ``basis`` [frames, K] the input is instead K subspace-coefficient images [K, slices, y, x] in that basis
+    (a subspace reconstruction's output, x_t = sum_k conj(V[t, k]) c_k): they are matched in the coefficient
+    domain, never expanded to frames (for the learned estimators, which take frames, one slice at a time).
+    Slices are matched one at a time, so memory stays at one slice's fingerprints.
+    """
     x = np.asarray(fingerprints) if not isinstance(fingerprints, torch.Tensor) else fingerprints.cpu().numpy()
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
         raise ValueError(f"fingerprint images must be [frames, slices, y, x], got shape {x.shape}")
-    if x.shape[0] != seq.n_frames:
+    if basis is None and x.shape[0] != seq.n_frames:
         raise ValueError(f"the images have {x.shape[0]} frames but sequence {seq.name!r} has {seq.n_frames}")
-    if not np.all(np.isfinite(x)):
-        bad = int((~np.isfinite(x)).sum())
-        raise ValueError(f"the fingerprint images contain {bad} NaN or infinite values")
+    if basis is not None and (basis.shape[0] != seq.n_frames or basis.shape[1] != x.shape[0]):
+        raise ValueError(f"a basis of shape {tuple(basis.shape)} does not fit {x.shape[0]} coefficient images of "
+                         f"the {seq.n_frames}-frame sequence {seq.name!r}")
     model = resolve_model(seq, options.model)
     shape = x.shape[1:]
-    signals = torch.as_tensor(x.reshape(x.shape[0], -1).T.copy(), device=device)
-    # Voxels with no signal at all are background before matching (and cost nothing).
-    energy = torch.linalg.vector_norm(signals.abs() if signals.is_complex() else signals, dim=1)
-    keep = energy > 1e-6 * float(energy.max()) if energy.numel() and float(energy.max()) > 0 else energy > 0
-    if options.estimator != "dictionary":
-        from pipelines.mapping.estimators.mapping import estimate_learned
+    dictionary = None
+    coeff_map = None
+    if options.estimator == "dictionary":
+        spec = spec or default_spec(seq, model, options.field_strength_T, complex_data=not magnitude)
+        dictionary = build_dictionary(seq, spec, device=device, cache_dir=cache_dir, progress=progress,
+                                      report=report)
+        if basis is not None:
+            # Coefficients in `basis` -> coefficients in the dictionary's basis: M = V_dict^T conj(V), [R, K]
+            # (identity when the reconstruction used the dictionary's own leading components).
+            vd = dictionary.complex.basis.to(device)
+            r = min(int(basis.shape[1]), vd.shape[1]) if options.rank is None else min(options.rank, vd.shape[1])
+            coeff_map = (vd[:, :r].T @ basis.to(device=device, dtype=vd.dtype).conj())
+    results: list[MatchResult] = []
+    keeps: list[np.ndarray] = []
+    for s in range(shape[0]):
+        sl = x[:, s].reshape(x.shape[0], -1)
+        if not np.all(np.isfinite(sl)):
+            bad = int((~np.isfinite(sl)).sum())
+            raise ValueError(f"the fingerprint images of slice {s} contain {bad} NaN or infinite values")
+        signals = torch.as_tensor(sl.T.copy(), device=device)
+        # Voxels with no signal at all are background before matching (and cost nothing).
+        energy = torch.linalg.vector_norm(signals.abs() if signals.is_complex() else signals, dim=1)
+        keep = energy > 1e-6 * float(energy.max()) if energy.numel() and float(energy.max()) > 0 else energy > 0
+        kept = signals[keep]
+        if report is not None and shape[0] > 1:
+            report(f"mapping slice {s + 1}/{shape[0]}: {int(keep.sum())} voxels")
+        if options.estimator != "dictionary":
+            from pipelines.mapping.estimators.mapping import estimate_learned
 
-        res = estimate_learned(signals[keep], seq, options, model, magnitude=magnitude, device=device)
-        return _to_maps(res, keep.cpu().numpy(), shape, geometry, options, model)
-    spec = spec or default_spec(seq, model, options.field_strength_T, complex_data=not magnitude)
-    dictionary = build_dictionary(seq, spec, device=device, cache_dir=cache_dir, progress=progress)
-    kw = dict(magnitude=magnitude, rank=options.rank, energy=options.energy, memory_bytes=options.memory_bytes)
-    with torch.no_grad():
-        res = match_water_fat(signals[keep], dictionary, **kw) if model == "water_fat" \
-            else match(signals[keep], dictionary, **kw)
-    return _to_maps(res, keep.cpu().numpy(), shape, geometry, options, model)
+            if basis is not None:  # the learned estimators take frames: this slice's only
+                kept = kept.to(torch.complex64) @ basis.to(device=device, dtype=torch.complex64).conj().T
+            res = estimate_learned(kept, seq, options, model, magnitude=magnitude, device=device)
+        else:
+            assert dictionary is not None
+            kw = dict(magnitude=magnitude, rank=options.rank, energy=options.energy,
+                      memory_bytes=options.memory_bytes)
+            if coeff_map is not None:
+                kept = kept.to(torch.complex64) @ coeff_map.T
+                kw.update(coefficients=True, rank=coeff_map.shape[0])
+            with torch.no_grad():
+                res = match_water_fat(kept, dictionary, **kw) if model == "water_fat" \
+                    else match(kept, dictionary, search=options.search, report=report, **kw)
+        results.append(res)
+        keeps.append(keep.cpu().numpy())
+    return _to_maps(_concat(results), np.concatenate(keeps), shape, geometry, options, model)
+
+
+def _concat(results: list[MatchResult]) -> MatchResult:
+    """One result from per-slice results (voxels in slice order)."""
+    if len(results) == 1:
+        return results[0]
+
+    def cat(name: str) -> np.ndarray | None:
+        parts = [getattr(r, name) for r in results]
+        return None if any(p is None for p in parts) else np.concatenate(parts)
+
+    first = results[0]
+    return MatchResult(cat("t1_ms"), cat("t2_ms"), cat("b1"), cat("df_hz"), cat("m0"), cat("residual"),
+                       first.rank, ff=cat("ff"), t1_fat_ms=cat("t1_fat_ms"), t2_fat_ms=cat("t2_fat_ms"),
+                       notes=first.notes)
 
 
 def _scatter(values: np.ndarray, keep: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -19,6 +19,7 @@ Memory: voxels and atoms are processed in chunks sized so the largest temporary 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,36 +95,183 @@ def _chunks(n: int, size: int) -> range:
     return range(0, n, max(1, size))
 
 
+SEARCHES = ("fast", "exhaustive")
+# Grids smaller than this are searched exhaustively: the coarse pass would not pay for itself.
+_FAST_MIN_ATOMS = 20000
+
+
+# Neighbourhood searched around each coarse candidate (grid cells per axis), and the hill-climbing step after it.
+_PAD = (4, 4, 2, 0)
+
+
+@dataclass
+class _GridIndex:
+    """A compartment's atoms as a regular (t1, t2, b1, df) grid, padded by ``_PAD`` cells of -1 on each side,
+    flattened: ``lookup[pos[a] + offset]`` is the atom ``offset`` cells away from atom ``a`` (-1: none)."""
+
+    lookup: torch.Tensor  # [padded cells] long
+    pos: torch.Tensor  # [atoms] long: flat padded cell of each atom
+    strides: tuple[int, ...]  # flat-index step per axis
+    coarse: torch.Tensor  # indices of the atoms of the coarse grid
+    coarse_step: tuple[int, ...]
+
+    def offsets(self, radius: tuple[int, ...], step: tuple[int, ...] = (1, 1, 1, 1)) -> torch.Tensor:
+        r = [torch.arange(-k, k + 1, device=self.lookup.device) * s for k, s in zip(radius, step)]
+        grid = torch.stack(torch.meshgrid(*r, indexing="ij"), -1).reshape(-1, len(radius))
+        return (grid * torch.as_tensor(self.strides, device=grid.device)).sum(1)
+
+
+def _grid_index(dictionary: MRFDictionary, compartment: str, device: torch.device) -> _GridIndex:
+    cache = dictionary.search_cache
+    key = ("grid", compartment, str(device))
+    if key in cache:
+        return cache[key]  # type: ignore[return-value]
+    p = dictionary.params[compartment]
+    axes = [np.unique(p[:, j]) for j in range(4)]
+    cell = np.stack([np.searchsorted(a, p[:, j]) for j, a in enumerate(axes)], 1)
+    shape = np.array([a.size for a in axes]) + 2 * np.array(_PAD)
+    strides = tuple(int(np.prod(shape[j + 1:])) for j in range(4))
+    pos = ((cell + np.array(_PAD)) * np.array(strides)).sum(1)
+    lookup = np.full(int(np.prod(shape)), -1, dtype=np.int64)
+    lookup[pos] = np.arange(p.shape[0])
+    # Coarse steps: a quarter of the resolution along long axes, half along medium ones (1/32 of the atoms).
+    n = [a.size for a in axes]
+    step = tuple(min(4, _PAD[j]) if n[j] >= 32 else min(2, _PAD[j]) if n[j] >= 9 else 1 for j in range(3)) + (1,)
+    on = np.all(cell % np.asarray(step) == 0, axis=1)
+    g = _GridIndex(torch.as_tensor(lookup, device=device), torch.as_tensor(pos, device=device), strides,
+                   torch.as_tensor(np.flatnonzero(on), device=device), step)
+    cache[key] = g
+    return g
+
+
+def _refine(xr: torch.Tensor, atoms: torch.Tensor, g: _GridIndex, start: torch.Tensor, radius: tuple[int, ...],
+            memory_bytes: int, step: tuple[int, ...] = (1, 1, 1, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best atom (and its |<a, x>|) per voxel among the grid neighbours within ``radius`` steps of ``step``
+    cells of each of its ``start`` atoms [voxels, k]."""
+    off = g.offsets(radius, step)
+    n_cand = start.shape[1] * off.shape[0]
+    per_voxel = n_cand * (atoms.shape[1] * atoms.element_size() + 24)
+    v_chunk = max(1, min(xr.shape[0], _WORK_BYTES * 4 // max(per_voxel, 1), memory_bytes // max(per_voxel, 1)))
+    best = torch.empty(xr.shape[0], dtype=torch.long, device=xr.device)
+    score = torch.empty(xr.shape[0], device=xr.device)
+    for v0 in _chunks(xr.shape[0], v_chunk):
+        sl = slice(v0, v0 + v_chunk)
+        cand = g.lookup[(g.pos[start[sl]][:, :, None] + off[None, None]).reshape(start[sl].shape[0], -1)]
+        a = atoms[cand.clamp_min(0)]  # [v, W, r]
+        ip = torch.bmm(a.conj(), xr[sl, :, None])[..., 0]
+        val = ip.abs() if ip.is_complex() else ip
+        val = torch.where(cand >= 0, val, torch.full_like(val, -1.0))
+        sc, j = val.max(1)
+        best[sl], score[sl] = cand.gather(1, j[:, None])[:, 0], sc
+    return best, score
+
+
+def _climb(xr: torch.Tensor, atoms: torch.Tensor, g: _GridIndex, best: torch.Tensor, step: tuple[int, ...],
+           memory_bytes: int, max_iter: int) -> torch.Tensor:
+    """Move each voxel's atom to its best neighbour ``step`` cells away until none is better."""
+    active = torch.arange(best.shape[0], device=best.device)
+    for _ in range(max_iter):
+        nxt, _ = _refine(xr[active], atoms, g, best[active, None], (1, 1, 1, 0), memory_bytes, step)
+        moved = nxt != best[active]
+        best[active] = nxt
+        active = active[moved]
+        if active.numel() == 0:
+            break
+    return best
+
+
+def _fast(xr: torch.Tensor, atoms: torch.Tensor, g: _GridIndex, memory_bytes: int, top: int = 3) -> torch.Tensor:
+    """Coarse grid (its best ``top`` atoms) -> every fine atom within one coarse step of each -> hill climbing.
+
+    The correlation with the grid is smooth, but at low rank it has long, flat ridges along T2-B1 on which
+    noise moves the maximum: several coarse starts and a full window around each keep the search from
+    stopping at the wrong end of a ridge (top 1: 72 % same atom as exhaustive at rank 8; top 3: 91 %).
+    """
+    start = _exhaustive(xr, atoms, memory_bytes, subset=g.coarse, top=top)
+    start = start[:, None] if start.dim() == 1 else start
+    best, _ = _refine(xr, atoms, g, start, g.coarse_step, memory_bytes)
+    return _climb(xr, atoms, g, best, (1, 1, 1, 1), memory_bytes, max_iter=8)
+
+
+def _exhaustive(xr: torch.Tensor, atoms: torch.Tensor, memory_bytes: int,
+                subset: torch.Tensor | None = None, top: int = 1) -> torch.Tensor:
+    """Index of the atom with the largest |<a, x>| per voxel (``top`` > 1: the best ``top``, [voxels, top]):
+    chunked GEMM with a running arg-max."""
+    pool = atoms if subset is None else atoms[subset]
+    n_vox, n_atoms = xr.shape[0], pool.shape[0]
+    top = min(top, n_atoms)
+    v_chunk, a_chunk = _work_chunks(n_vox, n_atoms, 8 if pool.is_complex() else 4, memory_bytes)
+    best_idx = torch.empty((n_vox, top), dtype=torch.long, device=xr.device)
+    for v0 in _chunks(n_vox, v_chunk):
+        xc = xr[v0:v0 + v_chunk]
+        bv = torch.full((xc.shape[0], top), -1.0, device=xr.device)
+        bi = torch.zeros((xc.shape[0], top), dtype=torch.long, device=xr.device)
+        for a0 in _chunks(n_atoms, a_chunk):
+            ip = xc @ pool[a0:a0 + a_chunk].conj().T  # <d, x> (basis orthonormal)
+            mag = ip.abs() if ip.is_complex() else ip
+            if top == 1:
+                val, idx = mag.max(dim=1)
+                better = val > bv[:, 0]
+                bv[:, 0] = torch.where(better, val, bv[:, 0])
+                bi[:, 0] = torch.where(better, idx + a0, bi[:, 0])
+            else:
+                val, idx = mag.topk(min(top, mag.shape[1]), dim=1)
+                bv, j = torch.cat([bv, val], 1).topk(top, dim=1)
+                bi = torch.cat([bi, idx + a0], 1).gather(1, j)
+        best_idx[v0:v0 + v_chunk] = bi
+    best_idx = best_idx if subset is None else subset[best_idx]
+    return best_idx[:, 0] if top == 1 else best_idx
+
+
 def match(x: torch.Tensor | np.ndarray, dictionary: MRFDictionary, *, magnitude: bool = False,
           rank: int | None = None, energy: float = DEFAULT_ENERGY, compartment: str = "water",
-          memory_bytes: int = DEFAULT_MEMORY_BYTES) -> MatchResult:
-    """Best single atom per fingerprint. ``x``: [voxels, frames], complex (or magnitudes)."""
-    x, comp, r, norms = _prepare(x, dictionary, magnitude, rank, energy)
+          memory_bytes: int = DEFAULT_MEMORY_BYTES, search: str = "fast", coefficients: bool = False,
+          report: Callable[[str], None] | None = None) -> MatchResult:
+    """Best single atom per fingerprint.
+
+    ``x``: fingerprints [voxels, frames] (complex, or magnitudes), or with ``coefficients=True`` their
+    coefficients [voxels, K] in the dictionary's own basis (``x @ basis``, what the subspace reconstruction
+    makes): matched at rank K without ever forming the frames.
+
+    ``search="exhaustive"`` scores every atom (the reference). ``"fast"`` (default) scores a coarse grid (every
+    4th T1 and T2, every 2nd B1: 1/32 of the atoms), then every atom within one coarse step of the coarse winner,
+    then every atom within two fine steps of that winner: the same atom as the exhaustive search in >= 99 % of
+    voxels on the default FISP dictionary (benchmarks/matching.py), ~20x fewer inner products.
+    """
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {', '.join(SEARCHES)}, not {search!r}")
+    comp = dictionary.magnitude if magnitude else dictionary.complex
+    norms = (dictionary.magnitude_norms if magnitude else dictionary.norms)[compartment]
     device = comp.basis.device
-    basis = comp.basis[:, :r]
+    if coefficients:
+        x = _as_signals(x, magnitude, device)
+        if magnitude:
+            raise ValueError("coefficient matching takes the complex coefficients of a subspace reconstruction")
+        r = min(x.shape[1], comp.basis.shape[1]) if rank is None else min(rank, x.shape[1], comp.basis.shape[1])
+        xr_all = x[:, :r]
+        x_norm = torch.linalg.vector_norm(x, dim=1)
+    else:
+        x, comp, r, _ = _prepare(x, dictionary, magnitude, rank, energy)
+        basis = comp.basis[:, :r]
+        xr_all = torch.cat([x[v0:v0 + 4096] @ basis for v0 in _chunks(x.shape[0], 4096)]) if x.shape[0] \
+            else torch.zeros((0, r), dtype=basis.dtype, device=device)
+        x_norm = torch.linalg.vector_norm(x, dim=1)
     atoms, kept = _truncated(comp.coeffs[compartment], r)
-    n_vox, n_atoms = x.shape[0], atoms.shape[0]
-    # Products and their magnitudes: the two temporaries of one chunk.
-    v_chunk, a_chunk = _work_chunks(n_vox, n_atoms, 8 if atoms.is_complex() else 4, memory_bytes)
-    best_val = torch.empty(n_vox, device=device)
+    fast = search == "fast" and atoms.shape[0] >= _FAST_MIN_ATOMS
+    g = _grid_index(dictionary, compartment, device) if fast and xr_all.shape[0] else None
+    n_vox = xr_all.shape[0]
     best_idx = torch.empty(n_vox, dtype=torch.long, device=device)
-    best_ip = torch.empty(n_vox, dtype=atoms.dtype, device=device)
-    x_norm = torch.linalg.vector_norm(x, dim=1)
-    for v0 in _chunks(n_vox, v_chunk):
-        xr = x[v0:v0 + v_chunk] @ basis  # coefficients in the subspace
-        bv = torch.full((xr.shape[0],), -1.0, device=device)
-        bi = torch.zeros(xr.shape[0], dtype=torch.long, device=device)
-        bp = torch.zeros(xr.shape[0], dtype=atoms.dtype, device=device)
-        for a0 in _chunks(n_atoms, a_chunk):
-            ip = xr @ atoms[a0:a0 + a_chunk].conj().T  # <d, x> (basis orthonormal)
-            val, idx = (ip.abs() if ip.is_complex() else ip).max(dim=1)
-            better = val > bv
-            bv = torch.where(better, val, bv)
-            bi = torch.where(better, idx + a0, bi)
-            bp = torch.where(better, ip.gather(1, idx[:, None])[:, 0], bp)
-        best_val[v0:v0 + v_chunk], best_idx[v0:v0 + v_chunk], best_ip[v0:v0 + v_chunk] = bv, bi, bp
+    block = 16384
+    for v0 in _chunks(n_vox, block):
+        xb = xr_all[v0:v0 + block]
+        best_idx[v0:v0 + block] = _fast(xb, atoms, g, memory_bytes) if g is not None \
+            else _exhaustive(xb, atoms, memory_bytes)
+        if report is not None and n_vox > block:
+            report(f"matching: {min(v0 + block, n_vox)}/{n_vox} voxels ({atoms.shape[0]} atoms, "
+                   f"{'coarse-to-fine' if g is not None else 'exhaustive'} search)")
+    best_ip = (xr_all * atoms[best_idx].conj()).sum(1)
     params = dictionary.params[compartment][best_idx.cpu().numpy()]
-    m0 = best_ip / (norms[compartment][best_idx] * kept[best_idx]).to(best_ip.dtype)
+    m0 = best_ip / (norms[best_idx] * kept[best_idx]).to(best_ip.dtype)
     resid = torch.sqrt(torch.clamp(1 - (best_ip.abs() / x_norm.clamp_min(1e-30)) ** 2, min=0))
     notes = [] if not magnitude else ["matched on magnitudes: phase was not available"]
     return MatchResult(params[:, 0], params[:, 1], params[:, 2], params[:, 3], m0.cpu().numpy(),
@@ -164,8 +312,10 @@ def _pair_scores(aw: torch.Tensor, af: torch.Tensor, rho: torch.Tensor
 
 def match_water_fat(x: torch.Tensor | np.ndarray, dictionary: MRFDictionary, *, magnitude: bool = False,
                     rank: int | None = None, energy: float = DEFAULT_ENERGY,
-                    memory_bytes: int = DEFAULT_MEMORY_BYTES) -> MatchResult:
+                    memory_bytes: int = DEFAULT_MEMORY_BYTES, coefficients: bool = False) -> MatchResult:
     """Best (water atom, fat atom) pair with its weights per fingerprint; see the module docstring.
+
+    ``coefficients=True``: ``x`` holds complex coefficients [voxels, K] in the dictionary's basis (see match).
 
     Magnitude data cannot be fitted linearly (|c_w s_w + c_f s_f| is not linear in the weights where water and
     fat interfere, which is what the TE cycling of a T1-FF schedule creates): they go to
@@ -175,9 +325,17 @@ def match_water_fat(x: torch.Tensor | np.ndarray, dictionary: MRFDictionary, *, 
         raise ValueError("water/fat matching needs a dictionary with 'water' and 'fat' compartments")
     if magnitude:
         return _match_water_fat_magnitude(x, dictionary, energy=energy, memory_bytes=memory_bytes)
-    x, comp, r, norms = _prepare(x, dictionary, False, rank, energy)
-    device = comp.basis.device
-    basis = comp.basis[:, :r]
+    if coefficients:
+        comp, norms = dictionary.complex, dictionary.norms
+        device = comp.basis.device
+        x = _as_signals(x, False, device)
+        r = min(x.shape[1], comp.basis.shape[1]) if rank is None else min(rank, x.shape[1], comp.basis.shape[1])
+        x = x[:, :r]
+        basis = torch.eye(r, dtype=x.dtype, device=device)  # already in the subspace
+    else:
+        x, comp, r, norms = _prepare(x, dictionary, False, rank, energy)
+        device = comp.basis.device
+        basis = comp.basis[:, :r]
     (w_all, kept_w), (f_all, kept_f) = _truncated(comp.coeffs["water"], r), _truncated(comp.coeffs["fat"], r)
     pw, pf = dictionary.params["water"], dictionary.params["fat"]
     # Pairs share B1 and the field offset: group atoms by (b1, df).

@@ -17,10 +17,12 @@ __all__ = ["birdcage_maps"]
 
 # Keeps a coil that sits inside the field-of-view corners (radius < sqrt(2)) from producing a singularity.
 _MIN_DISTANCE = 0.05
+# Through-plane phase gradient of each coil's sensitivity (rad per unit of z, times the cosine of its ring angle).
+_Z_PHASE_RAD = 2.0
 
 
 def birdcage_maps(
-    n_coils: int, matrix: tuple[int, int], radius: float = 1.5, seed: int | None = None
+    n_coils: int, matrix: tuple[int, int], radius: float = 1.5, seed: int | None = None, z: float = 0.0
 ) -> np.ndarray:
     """Complex64 [coils, y, x] birdcage-like sensitivities, RSS = 1 at the centre pixel.
 
@@ -28,6 +30,11 @@ def birdcage_maps(
     over [-1, 1) in x and y, as in sigpy). ``seed`` jitters the ring rotation, each coil's angle, distance,
     gain and phase (a less ideal array); ``None`` gives the ideal, symmetric ring. ``n_coils = 1`` is a
     uniform body-coil receive: all ones.
+
+    ``z`` is the slice's distance from the plane of the ring (same units as x and y): the distance to each coil
+    includes it, so the sensitivities of a stack of slices differ and fall off away from the ring, and each coil's
+    phase drifts through the plane; the maps stay normalised to RSS = 1 at the centre pixel of the ring's plane
+    (z = 0), not of this slice. z = 0 gives exactly the 2D maps.
     """
     ny, nx = (int(matrix[0]), int(matrix[1]))
     if n_coils < 1:
@@ -45,15 +52,26 @@ def birdcage_maps(
     yy, xx = np.meshgrid(y, x, indexing="ij")
 
     maps = np.empty((n_coils, ny, nx), dtype=np.complex128)
+    in_plane_centre = np.empty(n_coils)  # |sensitivity| at the centre pixel of the ring's plane
     for c in range(n_coils):
         dx = xx - radii[c] * np.cos(angles[c])
         dy = yy - radii[c] * np.sin(angles[c])
         distance = np.maximum(np.hypot(dx, dy), _MIN_DISTANCE)
+        in_plane_centre[c] = gains[c] / distance[ny // 2, nx // 2]
+        if z != 0.0:
+            distance = np.maximum(np.sqrt(dx * dx + dy * dy + z * z), _MIN_DISTANCE)
         # Same phase convention as sigpy: winds around the coil and advances by 2 pi / n_coils per coil.
         phase = np.arctan2(dx, -dy) - c * (2.0 * np.pi / n_coils) + phases[c]
+        if z != 0.0:
+            # The receive phase also changes through the plane, differently per coil (a symmetric ring would
+            # otherwise give slices at +z and -z identical maps).
+            phase = phase + _Z_PHASE_RAD * z * np.cos(angles[c])
         maps[c] = gains[c] / distance * np.exp(1j * phase)
 
-    rss_centre = np.sqrt(np.sum(np.abs(maps[:, ny // 2, nx // 2]) ** 2))
+    if z == 0.0:
+        rss_centre = np.sqrt(np.sum(np.abs(maps[:, ny // 2, nx // 2]) ** 2))
+    else:
+        rss_centre = np.sqrt(np.sum(in_plane_centre**2))
     return (maps / rss_centre).astype(np.complex64)
 
 

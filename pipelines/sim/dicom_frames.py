@@ -18,6 +18,14 @@ Choices:
   study UID, series number and seed. The SeriesInstanceUID is ``study.study.series_instance_uid`` when set and the
   default images (the fingerprints) are written; any other ``images`` get a derived series UID, so two different
   image sets never share a series.
+* **Slices.** A slice of a multi-slice study (``study.slice_index``, ``study.geometry.positions`` [slices, 3]) gets
+  its own ImagePositionPatient and SliceLocation (position along the normal row x column), the stack's
+  ImageOrientationPatient, and goes into the same series as the other slices: InstanceNumber = slice x frames +
+  frame + 1, TemporalPositionIdentifier = frame + 1, files ``slice_001_frame_0001.dcm`` ..., acquisition times
+  one whole schedule later per slice. One scale for the whole series then means one ``scale`` passed for every
+  slice: :func:`write_dicom_frames` of a :class:`MultiSliceStudy` uses the reference slice's peak
+  (``frame_peak``), so other slices may store values a little above 4000 (BitsStored is 16: nothing clips).
+  A single-slice study is written exactly as before (``frame_0001.dcm`` ..., its own peak).
 * Explicit VR Little Endian, file meta with our implementation class UID, character set ISO_IR 192 (UTF-8) so
   non-ASCII patient names survive.
 """
@@ -34,7 +42,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from pipelines.io.dicom_modules import set_patient_and_study
 from pipelines.io.dicom_uids import deterministic_uid
-from pipelines.sim.study import SimulatedStudy
+from pipelines.sim.study import MultiSliceStudy, SimulatedStudy
 
 # Largest stored value: leaves headroom below 4095 so a 12-bit display pipeline never clips.
 MAX_STORED_VALUE = 4000
@@ -51,20 +59,35 @@ def _frame_times(study: SimulatedStudy, n_frames: int) -> tuple[list[str], str]:
     start = datetime.strptime(d + t, "%Y%m%d%H%M%S")
     seq = study.sequence
     offsets = (seq.ti_ms or 0.0) + np.concatenate([[0.0], np.cumsum(seq.tr_ms)[: n_frames - 1]])
+    if study.slice_index:  # sequential slices: each earlier one took a whole schedule (as in the MRD writer)
+        offsets = offsets + study.slice_index * ((seq.ti_ms or 0.0) + float(np.sum(seq.tr_ms)))
     times = [(start + timedelta(milliseconds=float(ms))).strftime("%H%M%S.%f") for ms in offsets]
     return times, d
 
 
 def write_dicom_frames(
-    study: SimulatedStudy,
+    study: SimulatedStudy | MultiSliceStudy,
     out_dir: str | Path,
     images: np.ndarray | None = None,
     series_number: int = 100,
+    scale: float | None = None,
 ) -> list[Path]:
     """Write one MR Image Storage instance per frame of ``images`` ([frames, y, x], default the fingerprints).
 
-    Returns the written paths (``out_dir/frame_0001.dcm`` ...), in frame order.
+    Returns the written paths (``out_dir/frame_0001.dcm`` ... for a single slice, ``slice_001_frame_0001.dcm``
+    ... for a slice of a multi-slice study), in frame order. ``scale``: stored value per unit of |image| (default
+    ``MAX_STORED_VALUE / max|images|``). A :class:`MultiSliceStudy` writes every slice into one series, simulating
+    one slice at a time, with one scale from ``study.frame_peak``.
     """
+    if isinstance(study, MultiSliceStudy):
+        if images is not None:
+            raise ValueError("images= is for one slice; write a multi-slice study's slices one at a time")
+        if scale is None:
+            scale = MAX_STORED_VALUE / study.frame_peak if study.frame_peak > 0 else 1.0
+        paths: list[Path] = []
+        for s in range(study.n_slices):
+            paths += write_dicom_frames(study.slice(s), out_dir, series_number=series_number, scale=scale)
+        return paths
     default_images = images is None
     imgs = np.abs(np.asarray(study.fingerprints if images is None else images))
     if imgs.ndim == 4 and imgs.shape[1] == 1:
@@ -81,8 +104,11 @@ def write_dicom_frames(
     if not np.all(np.isfinite(imgs)):
         raise ValueError("images contain NaN or infinite values")
 
-    peak = float(imgs.max())
-    scale = MAX_STORED_VALUE / peak if peak > 0 else 1.0
+    if scale is None:
+        peak = float(imgs.max())
+        scale = MAX_STORED_VALUE / peak if peak > 0 else 1.0
+    elif not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive number, got {scale}")
     stored = np.clip(np.rint(imgs * scale), 0, 65535).astype(np.uint16)
 
     info = study.study
@@ -97,15 +123,20 @@ def write_dicom_frames(
     b0 = float(study.field_strength_T)
     row_dir = np.asarray(g.orientation[:3], dtype=np.float64)
     col_dir = np.asarray(g.orientation[3:], dtype=np.float64)
-    position = np.asarray(g.positions[0], dtype=np.float64)
+    s_idx, n_slices = study.slice_index, g.n_slices
+    if not 0 <= s_idx < n_slices:
+        raise ValueError(f"slice_index {s_idx} is outside the geometry's {n_slices} slice positions")
+    position = np.asarray(g.positions[s_idx], dtype=np.float64)
     slice_location = float(np.dot(position, np.cross(row_dir, col_dir)))
     inversion = seq.ti_ms is not None
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
+    multi = n_slices > 1
     for f in range(n_frames):
-        sop_uid = deterministic_uid("instance", *key, f)
+        # Single slice: the UIDs and names of before; a stack: the slice is part of both.
+        sop_uid = deterministic_uid("instance", *key, s_idx, f) if multi else deterministic_uid("instance", *key, f)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = MRImageStorage
         meta.MediaStorageSOPInstanceUID = UID(sop_uid)
@@ -146,7 +177,7 @@ def write_dicom_frames(
             ds.StationName = info.station_name
         ds.SoftwareVersions = "recon-node"
         # General image
-        ds.InstanceNumber = f + 1
+        ds.InstanceNumber = s_idx * n_frames + f + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
         ds.AcquisitionNumber = f + 1
         ds.AcquisitionDate = date
@@ -154,7 +185,8 @@ def write_dicom_frames(
         ds.ContentDate = date
         ds.ContentTime = times[f]
         ds.ImageComments = (
-            f"MRF frame {f + 1}/{n_frames}; pixel = |signal| x {scale:.6g} (one scale for the whole series)"
+            (f"MRF slice {s_idx + 1}/{n_slices} " if multi else "MRF ")
+            + f"frame {f + 1}/{n_frames}; pixel = |signal| x {scale:.6g} (one scale for the whole series)"
         )
         # Image plane
         ds.PixelSpacing = [_ds(g.pixel_spacing_mm[0]), _ds(g.pixel_spacing_mm[1])]
@@ -198,7 +230,7 @@ def write_dicom_frames(
         ds.WindowCenter = _ds(MAX_STORED_VALUE / 2)
         ds.WindowWidth = _ds(MAX_STORED_VALUE)
 
-        path = out / f"frame_{f + 1:04d}.dcm"
+        path = out / (f"slice_{s_idx + 1:03d}_frame_{f + 1:04d}.dcm" if multi else f"frame_{f + 1:04d}.dcm")
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths

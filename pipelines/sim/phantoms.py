@@ -328,23 +328,76 @@ class _Painter:
 class _AnatomyOptions:
     pixel_size: float  # normalised units per pixel; thin structures keep at least one pixel
     ventricle_scale: float = 1.0  # > 1 mimics atrophy in randomised heads
+    z: float = 0.0  # slice position along the slice normal (normalised units, + = superior / proximal)
+
+
+def _z_scale(z: float, centre: float, half: float) -> float:
+    """In-plane size of an ellipsoid's cross-section at ``z`` relative to its cross-section at z = 0.
+
+    The ellipsoid spans ``centre +- half`` along the slice normal; 0 where the slice misses it. z = 0 returns
+    exactly 1 so that the canonical (single-slice) phantom is unchanged to the last bit. For an ellipsoid that
+    z = 0 misses, the size is relative to its widest (central) section instead.
+    """
+    if z == 0.0:
+        return 1.0
+
+    def radius(zz: float) -> float:
+        return float(np.sqrt(max(0.0, 1.0 - ((zz - centre) / half) ** 2)))
+
+    at_zero = radius(0.0)
+    return radius(z) / at_zero if at_zero > 0 else radius(z)
+
+
+def _section(
+    g: Grid, z: float, z_extent: tuple[float, float], centre: tuple[float, float], semi_axes: tuple[float, float],
+    angle_deg: float = 0.0, wobble: tuple[float, int, float] | None = None,
+) -> np.ndarray:
+    """The cross-section at ``z`` of an ellipsoid whose z = 0 section (or, if z = 0 misses it, its central
+    section) is the given 2D ellipse; empty where the slice misses it."""
+    s = _z_scale(z, *z_extent)
+    if s <= 0.0:
+        return np.zeros(g[0].shape, dtype=bool)
+    if s != 1.0:
+        semi_axes = (semi_axes[0] * s, semi_axes[1] * s)
+    return _ellipse(g, centre, semi_axes, angle_deg, wobble)
+
+
+# Extent of the head's structures along the slice normal, as (centre, half length) in normalised units (one
+# unit = half the FOV, 120 mm at the default 240 mm). The canonical slice (z = 0) passes through the lateral
+# ventricles; the head reaches ~70 mm above it (vertex) and further below (skull base), the ventricles about
+# +-17 mm, the canonical lesion +-6 mm, and a second lesion sits ~20 mm above the canonical slice, so a stack of
+# slices shows a shrinking head towards the vertex, ventricles that grow and vanish, and lesions in some slices only.
+_BRAIN_Z = {
+    "scalp": (-0.15, 0.73),
+    "skull": (-0.15, 0.67),
+    "csf": (-0.15, 0.64),
+    "grey_matter": (-0.15, 0.615),
+    "white_matter": (-0.12, 0.50),
+    "ventricles": (0.02, 0.14),
+    "lesion": (0.0, 0.05),
+    "lesion_superior": (0.17, 0.055),
+}
 
 
 def _paint_brain(painter: _Painter, opts: _AnatomyOptions) -> None:
-    g = painter.grid
-    painter.paint("scalp", _ellipse(g, (0.0, 0.0), (0.74, 0.92)))
-    painter.paint("skull", _ellipse(g, (0.0, 0.0), (0.68, 0.86)))
-    painter.paint("csf", _ellipse(g, (0.0, 0.0), (0.645, 0.825)))
-    painter.paint("grey_matter", _ellipse(g, (0.0, 0.0), (0.62, 0.80), wobble=(0.015, 13, 0.4)))
-    painter.paint("white_matter", _ellipse(g, (0.0, 0.01), (0.50, 0.67), wobble=(0.05, 9, 0.0)))
+    g, z = painter.grid, opts.z
+    painter.paint("scalp", _section(g, z, _BRAIN_Z["scalp"], (0.0, 0.0), (0.74, 0.92)))
+    painter.paint("skull", _section(g, z, _BRAIN_Z["skull"], (0.0, 0.0), (0.68, 0.86)))
+    painter.paint("csf", _section(g, z, _BRAIN_Z["csf"], (0.0, 0.0), (0.645, 0.825)))
+    painter.paint("grey_matter", _section(g, z, _BRAIN_Z["grey_matter"], (0.0, 0.0), (0.62, 0.80),
+                                          wobble=(0.015, 13, 0.4)))
+    painter.paint("white_matter", _section(g, z, _BRAIN_Z["white_matter"], (0.0, 0.01), (0.50, 0.67),
+                                           wobble=(0.05, 9, 0.0)))
     vs = opts.ventricle_scale
-    painter.paint(
-        "lateral_ventricle_left", _ellipse(g, (-0.11, -0.06), (0.065 * vs, 0.24 * vs), angle_deg=-12.0)
-    )
-    painter.paint(
-        "lateral_ventricle_right", _ellipse(g, (0.11, -0.06), (0.065 * vs, 0.24 * vs), angle_deg=12.0)
-    )
-    painter.paint("lesion", _ellipse(g, (0.30, -0.30), (0.06, 0.048), angle_deg=30.0))
+    # Painted (possibly empty) in every slice, so label ids are the same in every slice of a stack.
+    painter.paint("lateral_ventricle_left", _section(g, z, _BRAIN_Z["ventricles"], (-0.11, -0.06),
+                                                     (0.065 * vs, 0.24 * vs), angle_deg=-12.0))
+    painter.paint("lateral_ventricle_right", _section(g, z, _BRAIN_Z["ventricles"], (0.11, -0.06),
+                                                      (0.065 * vs, 0.24 * vs), angle_deg=12.0))
+    painter.paint("lesion", _section(g, z, _BRAIN_Z["lesion"], (0.30, -0.30), (0.06, 0.048), angle_deg=30.0))
+    if z != 0.0:  # absent from the canonical slice
+        painter.paint("lesion", _section(g, z, _BRAIN_Z["lesion_superior"], (-0.22, 0.18), (0.07, 0.055),
+                                         angle_deg=-20.0))
 
 
 # Muscle sectors about the femur (degrees; 0 = image right, 90 = down/posterior, -90 = up/anterior).
@@ -360,8 +413,18 @@ _THIGH_SECTORS: tuple[tuple[str, float, float], ...] = (
 _FEMUR_CENTRE = (0.05, -0.05)
 
 
+# Thigh along the slice normal: the limb tapers distally (+z = proximal) by this fraction per normalised unit, and
+# the sartorius runs obliquely, from antero-lateral proximally to medial distally (shift per unit of z).
+_THIGH_TAPER = 0.15
+_SARTORIUS_SHIFT = (0.6, -0.3)
+
+
 def _paint_thigh(painter: _Painter, opts: _AnatomyOptions) -> None:
     g = painter.grid
+    z = opts.z
+    if z != 0.0:
+        s = 1.0 + _THIGH_TAPER * z
+        g = (g[0] / s, g[1] / s)
     # Fasciae are ~1-2 mm: keep them at least one pixel wide so they stay connected at coarse matrices.
     fascia = max(0.012, 0.55 * opts.pixel_size)
     painter.paint("subcutaneous_fat", _ellipse(g, (0.0, 0.0), (0.86, 0.76)))
@@ -371,9 +434,12 @@ def _paint_thigh(painter: _Painter, opts: _AnatomyOptions) -> None:
     for _, start, _ in _THIGH_SECTORS:
         painter.paint("intermuscular_fat", envelope & _ray_band(g, _FEMUR_CENTRE, start, fascia))
     # Muscles wrapped in their own fascia: paint a fat rim, then the muscle inside it.
+    sartorius = (-0.50, -0.33)
+    if z != 0.0:
+        sartorius = (sartorius[0] + _SARTORIUS_SHIFT[0] * z, sartorius[1] + _SARTORIUS_SHIFT[1] * z)
     for name, centre, axes, angle in (
         ("rectus_femoris", (0.03, -0.47), (0.16, 0.11), 0.0),
-        ("sartorius", (-0.50, -0.33), (0.10, 0.06), 35.0),
+        ("sartorius", sartorius, (0.10, 0.06), 35.0),
         ("gracilis", (-0.63, 0.14), (0.06, 0.11), -10.0),
     ):
         rim = (axes[0] + fascia, axes[1] + fascia)
@@ -466,6 +532,20 @@ def _df_random(grid: Grid, b0: float, rng: np.random.Generator) -> np.ndarray:
     return df * (b0 / 3.0)
 
 
+# Through-plane variation of the fields: the transmit field falls off along the coil axis (Gaussian, sigma in
+# normalised units) and the residual shim leaves a z gradient (Hz per normalised unit at 3 T).
+_B1_Z_SIGMA = 0.6
+_DF_Z_GRADIENT_HZ = 10.0
+
+
+def _fields_off_centre(b1: np.ndarray, df: np.ndarray, z: float, b0: float) -> tuple[np.ndarray, np.ndarray]:
+    """B1 and off-resonance of a slice at ``z`` from those of the z = 0 slice."""
+    b1 = 1.0 + (b1 - 1.0) * np.exp(-0.5 * (z / _B1_Z_SIGMA) ** 2) - 0.05 * _b1_field_scale(b0) * (
+        1.0 - np.exp(-0.5 * (z / _B1_Z_SIGMA) ** 2))
+    df = df + _DF_Z_GRADIENT_HZ * z * (b0 / 3.0)
+    return b1, df
+
+
 # --------------------------------------------------------------------------------------------------------
 # Randomisation of tissue values and pose
 # --------------------------------------------------------------------------------------------------------
@@ -522,12 +602,19 @@ def make_phantom(
     field_strength_T: float = 3.0,
     seed: int | None = None,
     randomize: bool = False,
+    z: float = 0.0,
 ) -> Phantom:
     """Build the ``brain`` or ``thigh`` phantom on a ``matrix`` (int or (ny, nx)) grid.
 
     ``randomize=False`` gives the canonical phantom (``seed`` is ignored). ``randomize=True`` draws pose,
     tissue values and field patterns from ``np.random.default_rng(seed)``; ``seed=None`` is then
     non-reproducible.
+
+    ``z`` places the slice along the slice normal, in the in-plane normalised units (one unit = half the shorter
+    side of the FOV; + is superior for the head, proximal for the thigh). z = 0 is the canonical slice, bit for
+    bit; other positions cut the 3D anatomy elsewhere (see ``_BRAIN_Z``, ``_THIGH_TAPER``), with the same label
+    ids and, when randomised, the same pose and tissue values for every z of one seed, so a stack of slices is
+    one consistent object. B1 falls off and the off-resonance gains a through-plane shim gradient away from z = 0.
     """
     if name not in _ANATOMIES:
         raise ValueError(f"unknown phantom {name!r}; choose one of {sorted(_ANATOMIES)}")
@@ -539,7 +626,8 @@ def make_phantom(
 
     object_grid = _random_pose(pixel_grid, rng) if rng is not None else pixel_grid
     opts = _AnatomyOptions(
-        pixel_size=pixel_size, ventricle_scale=float(rng.uniform(0.8, 1.4)) if rng is not None else 1.0
+        pixel_size=pixel_size, ventricle_scale=float(rng.uniform(0.8, 1.4)) if rng is not None else 1.0,
+        z=float(z),
     )
     painter = _Painter(object_grid)
     _ANATOMIES[name](painter, opts)
@@ -560,6 +648,8 @@ def make_phantom(
     else:
         b1 = _b1_canonical(pixel_grid, b0)
         df = _df_canonical(pixel_grid, name, b0)
+    if z != 0.0:
+        b1, df = _fields_off_centre(b1, df, float(z), b0)
 
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
     return Phantom(

@@ -121,7 +121,7 @@ def test_hold_prepares_once_and_touch_slides(grouper, clock):
 
 
 def test_arm_restarted_group(grouper, clock):
-    grouper.arm("s", "k", Path("/k"), 30, n_instances=12)
+    grouper.arm("s", "k", Path("/k"), 30, n_instances=12, grace=0)  # no restart grace: quiet time only
     clock.advance(29)
     assert grouper.poll() == []
     assert grouper.next_deadline() == pytest.approx(clock.now + 1)

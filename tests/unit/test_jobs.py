@@ -49,7 +49,8 @@ def test_fail_requeues_until_max_attempts(tmp_path):
     assert s.claim().attempts == 2
     assert s.fail(job.id, "ValueError: bad data") == "failed"
     j = s.get(job.id)
-    assert j.state == "failed" and j.error == "ValueError: bad data" and j.finished is not None
+    assert j.state == "failed" and j.error.startswith("ValueError: bad data") and j.finished is not None
+    assert "node.max_attempts is 2" in j.error  # the error names the limit that stopped it
     assert s.claim() is None
 
 
@@ -63,18 +64,19 @@ def test_recover_and_finish_and_log(tmp_path):
     s.append_log(j1.id, "line two")
     s.finish(j2.id, "/spool/results/x")
     s.close()
-    s = JobStore(path, max_attempts=3)  # "restart"
+    s = JobStore(path, max_attempts=3, max_node_deaths=3)  # "restart"
     assert s.recover() == [j1.id]
     j = s.get(j1.id)
     assert j.state == "queued" and "line one" in j.log and "line two" in j.log
     assert s.get(j2.id).state == "done" and s.get(j2.id).result_dir == "/spool/results/x"
-    # a job that was running through max_attempts kills becomes failed, with a reason
-    for _ in range(2):
-        s.claim()
-        s.recover()
+    # a job that was running through max_node_deaths kills becomes failed, with a reason naming that limit
+    s.claim()
+    s.recover()
     s.claim()
     assert s.recover() == []
-    assert s.get(j1.id).state == "failed" and "stopped during this job" in s.get(j1.id).error
+    j = s.get(j1.id)
+    assert j.state == "failed" and "stopped during this job 3 times" in j.error
+    assert "node.max_node_deaths is 3" in j.error and j.node_deaths == 3 and j.attempts == 3
 
 
 def test_claim_flag_creates_running(tmp_path):
