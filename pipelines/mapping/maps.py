@@ -20,6 +20,10 @@ from pipelines.physics.sequences import MRFSequence
 from pipelines.types import Geometry, QuantitativeMap
 
 MODELS = ("auto", "single", "water_fat")
+# Voxels whose fingerprint norm is below this fraction of the mask threshold (relative to the slice's 99th
+# percentile) are background for sure and keep the coarse search's atom: PD = |<a, x>| / ||s|| scales with
+# |x| up to the atom norm, which varies ~3x over brain tissues, so a quarter of the threshold leaves margin.
+_COARSE_MARGIN = 0.25
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,8 @@ def estimate_maps(
                 kw.update(coefficients=True, rank=coeff_map.shape[0])
             with torch.no_grad():
                 res = match_water_fat(kept, dictionary, **kw) if model == "water_fat" \
-                    else match(kept, dictionary, search=options.search, report=report, **kw)
+                    else match(kept, dictionary, search=options.search, report=report,
+                               coarse_below=options.mask_threshold * _COARSE_MARGIN, **kw)
         results.append(res)
         keeps.append(keep.cpu().numpy())
     return _to_maps(_concat(results), np.concatenate(keeps), shape, geometry, options, model)
