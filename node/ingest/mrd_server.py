@@ -534,16 +534,9 @@ class MRDServer:
         the peer has read the answer."""
         self._reply(ser, out, *texts, images=images)
         try:
-            if isinstance(sock, ssl.SSLSocket):
-                sock.settimeout(linger_s)
-                drained, deadline = 0, time.monotonic() + linger_s
-                while time.monotonic() < deadline and drained < linger_bytes:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    drained += len(chunk)
-                return
-            sock.shutdown(socket.SHUT_WR)
+            # A TLS socket cannot half-close (shutdown would end the TLS session before the peer reads the answer).
+            if not isinstance(sock, ssl.SSLSocket):
+                sock.shutdown(socket.SHUT_WR)
             sock.settimeout(linger_s)
             drained, deadline = 0, time.monotonic() + linger_s
             while time.monotonic() < deadline and drained < linger_bytes:
