@@ -49,13 +49,27 @@ def _errors(r, t1, t2):
     return np.median(np.abs(r.t1_ms / t1 - 1)), np.median(np.abs(r.t2_ms / t2 - 1))
 
 
+def _scores(d, x, r, res):
+    """|<a, x>| of each voxel's picked atom, from the dictionary's own coefficients (independent of the matcher)."""
+    row = {v: i for i, v in enumerate(map(tuple, d.params["water"][:, :3].tolist()))}
+    idx = [row[v] for v in zip(res.t1_ms.tolist(), res.t2_ms.tolist(), res.b1.tolist())]
+    a = d.complex.coeffs["water"][idx, :r].to(torch.complex128)
+    a = a / torch.linalg.vector_norm(a, dim=1, keepdim=True)
+    xr = (x.to(torch.complex128) @ d.complex.basis[:, :r].to(torch.complex128))
+    return (xr * a.conj()).sum(1).abs().numpy()
+
+
 def test_fast_search_agrees_with_exhaustive(big_dict, fisp):
     x, t1, t2 = _held_out(fisp, 2000, snr=30, seed=11)
     assert big_dict.n_atoms > 50000
     ex = match(x, big_dict, search="exhaustive")
     fa = match(x, big_dict, search="fast")
-    same = np.mean((ex.t1_ms == fa.t1_ms) & (ex.t2_ms == fa.t2_ms) & (ex.b1 == fa.b1))
-    assert same >= 0.99, same
+    same = (ex.t1_ms == fa.t1_ms) & (ex.t2_ms == fa.t2_ms) & (ex.b1 == fa.b1)
+    # Where the atoms differ, the two scores tie to float32 precision: the exhaustive float32 scan cannot tell
+    # them apart either (its own pick flips with the summation order). Scored here in float64.
+    se, sf = _scores(big_dict, x, ex.rank, ex), _scores(big_dict, x, fa.rank, fa)
+    tie = sf >= se * (1 - 2e-6)
+    assert same.mean() >= 0.95 and (same | tie).mean() >= 0.99, (same.mean(), (same | tie).mean())
     (e1, e2), (f1, f2) = _errors(ex, t1, t2), _errors(fa, t1, t2)
     assert f1 <= e1 * 1.02 + 1e-4 and f2 <= e2 * 1.02 + 1e-4, (e1, e2, f1, f2)
 
@@ -103,3 +117,29 @@ def test_coefficient_maps_equal_frame_maps(big_dict, fisp, dict_cache):
         # residual in %: float rounding of the 1000-frame expansion moves it by < 0.1 points
         agree = np.isclose(mc.data, mf.data, rtol=1e-3, atol=0.1 if mc.kind == "residual" else 1e-3).mean()
         assert agree >= 0.99, (mc.kind, agree)
+
+
+def test_fast_search_on_complex_atoms_and_on_magnitudes(big_dict, fisp):
+    """The two other arithmetic paths of the block search: atoms that are not real up to one global phase (each atom
+    turned by its own phase: every |<a, x>| is unchanged, so the exhaustive winner is too), and magnitude data
+    against magnitude atoms (signed real scores)."""
+    import dataclasses
+
+    x, t1, t2 = _held_out(fisp, 800, snr=30, seed=15)
+    g = torch.Generator().manual_seed(3)
+    comp = big_dict.complex
+    turn = torch.exp(2j * np.pi * torch.rand(comp.coeffs["water"].shape[0], generator=g))[:, None]
+    turned = dataclasses.replace(big_dict, complex=dataclasses.replace(
+        comp, coeffs={"water": comp.coeffs["water"] * turn.to(torch.complex64)}), search_cache={})
+    for d, magnitude in ((turned, False), (big_dict, True)):
+        ex = match(x, d, search="exhaustive", magnitude=magnitude)
+        fa = match(x, d, search="fast", magnitude=magnitude)
+        key = (("blocks", "water", magnitude, ex.rank, "cpu"))
+        assert d.search_cache[key].phase is None  # the complex (or magnitude) path, not the de-rotated one
+        same = (ex.t1_ms == fa.t1_ms) & (ex.t2_ms == fa.t2_ms) & (ex.b1 == fa.b1)
+        close = np.isclose(fa.residual, ex.residual, rtol=0, atol=1e-5)  # ties: equal fit to float32 precision
+        # Magnitudes carry less information than complex signals (flatter maxima): 97-98 % same atom measured.
+        want = 0.95 if magnitude else 0.99
+        assert (same | close).mean() >= want, (magnitude, same.mean(), (same | close).mean())
+        (e1, e2), (f1, f2) = _errors(ex, t1, t2), _errors(fa, t1, t2)
+        assert f1 <= e1 * 1.02 + 1e-4 and f2 <= e2 * 1.02 + 1e-4, (magnitude, e1, e2, f1, f2)
