@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.definitions import get_pipeline
 from pipelines.io.mrd_reader import raw_study_from_hdf5
 from pipelines.mapping.dictionary import build_dictionary, fisp_spec
 from pipelines.physics.sequences import fisp_sequence
-from pipelines.registry import RunContext, get_pipeline
+from pipelines.registry import RunContext
 from pipelines.sim.acquisition import AcquisitionSettings, simulate_study
 from pipelines.sim.mrd_writer import write_ismrmrd
 

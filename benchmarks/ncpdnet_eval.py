@@ -40,7 +40,7 @@ from benchmarks.recon_vs_bart import psnr_ssim, read_cfl, write_cfl  # noqa: E40
 from pipelines.recon.classical import adjoint_recon, cg_sense, l1_wavelet  # noqa: E402
 from pipelines.recon.ncpdnet import load_ncpdnet  # noqa: E402
 from pipelines.recon.train_ncpdnet import AnatomySampler, anatomical_trajectory  # noqa: E402
-from pipelines.recon.training import pick_device  # noqa: E402
+from pipelines.compute import select_device  # noqa: E402
 from pipelines.weights_io import WEIGHTS_DIR  # noqa: E402
 
 TISSUES = ("white_matter", "grey_matter", "csf")
@@ -111,14 +111,14 @@ def anatomical(args: argparse.Namespace, device: torch.device, rows: list[str]) 
 
 
 def mrf(args: argparse.Namespace, device: torch.device, rows: list[str]) -> None:
+    from pipelines.definitions import get_pipeline
     from pipelines.io.mrd_reader import raw_study_from_hdf5
     from pipelines.mapping.dictionary import build_dictionary
     from pipelines.mapping.maps import default_spec
-    from pipelines.mrf_pipeline import slice_operator
     from pipelines.physics.sequences import fisp_sequence
     from pipelines.recon.ncpdnet import cached_ncpdnet, ncpdnet_subspace
-    from pipelines.recon.subspace import reconstruct
-    from pipelines.registry import RunContext, get_pipeline
+    from pipelines.recon.subspace import reconstruct, slice_operator
+    from pipelines.registry import RunContext
     from pipelines.sim.acquisition import AcquisitionSettings, simulate_study
     from pipelines.sim.anatomy import heldout_seeds
     from pipelines.sim.mrd_writer import write_ismrmrd
@@ -190,7 +190,7 @@ def main() -> None:
     ap.add_argument("--skip", choices=("anatomy", "mrf"), default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = select_device(args.device)
     print(f"device {device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else platform.processor()}), "
           f"{args.threads} thread(s); held-out anatomical images {args.first}..{args.first + args.n - 1}\n")
     rows: list[str] = []

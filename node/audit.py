@@ -26,8 +26,16 @@ from typing import IO, Any
 log = logging.getLogger(__name__)
 
 # Field names that would carry patient demographics; never written even if a caller passes them.
-_FORBIDDEN = {"patient_name", "patientname", "patient_birth_date", "patientbirthdate", "patient_address",
-              "patientaddress", "birth_date", "birthdate"}
+_FORBIDDEN = {
+    "patient_name",
+    "patientname",
+    "patient_birth_date",
+    "patientbirthdate",
+    "patient_address",
+    "patientaddress",
+    "birth_date",
+    "birthdate",
+}
 
 _lock = threading.Lock()
 _handle: IO[str] | None = None
@@ -80,7 +88,7 @@ def event(kind: str, outcome: str = "success", /, **fields: Any) -> None:
     if _handle is None:
         return
     record: dict[str, Any] = {
-        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "kind": kind,
         "outcome": str(fields.pop("outcome", outcome)),
     }

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,6 @@ def _version() -> str:
         return version("recon-node")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-def _set_threads(n: int | None) -> None:
-    import torch
-
-    n = n or int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, n))
 
 
 def _parse_sets(items: list[str]) -> dict[str, str]:
@@ -48,8 +41,10 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
 def cmd_version(args: argparse.Namespace) -> int:
     import torch
 
+    from pipelines.compute import select_device
+
     print(f"recon-node {_version()}")
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    cuda = torch.cuda.get_device_name(0) if select_device("auto").type == "cuda" else "none"
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA device: {cuda}")
     return 0
 
@@ -58,34 +53,50 @@ def cmd_version(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from node.ingest.mrd_client import send_study
+    from pipelines.compute import set_threads
     from pipelines.physics.sequences import get_sequence
     from pipelines.sim.acquisition import AcquisitionSettings, simulate_study
-    from pipelines.sim.mrd_writer import send_study, write_ismrmrd
+    from pipelines.sim.mrd_writer import write_ismrmrd
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     seq = get_sequence(args.sequence)
     if args.slices < 1:
         raise ValueError(f"--slices must be >= 1, got {args.slices}")
     settings = AcquisitionSettings(
-        trajectory=args.trajectory, coils=args.coils, snr=args.snr, acceleration=args.acceleration,
-        cartesian_mask=args.mask, fov_mm=args.fov, seed=args.seed,
-        slice_thickness_mm=args.slice_thickness, slice_gap_mm=args.slice_gap,
+        trajectory=args.trajectory,
+        coils=args.coils,
+        snr=args.snr,
+        acceleration=args.acceleration,
+        cartesian_mask=args.mask,
+        fov_mm=args.fov,
+        seed=args.seed,
+        slice_thickness_mm=args.slice_thickness,
+        slice_gap_mm=args.slice_gap,
     )
     t0 = time.perf_counter()
-    stack = (f", {args.slices} slices {args.slice_thickness:g} mm + {args.slice_gap:g} mm gap"
-             if args.slices > 1 else "")
-    print(f"simulating {args.phantom} phantom {args.matrix}x{args.matrix}{stack}, sequence {seq.name} "
-          f"({seq.n_frames} frames), {args.trajectory}, {args.coils} coils, SNR {args.snr:g}", file=sys.stderr)
+    stack = f", {args.slices} slices {args.slice_thickness:g} mm + {args.slice_gap:g} mm gap" if args.slices > 1 else ""
+    print(
+        f"simulating {args.phantom} phantom {args.matrix}x{args.matrix}{stack}, sequence {seq.name} "
+        f"({seq.n_frames} frames), {args.trajectory}, {args.coils} coils, SNR {args.snr:g}",
+        file=sys.stderr,
+    )
     if args.slices > 1:
         return _simulate_multislice(args, seq, settings, t0)
-    study = simulate_study(args.phantom, seq, settings, matrix=args.matrix, field_strength_T=args.field,
-                           progress=not args.quiet)
+    study = simulate_study(
+        args.phantom, seq, settings, matrix=args.matrix, field_strength_T=args.field, progress=not args.quiet
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_ismrmrd(study, out)
     truth_path = out.with_name(out.stem + "_truth.npz")
-    np.savez_compressed(truth_path, **study.truth,
-                        label_names=json.dumps({int(k): v for k, v in study.label_names.items()}))
+    # allow_pickle is numpy's default, spelt out so that mypy does not match the ``**`` arrays against it.
+    np.savez_compressed(
+        truth_path,
+        allow_pickle=True,
+        **study.truth,
+        label_names=json.dumps({int(k): v for k, v in study.label_names.items()}),
+    )
     written = [str(out), str(truth_path)]
     if args.dicom_out:
         from pipelines.sim.dicom_frames import write_dicom_frames
@@ -96,8 +107,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         host, _, port = args.send.rpartition(":")
         replies = send_study(study, host or "127.0.0.1", int(port))
         written.append(f"sent to {args.send} ({len(replies)} replies)")
-    print(f"wrote {', '.join(written)} in {time.perf_counter() - t0:.1f} s "
-          f"(R = {study.acceleration:.2f}, noise std {study.noise_std:.3g})")
+    print(
+        f"wrote {', '.join(written)} in {time.perf_counter() - t0:.1f} s "
+        f"(R = {study.acceleration:.2f}, noise std {study.noise_std:.3g})"
+    )
     return 0
 
 
@@ -105,12 +118,20 @@ def _simulate_multislice(args: argparse.Namespace, seq: Any, settings: Any, t0: 
     """``simulate --slices N``: one pass over the slices, each simulated, written (ISMRMRD, DICOM) and dropped."""
     import numpy as np
 
+    from node.ingest.mrd_client import send_study
     from pipelines.sim.acquisition import simulate_multislice
     from pipelines.sim.dicom_frames import MAX_STORED_VALUE, write_dicom_frames
-    from pipelines.sim.mrd_writer import IsmrmrdFileWriter, build_header, send_study
+    from pipelines.sim.mrd_writer import IsmrmrdFileWriter, build_header
 
-    ms = simulate_multislice(args.phantom, seq, settings, n_slices=args.slices, matrix=args.matrix,
-                             field_strength_T=args.field, progress=not args.quiet)
+    ms = simulate_multislice(
+        args.phantom,
+        seq,
+        settings,
+        n_slices=args.slices,
+        matrix=args.matrix,
+        field_strength_T=args.field,
+        progress=not args.quiet,
+    )
     out = Path(args.out)
     n_dicom = 0
     scale = MAX_STORED_VALUE / ms.frame_peak if ms.frame_peak > 0 else 1.0
@@ -123,12 +144,20 @@ def _simulate_multislice(args: argparse.Namespace, seq: Any, settings: Any, t0: 
                 n_dicom += len(write_dicom_frames(st, Path(args.dicom_out), scale=scale))
             if not args.quiet:
                 z = float(ms.geometry.slice_locations_mm[s])
-                print(f"  slice {s + 1}/{ms.n_slices} at z = {z:+.1f} mm done ({time.perf_counter() - t0:.1f} s)",
-                      file=sys.stderr)
+                print(
+                    f"  slice {s + 1}/{ms.n_slices} at z = {z:+.1f} mm done ({time.perf_counter() - t0:.1f} s)",
+                    file=sys.stderr,
+                )
             del st  # before the next slice is simulated: one slice in memory at a time
     truth_path = out.with_name(out.stem + "_truth.npz")
-    np.savez_compressed(truth_path, **ms.truth, slice_positions_mm=ms.geometry.positions,
-                        label_names=json.dumps({int(k): v for k, v in ms.label_names.items()}))
+    # allow_pickle is numpy's default, spelt out so that mypy does not match the ``**`` arrays against it.
+    np.savez_compressed(
+        truth_path,
+        allow_pickle=True,
+        **ms.truth,
+        slice_positions_mm=ms.geometry.positions,
+        label_names=json.dumps({int(k): v for k, v in ms.label_names.items()}),
+    )
     written = [str(out), f"{truth_path} (maps [slices, y, x])"]
     if args.dicom_out:
         written.append(f"{args.dicom_out} ({n_dicom} DICOM frames, {ms.n_slices} slices in one series)")
@@ -136,81 +165,46 @@ def _simulate_multislice(args: argparse.Namespace, seq: Any, settings: Any, t0: 
         host, _, port = args.send.rpartition(":")
         replies = send_study(out, host or "127.0.0.1", int(port))  # from the file: no second simulation
         written.append(f"sent to {args.send} ({len(replies)} replies)")
-    print(f"wrote {', '.join(written)} in {time.perf_counter() - t0:.1f} s "
-          f"(R = {ms.acceleration:.2f}, noise std {ms.noise_std:.3g})")
+    print(
+        f"wrote {', '.join(written)} in {time.perf_counter() - t0:.1f} s "
+        f"(R = {ms.acceleration:.2f}, noise std {ms.noise_std:.3g})"
+    )
     return 0
 
 
 # ---- process ---------------------------------------------------------------------------------------------
-def load_study(path: Path) -> Any:
-    """An ISMRMRD file (.h5/.mrd) as RawStudy, a DICOM file or folder as ImageStudy."""
-    if not path.exists():
-        raise ValueError(f"input {path} does not exist")
-    if path.is_file() and path.suffix.lower() in (".h5", ".hdf5", ".mrd", ".ismrmrd"):
-        from pipelines.io.mrd_reader import raw_study_from_hdf5
-
-        return raw_study_from_hdf5(path)
-    if path.is_file():
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-        if head.startswith(b"\x89HDF\r\n\x1a\n"):
-            from pipelines.io.mrd_reader import raw_study_from_hdf5
-
-            return raw_study_from_hdf5(path)
-    from pipelines.io.dicom_reader import image_study_from_dicom
-
-    return image_study_from_dicom(path)
-
-
 def cmd_process(args: argparse.Namespace) -> int:
-    import numpy as np
+    from node.run import RunRequest, run_unit
+    from pipelines.compute import set_threads
 
-    from node.egress.dicom_writer import write_outputs
-    from pipelines.registry import RunContext, get_pipeline, select_device
-    from pipelines.types import QuantitativeMap, ReconImage
-
-    _set_threads(args.threads)
-    spec = get_pipeline(args.pipeline)
-    params = spec.resolve_params(_parse_sets(args.set))
-    device = select_device(args.device)
-    study = load_study(Path(args.input))
+    set_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(device=device, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                     progress=not args.quiet, log=logging.getLogger(f"pipelines.{spec.name}"))
-    t0 = time.perf_counter()
-    outputs = spec(study, params, ctx)
-    elapsed = time.perf_counter() - t0
-    maps = {o.kind: o.data for o in outputs if isinstance(o, QuantitativeMap)}
-    images = {o.kind: o.data for o in outputs if isinstance(o, ReconImage)}
-    written = []
-    if maps:
-        np.savez(out / "maps.npz", **maps, **{f"{k}_unit": np.array(o.unit) for o in outputs
-                                            if isinstance(o, QuantitativeMap) for k in [o.kind]})
-        written.append("maps.npz")
-    if images:
-        np.savez(out / "images.npz", **images)
-        written.append("images.npz")
-    if not args.no_dicom:
-        files = write_outputs(outputs, study.study, out / "dicom", job_id=f"process-{out.resolve()}")
-        written.append(f"dicom/ ({len(files)} files)")
-    summary = {
-        "pipeline": spec.name, "input": str(args.input), "device": str(device), "seconds": round(elapsed, 3),
-        "params": params,
-        "outputs": [{"kind": o.kind, "shape": list(o.data.shape), "unit": getattr(o, "unit", ""),
-                     "description": o.description, "notes": o.notes} for o in outputs],
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    for o in outputs:
+    res = run_unit(
+        RunRequest(
+            input=Path(args.input),
+            pipeline=args.pipeline,
+            params=_parse_sets(args.set),
+            out_dir=out,
+            job_id=f"process-{out.resolve()}",
+            replace=False,
+            device=args.device,
+            cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+            progress=not args.quiet,
+            dicom=not args.no_dicom,
+        )
+    )
+    for o in res.outputs:
         for note in o.notes:
             print(f"note ({o.kind}): {note}", file=sys.stderr)
-    print(f"{spec.name}: {len(outputs)} output(s) in {elapsed:.1f} s on {device} -> {out}/ "
-          f"({', '.join(written + ['summary.json'])})")
+    print(
+        f"{args.pipeline}: {len(res.outputs)} output(s) in {res.seconds:.1f} s on {res.device} -> {out}/ "
+        f"({', '.join(res.written)})"
+    )
     return 0
 
 
 def cmd_pipelines(args: argparse.Namespace) -> int:
-    from pipelines.registry import list_pipelines
+    from pipelines.definitions import list_pipelines
 
     for spec in list_pipelines():
         print(f"{spec.name:24s} [{spec.input_kind}] {spec.summary}")
@@ -227,8 +221,10 @@ def _load_site(path: str, check_pipelines: bool = True) -> Any:
         return load_config(path, check_pipelines=check_pipelines)
     except ConfigError as e:
         lines = [f"  {k}: {m}" + (f"\n      hint: {h}" if h else "") for k, m, h in e.problems]
-        raise ValueError(f"{e.path}: the site config has {len(e.problems)} problem(s) "
-                         f"(run `recon-node check-config {e.path}`):\n" + "\n".join(lines)) from None
+        raise ValueError(
+            f"{e.path}: the site config has {len(e.problems)} problem(s) "
+            f"(run `recon-node check-config {e.path}`):\n" + "\n".join(lines)
+        ) from None
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -277,10 +273,11 @@ def _egress_text(e: dict[str, Any] | None, send_to: list[str]) -> str:
     return text
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        # The last column is left unpadded, so it has no width; every row has the same number of columns.
+        print("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -301,32 +298,61 @@ def cmd_status(args: argparse.Namespace) -> int:
     run_file = cfg.node.spool_dir / "run" / "node.json"
     node = json.loads(run_file.read_text()) if run_file.exists() else None
     if args.json:
-        out = {"counts": counts, "node": node, "destinations": destinations, "jobs": [
-            {**{k: v for k, v in j.to_dict().items() if args.log or k != "log"}, "egress": egress.get(j.id)}
-            for j in jobs]}
+        out = {
+            "counts": counts,
+            "node": node,
+            "destinations": destinations,
+            "jobs": [
+                {**{k: v for k, v in j.to_dict().items() if args.log or k != "log"}, "egress": egress.get(j.id)}
+                for j in jobs
+            ],
+        }
         print(json.dumps(out, indent=1, default=str))
         return 0
     if node:
-        print(f"node pid {node['pid']}: MRD port {node['mrd_port']}"
-              + (f", MRD TLS port {node['mrd_tls_port']}" if node.get("mrd_tls_port") else "")
-              + f", DICOM port {node.get('dicom_port')}")
+        print(
+            f"node pid {node['pid']}: MRD port {node['mrd_port']}"
+            + (f", MRD TLS port {node['mrd_tls_port']}" if node.get("mrd_tls_port") else "")
+            + f", DICOM port {node.get('dicom_port')}"
+        )
     else:
         print("node: not running (no run file)")
     print("jobs: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if destinations:
         print("destinations:")
-        rows = [("  NAME", "KIND", "TARGET", "CHECK", "PENDING", "SENT", "FAILED", "LAST ERROR")]
+        rows: list[tuple[str, ...]] = [("  NAME", "KIND", "TARGET", "CHECK", "PENDING", "SENT", "FAILED", "LAST ERROR")]
         for d in destinations:
             echo = {None: "-", True: "ok", False: "FAILED"}[d["echo_ok"]]
-            rows.append(("  " + d["name"], d["kind"], d["target"], echo, str(d["pending"]), str(d["sent"]),
-                         str(d["failed"]), (d["last_error"] or "")[:100]))
+            rows.append(
+                (
+                    "  " + d["name"],
+                    d["kind"],
+                    d["target"],
+                    echo,
+                    str(d["pending"]),
+                    str(d["sent"]),
+                    str(d["failed"]),
+                    (d["last_error"] or "")[:100],
+                )
+            )
         _table(rows)
     if jobs:
         rows = [("ID", "SOURCE", "ROUTE", "PIPELINE", "STATE", "TRIES", "AGE", "EGRESS", "ERROR")]
         for j in jobs:
             tries = str(j.attempts) + (f" ({j.node_deaths} node stop)" if j.node_deaths else "")
-            rows.append((j.id, j.source or "-", j.route or "-", j.pipeline or "-", j.state, tries,
-                         _age(j.created), _egress_text(egress.get(j.id), j.send_to), (j.error or "")[:100]))
+            rows.append(
+                (
+                    j.id,
+                    j.source or "-",
+                    j.route or "-",
+                    j.pipeline or "-",
+                    j.state,
+                    tries,
+                    _age(j.created),
+                    _egress_text(egress.get(j.id), j.send_to),
+                    (j.error or "")[:100],
+                )
+            )
         _table(rows)
     if args.log:
         for j in jobs:
@@ -346,8 +372,8 @@ def _open_store(cfg: Any) -> Any:
 def cmd_retry(args: argparse.Namespace) -> int:
     """Queue a failed / unrouted job again, routed with the current site config (a running node picks it up)."""
     from node import audit
+    from node.ingest.units import unit_from_disk
     from node.routing import route
-    from node.service import unit_from_disk
 
     cfg = _load_site(args.config)
     if cfg.node.audit_log is not None:
@@ -358,11 +384,15 @@ def cmd_retry(args: argparse.Namespace) -> int:
         if job is None:
             raise ValueError(f"no job {args.job!r} in {store.path} (see `recon-node status`)")
         if job.state in ("queued", "running"):
-            raise ValueError(f"job {job.id} is {job.state}; only a failed or unrouted job is retried "
-                             "(a done or sent job with --force)")
+            raise ValueError(
+                f"job {job.id} is {job.state}; only a failed or unrouted job is retried "
+                "(a done or sent job with --force)"
+            )
         if job.state in ("done", "sent") and not args.force:
-            raise ValueError(f"job {job.id} is {job.state}; add --force to run it again (use `recon-node resend "
-                             f"{job.id}` to send its outputs again)")
+            raise ValueError(
+                f"job {job.id} is {job.state}; add --force to run it again (use `recon-node resend "
+                f"{job.id}` to send its outputs again)"
+            )
         unit = unit_from_disk(Path(job.unit_path))
         if unit is None:
             raise ValueError(f"job {job.id}: its input {job.unit_path} is no longer in the spool; it cannot be retried")
@@ -370,24 +400,28 @@ def cmd_retry(args: argparse.Namespace) -> int:
             unit.source = job.source
         r = route(cfg, unit)
         if r is None:
-            raise ValueError(f"job {job.id}: no route of {cfg.path} matches its input "
-                             f"({', '.join(f'{k}={v}' for k, v in unit.attributes.items() if k != 'json')}); "
-                             "add a route, then retry")
+            raise ValueError(
+                f"job {job.id}: no route of {cfg.path} matches its input "
+                f"({', '.join(f'{k}={v}' for k, v in unit.attributes.items() if k != 'json')}); "
+                "add a route, then retry"
+            )
         new = store.requeue(job.id, route=r.name, pipeline=r.pipeline, params=r.params, send_to=r.send_to)
         audit.event("job.retry", job_id=job.id, actor="operator", route=r.name, previous_state=job.state)
     finally:
         store.close()
-    print(f"job {new.id} queued again (was {job.state}): route {new.route}, pipeline {new.pipeline}"
-          + (f", send to {', '.join(new.send_to)}" if new.send_to else "")
-          + "; a running node picks it up within a second")
+    print(
+        f"job {new.id} queued again (was {job.state}): route {new.route}, pipeline {new.pipeline}"
+        + (f", send to {', '.join(new.send_to)}" if new.send_to else "")
+        + "; a running node picks it up within a second"
+    )
     return 0
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
     """Queue a done / sent job's DICOM outputs again for its destinations (delivered ones too)."""
     from node import audit
-    from node.egress.egress import result_files
-    from node.egress.sender import SENT, Outbox
+    from node.egress.instances import result_instances
+    from node.egress.outbox import SENT, Outbox
 
     cfg = _load_site(args.config, check_pipelines=False)
     if cfg.node.audit_log is not None:
@@ -398,15 +432,17 @@ def cmd_resend(args: argparse.Namespace) -> int:
         if job is None:
             raise ValueError(f"no job {args.job!r} in {store.path} (see `recon-node status`)")
         if job.state not in ("done", "sent"):
-            raise ValueError(f"job {job.id} is {job.state}: only a done or sent job has outputs to resend"
-                             + (f" (run `recon-node retry {job.id}` first)" if job.state == "failed" else ""))
+            raise ValueError(
+                f"job {job.id} is {job.state}: only a done or sent job has outputs to resend"
+                + (f" (run `recon-node retry {job.id}` first)" if job.state == "failed" else "")
+            )
         dests = args.to or job.send_to
         unknown = [d for d in dests if cfg.destination(d) is None]
         if unknown:
             raise ValueError(f"no destination called {', '.join(unknown)} in {cfg.path}")
         if not dests:
             raise ValueError(f"job {job.id} has no destinations (its route sends nowhere); name one with --to")
-        files = result_files(job.result_dir)
+        files = result_instances(job.result_dir)
         if not files:
             raise ValueError(f"job {job.id}: no DICOM outputs under {job.result_dir} (removed by retention?)")
         outbox = Outbox(cfg.node.outbox_path, recover=False)  # beside a running sender: leave rows in flight alone
@@ -424,8 +460,10 @@ def cmd_resend(args: argparse.Namespace) -> int:
         audit.event("job.resend", job_id=job.id, actor="operator", destinations=dests, n_instances=len(files))
     finally:
         store.close()
-    print(f"job {job.id}: {len(files)} instance(s) queued again for {', '.join(dests)} ({n} outbox rows re-armed); "
-          "a running node sends them now, a stopped one when it starts")
+    print(
+        f"job {job.id}: {len(files)} instance(s) queued again for {', '.join(dests)} ({n} outbox rows re-armed); "
+        "a running node sends them now, a stopped one when it starts"
+    )
     return 0
 
 
@@ -433,8 +471,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from node.ingest.mrd_client import submit_file
 
     try:
-        res = submit_file(args.file, args.host, args.port, config_name=args.config_name or None,
-                          timeout=args.timeout)
+        res = submit_file(args.file, args.host, args.port, config_name=args.config_name or None, timeout=args.timeout)
     except (ConnectionError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -447,8 +484,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from node.demo import main as demo_main
+    from pipelines.compute import set_threads
 
-    _set_threads(None)
+    set_threads(None)
     return demo_main(matrix=args.matrix, workdir=args.workdir, pacs=args.pacs, quiet=args.quiet)
 
 
@@ -467,8 +505,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ---- parser ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="recon-node", description=(
-        "Clinical reconstruction node for quantitative MRI: MRD/DICOM in, quantitative maps out."))
+    ap = argparse.ArgumentParser(
+        prog="recon-node",
+        description=("Clinical reconstruction node for quantitative MRI: MRD/DICOM in, quantitative maps out."),
+    )
     ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -476,38 +516,64 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("version", help="print versions and the compute device")
     p.set_defaults(func=cmd_version)
 
-    p = sub.add_parser("demo", help="the whole loop on embedded defaults: scanner -> node -> maps in a PACS",
-                       description="Start a node in this process, send it a simulated brain MRF study over MRD "
-                       "and over DICOM, wait for both jobs, and show where the maps went, ROI values against the "
-                       "phantom's truth, and PNG previews. The first run builds the FISP dictionary (about 2.5 "
-                       "minutes on 2 cores) and caches it.")
+    p = sub.add_parser(
+        "demo",
+        help="the whole loop on embedded defaults: scanner -> node -> maps in a PACS",
+        description="Start a node in this process, send it a simulated brain MRF study over MRD "
+        "and over DICOM, wait for both jobs, and show where the maps went, ROI values against the "
+        "phantom's truth, and PNG previews. The first run builds the FISP dictionary (about 2.5 "
+        "minutes on 2 cores) and caches it.",
+    )
     p.add_argument("--matrix", type=int, default=64, help="image matrix of the simulated scan (default 64)")
-    p.add_argument("--workdir", default=None, help="keep everything here (default: ./recon-node-demo for the "
-                   "PACS folder and previews, a temporary folder for the spool)")
-    p.add_argument("--pacs", choices=["folder", "orthanc"], default="folder",
-                   help="folder (default) or a throwaway local Orthanc when /usr/sbin/Orthanc exists")
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="keep everything here (default: ./recon-node-demo for the "
+        "PACS folder and previews, a temporary folder for the spool)",
+    )
+    p.add_argument(
+        "--pacs",
+        choices=["folder", "orthanc"],
+        default="folder",
+        help="folder (default) or a throwaway local Orthanc when /usr/sbin/Orthanc exists",
+    )
     p.add_argument("--quiet", action="store_true", help="only the results")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("simulate", help="simulate an MRF scan: ISMRMRD file, ground truth, optional DICOM",
-                       description="Simulate an MRF acquisition of a numerical phantom and write it as an "
-                       "ISMRMRD file (plus <out>_truth.npz with the ground-truth maps).")
+    p = sub.add_parser(
+        "simulate",
+        help="simulate an MRF scan: ISMRMRD file, ground truth, optional DICOM",
+        description="Simulate an MRF acquisition of a numerical phantom and write it as an "
+        "ISMRMRD file (plus <out>_truth.npz with the ground-truth maps).",
+    )
     p.add_argument("--phantom", choices=["brain", "thigh"], default="brain")
     p.add_argument("--sequence", default="fisp", help="fisp, t1ff, or a JSON schedule (default fisp)")
     p.add_argument("--trajectory", choices=["cartesian", "radial", "spiral"], default="cartesian")
     p.add_argument("--matrix", type=int, default=128)
     p.add_argument("--coils", type=int, default=8)
     p.add_argument("--snr", type=float, default=30.0, help="mean object signal / noise std per coil (inf: none)")
-    p.add_argument("--acceleration", type=float, default=None,
-                   help="undersampling per frame (default: Cartesian full, non-Cartesian one readout/frame)")
+    p.add_argument(
+        "--acceleration",
+        type=float,
+        default=None,
+        help="undersampling per frame (default: Cartesian full, non-Cartesian one readout/frame)",
+    )
     p.add_argument("--mask", choices=["equidistant", "random"], default="equidistant", help="Cartesian mask")
     p.add_argument("--field", type=float, default=3.0, help="field strength in tesla (1.5 or 3)")
     p.add_argument("--fov", type=float, default=240.0, help="field of view in mm")
-    p.add_argument("--slices", type=int, default=1,
-                   help="number of parallel axial slices, each through its own part of the anatomy (default 1)")
+    p.add_argument(
+        "--slices",
+        type=int,
+        default=1,
+        help="number of parallel axial slices, each through its own part of the anatomy (default 1)",
+    )
     p.add_argument("--slice-thickness", type=float, default=5.0, help="slice thickness in mm (default 5)")
-    p.add_argument("--slice-gap", type=float, default=0.0,
-                   help="gap between neighbouring slices in mm (centre spacing = thickness + gap; default 0)")
+    p.add_argument(
+        "--slice-gap",
+        type=float,
+        default=0.0,
+        help="gap between neighbouring slices in mm (centre spacing = thickness + gap; default 0)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="ISMRMRD HDF5 file to write")
     p.add_argument("--dicom-out", help="also write the fingerprint frames as a DICOM MR series here")
@@ -516,9 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("process", help="run a pipeline on an ISMRMRD file or DICOM folder, no server",
-                       description="Run a registered pipeline offline and write maps.npz / images.npz, "
-                       "DICOM series and summary.json to --out.")
+    p = sub.add_parser(
+        "process",
+        help="run a pipeline on an ISMRMRD file or DICOM folder, no server",
+        description="Run a registered pipeline offline and write maps.npz / images.npz, "
+        "DICOM series and summary.json to --out.",
+    )
     p.add_argument("input", help="ISMRMRD .h5 file, DICOM file or DICOM folder")
     p.add_argument("--pipeline", required=True, help="pipeline name (see `recon-node pipelines`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="pipeline parameter")
@@ -532,43 +601,64 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipelines", help="list the registered pipelines and their parameters")
     p.set_defaults(func=cmd_pipelines)
-    p = sub.add_parser("serve", help="run the node: MRD server, DICOM SCP and workers",
-                       description="Run the reconstruction node with a site config until SIGTERM / Ctrl-C. "
-                       "Jobs left by a stopped node are resumed.")
+    p = sub.add_parser(
+        "serve",
+        help="run the node: MRD server, DICOM SCP and workers",
+        description="Run the reconstruction node with a site config until SIGTERM / Ctrl-C. "
+        "Jobs left by a stopped node are resumed.",
+    )
     p.add_argument("--config", required=True, help="site config YAML (see deploy/site.example.yaml)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("status", help="list the node's jobs and their states",
-                       description="Read the node's job database: one line per job plus counts per state.")
+    p = sub.add_parser(
+        "status",
+        help="list the node's jobs and their states",
+        description="Read the node's job database: one line per job plus counts per state.",
+    )
     p.add_argument("--config", required=True, help="site config YAML")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--state", choices=["queued", "running", "done", "sent", "failed", "unrouted"],
-                   help="only this state")
+    p.add_argument(
+        "--state", choices=["queued", "running", "done", "sent", "failed", "unrouted"], help="only this state"
+    )
     p.add_argument("--limit", type=int, default=None, help="only the newest N jobs")
     p.add_argument("--log", action="store_true", help="include each job's log")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("retry", help="queue a failed or unrouted job again, routed with the current config",
-                       description="Put a failed (or unrouted) job back in the queue with fresh attempt counts, "
-                       "re-routed with the current site config (fix the route or config first). A running node "
-                       "picks it up at once. Done / sent jobs need --force.")
+    p = sub.add_parser(
+        "retry",
+        help="queue a failed or unrouted job again, routed with the current config",
+        description="Put a failed (or unrouted) job back in the queue with fresh attempt counts, "
+        "re-routed with the current site config (fix the route or config first). A running node "
+        "picks it up at once. Done / sent jobs need --force.",
+    )
     p.add_argument("job", help="job id (see `recon-node status`)")
     p.add_argument("--config", required=True, help="site config YAML")
     p.add_argument("--force", action="store_true", help="also run a done or sent job again")
     p.set_defaults(func=cmd_retry)
 
-    p = sub.add_parser("resend", help="send a job's DICOM outputs to its destinations again",
-                       description="Queue every DICOM output of a done or sent job again in the egress outbox "
-                       "(instances delivered before too); the node's sender delivers them.")
+    p = sub.add_parser(
+        "resend",
+        help="send a job's DICOM outputs to its destinations again",
+        description="Queue every DICOM output of a done or sent job again in the egress outbox "
+        "(instances delivered before too); the node's sender delivers them.",
+    )
     p.add_argument("job", help="job id (see `recon-node status`)")
     p.add_argument("--config", required=True, help="site config YAML")
-    p.add_argument("--to", action="append", default=None, metavar="DESTINATION",
-                   help="only this destination (repeatable; default: the destinations of the job's route)")
+    p.add_argument(
+        "--to",
+        action="append",
+        default=None,
+        metavar="DESTINATION",
+        help="only this destination (repeatable; default: the destinations of the job's route)",
+    )
     p.set_defaults(func=cmd_resend)
 
-    p = sub.add_parser("submit", help="send an ISMRMRD file to an MRD server, as a scanner would",
-                       description="Stream an ISMRMRD .h5 file to an MRD server and print its replies. Exit 0 "
-                       "when a job was queued (or done), 3 when the data was kept but no route matched, 1 on ERR.")
+    p = sub.add_parser(
+        "submit",
+        help="send an ISMRMRD file to an MRD server, as a scanner would",
+        description="Stream an ISMRMRD .h5 file to an MRD server and print its replies. Exit 0 "
+        "when a job was queued (or done), 3 when the data was kept but no route matched, 1 on ERR.",
+    )
     p.add_argument("file", help="ISMRMRD HDF5 file")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9002)
@@ -576,17 +666,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds of server silence before giving up")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("train", help="train a network on simulated data (xpdnet, ncpdnet, estimator)",
-                       description="Train XPDNet, NC-PDNet or a fingerprint-to-map estimator on data from the "
-                       "built-in simulator; checkpoints, resume, seed, CUDA when present. "
-                       "`recon-node train MODEL --help` lists the model's options.", add_help=True)
+    p = sub.add_parser(
+        "train",
+        help="train a network on simulated data (xpdnet, ncpdnet, estimator)",
+        description="Train XPDNet, NC-PDNet or a fingerprint-to-map estimator on data from the "
+        "built-in simulator; checkpoints, resume, seed, CUDA when present. "
+        "`recon-node train MODEL --help` lists the model's options.",
+        add_help=True,
+    )
     p.add_argument("model", choices=sorted(TRAINERS))
     p.add_argument("args", nargs=argparse.REMAINDER, help="the model's own options")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("check-config", help="validate a site config and summarise it",
-                       description="Print every problem of a site config with its key and a hint (exit 1), "
-                       "or a summary of sources, routes and destinations (exit 0).")
+    p = sub.add_parser(
+        "check-config",
+        help="validate a site config and summarise it",
+        description="Print every problem of a site config with its key and a hint (exit 1), "
+        "or a summary of sources, routes and destinations (exit 0).",
+    )
     p.add_argument("file", help="site config YAML")
     p.set_defaults(func=cmd_check_config)
     return ap
@@ -594,8 +691,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, OSError) as e:

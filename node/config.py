@@ -14,10 +14,20 @@ import re
 import shutil
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, cast, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 Problem = tuple[str, str, str]  # (key path, message, hint)
 
@@ -56,6 +66,17 @@ class TLSSettings(_Model):
     require_client_cert: bool = False
 
 
+class LocalExecutorSettings(_Model):
+    """``kind: local`` (default): ``node.workers`` threads in the node's process run the jobs."""
+
+    kind: Literal["local"] = "local"
+
+
+# What runs the jobs (node/executors/<kind>.py). A second kind turns this into a union discriminated on ``kind``,
+# as ``Destination`` is.
+ExecutorSettings = LocalExecutorSettings
+
+
 class NodeSettings(_Model):
     ae_title: str = "RECON_NODE"
     dicom_port: int = Field(11112, ge=0, le=65535)
@@ -65,6 +86,7 @@ class NodeSettings(_Model):
     database: Path | None = None  # default <spool_dir>/jobs.sqlite
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int = Field(1, ge=1, le=64)
+    executor: ExecutorSettings = Field(default_factory=LocalExecutorSettings)
     threads: int | None = Field(None, ge=1, le=256)  # torch threads per process; default OMP_NUM_THREADS or cores
     disk_reserve_mb: int = Field(1024, ge=0)
     max_attempts: int = Field(3, ge=1, le=100)
@@ -135,11 +157,18 @@ class NodeSettings(_Model):
         return self.database_path.with_name("outbox.sqlite")
 
 
+SourceProtocol = Literal["dicom", "mrd"]
+
+
+def _every_protocol() -> list[SourceProtocol]:
+    return ["dicom", "mrd"]
+
+
 class Source(_Model):
     name: str = Field(min_length=1)
     ae_title: str | None = None
     hosts: list[str] = Field(min_length=1)
-    protocols: list[Literal["dicom", "mrd"]] = Field(default_factory=lambda: ["dicom", "mrd"], min_length=1)
+    protocols: list[SourceProtocol] = Field(default_factory=_every_protocol, min_length=1)
 
     @field_validator("ae_title")
     @classmethod
@@ -160,29 +189,174 @@ class Source(_Model):
         return [h.strip() for h in hosts]
 
 
-class Destination(_Model):
-    """Where results go: a DICOM C-STORE SCP (``kind: dicom``: ae_title, host, port) or a folder (``kind:
-    folder``: path; files land as ``<path>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``)."""
+class _DestinationBase(_Model):
+    """What every destination kind shares. Each kind is one model below, a member of :data:`Destination` (its
+    sending side is ``node/egress/destinations/<kind>.py``), with its own fields, ``target`` (where, for people:
+    status and logs), ``describe()`` (its line in ``check-config``'s summary) and, when its fields depend on each
+    other, ``problems()``."""
 
     name: str = Field(min_length=1)
-    kind: Literal["dicom", "folder"] = "dicom"
-    ae_title: str | None = None
-    host: str | None = None
-    port: int | None = Field(None, ge=1, le=65535)
-    path: Path | None = None
-    tls: bool = False  # C-STORE over DICOM TLS (kind dicom)
+
+    # key -> hint, for a required key of this kind that is missing (``check-config`` prints it)
+    hints: ClassVar[dict[str, str]] = {}
+    purpose: ClassVar[str] = ""  # "to send to a PACS": ends the hint for a key that belongs to this kind
+
+    def problems(self, key: str) -> list[Problem]:
+        """Checks across this entry's fields (``key``: its path in the file, e.g. ``destinations[2]``)."""
+        return []
+
+
+class DicomDestination(_DestinationBase):
+    """``kind: dicom`` (the default): a PACS reached with C-STORE, optionally over DICOM TLS."""
+
+    kind: Literal["dicom"] = "dicom"
+    ae_title: str
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False  # C-STORE over DICOM TLS
     tls_ca: Path | None = None  # CA that signed the PACS certificate (None: the system store)
     tls_cert: Path | None = None  # our client certificate, when the PACS asks for one
     tls_key: Path | None = None
 
+    purpose: ClassVar[str] = "to send to a PACS"
+    hints: ClassVar[dict[str, str]] = {
+        "ae_title": "the PACS's AE title, 1 to 16 characters, e.g. ORTHANC",
+        "host": "the PACS's host name or IP address; or set `kind: folder` with a path",
+        "port": "the PACS's DICOM port, 1-65535 (104 or 11112 are usual)",
+    }
+
     @field_validator("ae_title")
     @classmethod
-    def _ae(cls, v: str | None) -> str | None:
-        return _check_ae(v)
+    def _ae(cls, v: str) -> str:
+        return cast(str, _check_ae(v))
 
     @property
     def target(self) -> str:
-        return str(self.path) if self.kind == "folder" else f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+    def describe(self) -> str:
+        return f"{self.ae_title} at {self.host}:{self.port}" + (" (TLS)" if self.tls else "")
+
+
+class FolderDestination(_DestinationBase):
+    """``kind: folder``: files land durably as ``<path>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``."""
+
+    kind: Literal["folder"] = "folder"
+    path: Path
+
+    purpose: ClassVar[str] = "to write files to a share"
+    hints: ClassVar[dict[str, str]] = {"path": "a folder the node may write to, e.g. /mnt/pacs-import"}
+
+    @property
+    def target(self) -> str:
+        return str(self.path)
+
+    def describe(self) -> str:
+        return f"folder {self.path}"
+
+
+class DicomwebDestination(_DestinationBase):
+    """``kind: dicomweb``: STOW-RS to a DICOMweb server (``url``: its DICOMweb root, e.g.
+    ``https://pacs.example.org/dicom-web``). ``auth_token`` (or ``auth_token_file``) is sent as the value of the
+    ``auth_header`` header, e.g. ``Bearer eyJ...``; never logged. HTTPS: ``tls_ca`` verifies the server (default:
+    the system store), ``tls_verify: false`` turns verification off (test servers only), ``tls_cert`` /
+    ``tls_key`` are our client certificate. ``timeout_s``: per request (default: ``egress.timeout_s``)."""
+
+    kind: Literal["dicomweb"] = "dicomweb"
+    url: str
+    auth_header: str = Field("Authorization", min_length=1)
+    auth_token: SecretStr | None = None
+    auth_token_file: Path | None = None
+    tls_ca: Path | None = None
+    tls_verify: bool = True
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    timeout_s: float | None = Field(None, gt=0)
+
+    purpose: ClassVar[str] = "to send with DICOMweb STOW-RS"
+    hints: ClassVar[dict[str, str]] = {
+        "url": "the server's DICOMweb root, e.g. https://pacs.example.org/dicom-web "
+        "(Orthanc: http://host:8042/dicom-web)",
+    }
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{v!r} is not an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{v!r}: the DICOMweb root takes no ?query or #fragment")
+        if parts.username or parts.password:
+            raise ValueError("put credentials in auth_token (or auth_token_file), not in the URL")
+        return v.strip().rstrip("/")
+
+    @property
+    def target(self) -> str:
+        return self.url
+
+    def describe(self) -> str:
+        auth = f", {self.auth_header} header" if self.auth_token or self.auth_token_file else ""
+        return f"DICOMweb {self.url}{auth}"
+
+    def problems(self, key: str) -> list[Problem]:
+        problems: list[Problem] = []
+        if self.auth_token is not None and self.auth_token_file is not None:
+            problems.append(
+                (
+                    f"{key}.auth_token_file",
+                    "both auth_token and auth_token_file are set",
+                    "keep one: auth_token_file keeps the secret out of the config file",
+                )
+            )
+        if self.auth_token_file is not None and not self.auth_token_file.is_file():
+            problems.append(
+                (
+                    f"{key}.auth_token_file",
+                    f"{self.auth_token_file} is not a readable file",
+                    "a file holding the header's value, e.g. `Bearer eyJ...`, readable by the node",
+                )
+            )
+        if not self.url.startswith("https://"):
+            for field in ("tls_ca", "tls_cert", "tls_key"):
+                if getattr(self, field) is not None:
+                    problems.append((f"{key}.{field}", f"{field} needs an https:// url", "use https or remove it"))
+        if self.tls_key is not None and self.tls_cert is None:
+            problems.append(
+                (f"{key}.tls_key", "a client key without its certificate", "add tls_cert or remove tls_key")
+            )
+        if self.tls_ca is not None and not self.tls_verify:
+            problems.append(
+                (
+                    f"{key}.tls_verify",
+                    "tls_verify is false, so tls_ca would not be used",
+                    "remove tls_verify (the server is then checked against tls_ca) or tls_ca",
+                )
+            )
+        return problems
+
+
+def _destination_kind(v: Any) -> str:
+    """The union's tag: an entry's ``kind``, ``dicom`` when omitted (the format before kinds existed)."""
+    kind = v.get("kind", "dicom") if isinstance(v, dict) else getattr(v, "kind", "dicom")
+    return str(kind)
+
+
+# Every destination kind: adding one is a model here plus its module under node/egress/destinations/.
+Destination = Annotated[
+    Annotated[DicomDestination, Tag("dicom")]
+    | Annotated[FolderDestination, Tag("folder")]
+    | Annotated[DicomwebDestination, Tag("dicomweb")],
+    Discriminator(
+        _destination_kind, custom_error_type="destination_kind", custom_error_message="unknown destination kind"
+    ),
+]
+# kind -> model, read from the union above
+DESTINATION_KINDS: dict[str, type[_DestinationBase]] = {
+    get_args(member)[1].tag: get_args(member)[0] for member in get_args(get_args(Destination)[0])
+}
 
 
 class Egress(_Model):
@@ -191,8 +365,17 @@ class Egress(_Model):
     backoff_base_s: float = Field(1.0, gt=0)
     backoff_max_s: float = Field(60.0, gt=0)
     max_attempts: int | None = Field(None, ge=1)  # None: retry until the destination takes it
-    timeout_s: float = Field(30.0, gt=0)  # network / DIMSE timeout per association
+    timeout_s: float = Field(30.0, gt=0)  # network / DIMSE timeout per association or request
     poll_interval_s: float = Field(1.0, gt=0)
+
+    # Checked while validating (not after), so it is listed with the other fields' problems, e.g. a destination's.
+    @field_validator("backoff_max_s")
+    @classmethod
+    def _max_not_below_base(cls, v: float, info: ValidationInfo) -> float:
+        base = info.data.get("backoff_base_s")
+        if base is not None and v < base:
+            raise ValueError(f"{v:g} s is below backoff_base_s ({base:g} s)")
+        return v
 
 
 _REGEX_FIELDS = ("series_description", "protocol_name")
@@ -273,7 +456,9 @@ class SiteConfig(_Model):
 # ---- source matching -------------------------------------------------------------------------------------------
 def _resolve(host: str) -> set[str]:
     try:
-        return {info[4][0] for info in socket.getaddrinfo(host, None)}
+        # A host name resolves to IPv4/IPv6 sockaddrs, whose [0] is the address as a str (typeshed's union
+        # also covers non-IP families, hence str()).
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
     except (OSError, UnicodeError):
         return set()
 
@@ -315,8 +500,10 @@ def spool_space_problem(cfg: SiteConfig) -> str | None:
     except OSError as e:
         return f"cannot check free space of the spool {spool}: {e}"
     if free_mb < cfg.node.disk_reserve_mb:
-        return (f"spool disk full: {free_mb:.0f} MB free in {spool}, node.disk_reserve_mb is "
-                f"{cfg.node.disk_reserve_mb} MB; free space or run `recon-node status` to find old results")
+        return (
+            f"spool disk full: {free_mb:.0f} MB free in {spool}, node.disk_reserve_mb is "
+            f"{cfg.node.disk_reserve_mb} MB; free space or run `recon-node status` to find old results"
+        )
     return None
 
 
@@ -342,9 +529,9 @@ _FIELD_HINTS = {
     "device": "auto picks the GPU when present",
     "pipeline": "run `recon-node pipelines` to list them",
     "by": "study groups a whole study into one unit, series one unit per series",
-    "kind": "dicom (a PACS: ae_title, host, port) or folder (a share: path)",
+    "kind": "dicom (a PACS: ae_title, host, port), folder (a share: path) or dicomweb (STOW-RS: url)",
     "templates_dir": "a copy of the shipped dicom_templates/ folder with your edits",
-    "backoff_max_s": "seconds between retries at most, e.g. 60",
+    "backoff_max_s": "seconds between retries at most, at least backoff_base_s, e.g. 60",
 }
 
 
@@ -358,8 +545,11 @@ def _hint(err: dict[str, Any], model_fields: dict[str, list[str]]) -> str:
         close = difflib.get_close_matches(name.lower().replace("-", "_"), valid or [], n=1, cutoff=0.7)
         if close:
             return f"did you mean {close[0]!r}?"
-        return f"remove it or check the spelling; valid keys here: {', '.join(valid)}" if valid else \
-            "remove it or check the spelling"
+        return (
+            f"remove it or check the spelling; valid keys here: {', '.join(valid)}"
+            if valid
+            else "remove it or check the spelling"
+        )
     if etype == "missing":
         return _FIELD_HINTS.get(name, "add this key")
     return _FIELD_HINTS.get(name, "")
@@ -368,9 +558,16 @@ def _hint(err: dict[str, Any], model_fields: dict[str, list[str]]) -> str:
 def _fields_by_parent() -> dict[str, list[str]]:
     out = {"": list(SiteConfig.model_fields.keys() - {"path"})}
     pairs: list[tuple[str, type[BaseModel]]] = [
-        ("node", NodeSettings), ("sources", Source), ("destinations", Destination), ("routes", Route),
-        ("routes.match", RouteMatch), ("grouping", Grouping), ("grouping.default", GroupingRule),
-        ("grouping.sources", GroupingRule), ("retention", Retention), ("egress", Egress)]
+        ("node", NodeSettings),
+        ("sources", Source),
+        ("routes", Route),
+        ("routes.match", RouteMatch),
+        ("grouping", Grouping),
+        ("grouping.default", GroupingRule),
+        ("grouping.sources", GroupingRule),
+        ("retention", Retention),
+        ("egress", Egress),
+    ]
     for key, model in pairs:
         out[key] = sorted(model.model_fields)
     return out
@@ -388,40 +585,60 @@ def _cross_check(cfg: SiteConfig, check_pipelines: bool) -> list[Problem]:
     dst_names = [d.name for d in cfg.destinations]
     problems += _check_destinations(cfg)
     problems += _check_mrd_tls(cfg)
-    if cfg.egress.backoff_max_s < cfg.egress.backoff_base_s:
-        problems.append(("egress.backoff_max_s", f"{cfg.egress.backoff_max_s:g} s is below backoff_base_s "
-                         f"({cfg.egress.backoff_base_s:g} s)", "make backoff_max_s at least backoff_base_s"))
-    td = cfg.node.templates_dir
-    if td is not None:
-        problems += _check_templates(td)
+    problems += _check_templates(cfg.node.templates_dir)
     for name in cfg.grouping.sources:
         if name not in src_names:
-            problems.append((f"grouping.sources.{name}", f"no source is called {name!r}",
-                             f"use one of the names under sources: {', '.join(src_names) or '(none defined)'}"))
+            problems.append(
+                (
+                    f"grouping.sources.{name}",
+                    f"no source is called {name!r}",
+                    f"use one of the names under sources: {', '.join(src_names) or '(none defined)'}",
+                )
+            )
     if check_pipelines:
         for i, mod in enumerate(cfg.node.plugins):
             try:
                 importlib.import_module(mod)
             except Exception as e:  # noqa: BLE001 - any import failure is a config problem
-                problems.append((f"node.plugins[{i}]", f"cannot import module {mod!r}: {type(e).__name__}: {e}",
-                                 "install the module or fix PYTHONPATH for the node's service"))
+                problems.append(
+                    (
+                        f"node.plugins[{i}]",
+                        f"cannot import module {mod!r}: {type(e).__name__}: {e}",
+                        "install the module or fix PYTHONPATH for the node's service",
+                    )
+                )
     registry = None
     if check_pipelines:
-        from pipelines import registry as registry_mod
+        from pipelines import definitions as registry_mod
 
         registry = registry_mod
     for i, r in enumerate(cfg.routes):
         key = f"routes[{i}]"
         if r.match.source is not None and r.match.source not in src_names:
-            problems.append((f"{key}.match.source", f"no source is called {r.match.source!r}",
-                             f"use one of: {', '.join(src_names) or '(none defined)'}"))
+            problems.append(
+                (
+                    f"{key}.match.source",
+                    f"no source is called {r.match.source!r}",
+                    f"use one of: {', '.join(src_names) or '(none defined)'}",
+                )
+            )
         for j, dest in enumerate(r.send_to):
             if dest not in dst_names:
-                problems.append((f"{key}.send_to[{j}]", f"no destination is called {dest!r}",
-                                 f"add it under destinations or use one of: {', '.join(dst_names) or '(none)'}"))
+                problems.append(
+                    (
+                        f"{key}.send_to[{j}]",
+                        f"no destination is called {dest!r}",
+                        f"add it under destinations or use one of: {', '.join(dst_names) or '(none)'}",
+                    )
+                )
         if r.reply_over_mrd and r.match.input != "mrd":
-            problems.append((f"{key}.reply_over_mrd", "reply_over_mrd needs a route for MRD input",
-                             "add `input: mrd` under match, or remove reply_over_mrd"))
+            problems.append(
+                (
+                    f"{key}.reply_over_mrd",
+                    "reply_over_mrd needs a route for MRD input",
+                    "add `input: mrd` under match, or remove reply_over_mrd",
+                )
+            )
         if registry is None:
             continue
         try:
@@ -432,9 +649,13 @@ def _cross_check(cfg: SiteConfig, check_pipelines: bool) -> list[Problem]:
             continue
         want = "mrd" if spec.input_kind == "raw" else "dicom"
         if r.match.input is not None and r.match.input != want:
-            problems.append((f"{key}.match.input",
-                             f"pipeline {spec.name!r} takes {want} input but the route matches {r.match.input}",
-                             f"set `input: {want}` or choose a pipeline for {r.match.input} data"))
+            problems.append(
+                (
+                    f"{key}.match.input",
+                    f"pipeline {spec.name!r} takes {want} input but the route matches {r.match.input}",
+                    f"set `input: {want}` or choose a pipeline for {r.match.input} data",
+                )
+            )
         try:
             spec.resolve_params(r.params)
         except ValueError as e:
@@ -452,57 +673,65 @@ def _check_mrd_tls(cfg: SiteConfig) -> list[Problem]:
         return []
     problems: list[Problem] = []
     if n.tls is None:
-        problems.append(("node.mrd_tls_port", "MRD over TLS needs the node's certificate",
-                         "add node.tls with cert and key (PEM files), or remove node.mrd_tls_port"))
+        problems.append(
+            (
+                "node.mrd_tls_port",
+                "MRD over TLS needs the node's certificate",
+                "add node.tls with cert and key (PEM files), or remove node.mrd_tls_port",
+            )
+        )
     elif n.tls.require_client_cert and n.tls.ca is None:
-        problems.append(("node.tls.ca", "require_client_cert needs the CA that signs the client certificates",
-                         "set node.tls.ca to that CA's PEM file, or set require_client_cert: false"))
+        problems.append(
+            (
+                "node.tls.ca",
+                "require_client_cert needs the CA that signs the client certificates",
+                "set node.tls.ca to that CA's PEM file, or set require_client_cert: false",
+            )
+        )
     if n.mrd_tls_port != 0 and n.mrd_tls_port == n.mrd_port:
-        problems.append(("node.mrd_tls_port", f"the same port as node.mrd_port ({n.mrd_port})",
-                         "use another port for MRD over TLS, e.g. 9003"))
+        problems.append(
+            (
+                "node.mrd_tls_port",
+                f"the same port as node.mrd_port ({n.mrd_port})",
+                "use another port for MRD over TLS, e.g. 9003",
+            )
+        )
     return problems
 
 
 def _check_destinations(cfg: SiteConfig) -> list[Problem]:
-    problems: list[Problem] = []
-    for i, d in enumerate(cfg.destinations):
-        key = f"destinations[{i}]"
-        if d.kind == "dicom":
-            for field in ("ae_title", "host", "port"):
-                if getattr(d, field) is None:
-                    problems.append((f"{key}.{field}", f"required for a dicom destination ({d.name!r})",
-                                     _FIELD_HINTS.get(field, "add this key")
-                                     + ("" if field != "host" else "; or set `kind: folder` with a path")))
-            if d.path is not None:
-                problems.append((f"{key}.path", "a dicom destination has no path",
-                                 "remove path, or set `kind: folder` to write files to a share"))
-        else:
-            if d.path is None:
-                problems.append((f"{key}.path", f"required for a folder destination ({d.name!r})",
-                                 "a folder the node may write to, e.g. /mnt/pacs-import"))
-            for field in ("ae_title", "host", "port"):
-                if getattr(d, field) is not None:
-                    problems.append((f"{key}.{field}", "a folder destination has no " + field,
-                                     "remove it, or set `kind: dicom` to send to a PACS"))
-    return problems
+    return [p for i, d in enumerate(cfg.destinations) for p in d.problems(f"destinations[{i}]")]
 
 
-def _check_templates(folder: Path) -> list[Problem]:
-    from node.egress.templates import TemplateError, available_kinds, default_templates_dir, template_for
+def _check_templates(folder: Path | None) -> list[Problem]:
+    """The site's templates (None: the shipped ones) parse, and cover every output kind a pipeline can return in
+    its unit, so a missing template fails here and not after a job ran."""
+    from node.egress.templates import (
+        TemplateError,
+        available_kinds,
+        catalogue_problems,
+        default_templates_dir,
+        template_for,
+    )
 
-    if not folder.is_dir():
-        return [("node.templates_dir", f"{folder} is not a folder",
-                 f"copy {default_templates_dir()} there and edit the copies")]
+    try:
+        shipped = str(default_templates_dir())
+    except TemplateError as e:
+        if folder is None:
+            return [("node.templates_dir", str(e), "reinstall recon-node or set node.templates_dir")]
+        shipped = "recon-node's dicom_templates"
+    if folder is not None and not folder.is_dir():
+        return [("node.templates_dir", f"{folder} is not a folder", f"copy {shipped} there and edit the copies")]
     problems: list[Problem] = []
     for kind in available_kinds(folder):
         try:
             template_for(kind, folder)
         except TemplateError as e:
             problems.append(("node.templates_dir", str(e), "fix the template or copy the shipped one again"))
-    missing = sorted(set(available_kinds()) - set(available_kinds(folder)))
-    if missing:
-        problems.append(("node.templates_dir", f"{folder} lacks templates for: {', '.join(missing)}",
-                         f"copy them from {default_templates_dir()}"))
+    problems += [
+        ("node.templates_dir", msg, f"copy the missing or wrong templates from {shipped}")
+        for msg in catalogue_problems(folder)
+    ]
     return problems
 
 
@@ -522,18 +751,25 @@ def _absolutize(data: dict[str, Any], base: Path) -> None:
             node["tls"] = {k: (absolute(v) if k in ("cert", "key", "ca") else v) for k, v in node["tls"].items()}
     dests = data.get("destinations")
     if isinstance(dests, list):
-        data["destinations"] = [{**d, "path": absolute(d["path"])} if isinstance(d, dict) and "path" in d else d
-                                for d in dests]
-        data["destinations"] = [{**d, **{k: absolute(d[k]) for k in ("tls_ca", "tls_cert", "tls_key") if k in d}}
-                                if isinstance(d, dict) else d for d in data["destinations"]]
+        data["destinations"] = [
+            {**d, "path": absolute(d["path"])} if isinstance(d, dict) and "path" in d else d for d in dests
+        ]
+        data["destinations"] = [
+            {**d, **{k: absolute(d[k]) for k in ("tls_ca", "tls_cert", "tls_key", "auth_token_file") if k in d}}
+            if isinstance(d, dict)
+            else d
+            for d in data["destinations"]
+        ]
 
 
-def parse_config(data: Any, where: str | Path = "<config>", base: Path | None = None,
-                 check_pipelines: bool = True) -> SiteConfig:
+def parse_config(
+    data: Any, where: str | Path = "<config>", base: Path | None = None, check_pipelines: bool = True
+) -> SiteConfig:
     """Validate an already-parsed YAML mapping; raises ConfigError listing every problem."""
     if not isinstance(data, dict):
-        raise ConfigError(where, [("(top level)", "the file is not a YAML mapping",
-                                   "start from deploy/site.example.yaml")])
+        raise ConfigError(
+            where, [("(top level)", "the file is not a YAML mapping", "start from deploy/site.example.yaml")]
+        )
     data = dict(data)
     if isinstance(data.get("node"), dict):
         data["node"] = dict(data["node"])
@@ -544,10 +780,13 @@ def parse_config(data: Any, where: str | Path = "<config>", base: Path | None = 
         fields = _fields_by_parent()
         problems = []
         for err in e.errors():
+            if err.get("loc", ())[:1] == ("destinations",):
+                problems.append(_destination_error(err))
+                continue
             loc = tuple(err.get("loc", ()))
             msg = err.get("msg", "invalid")
             if msg.startswith("Value error, "):
-                msg = msg[len("Value error, "):]
+                msg = msg[len("Value error, ") :]
             if err.get("type") == "extra_forbidden":
                 msg = "unknown key"
             elif err.get("type") == "missing":
@@ -559,6 +798,55 @@ def parse_config(data: Any, where: str | Path = "<config>", base: Path | None = 
     if problems:
         raise ConfigError(where, problems)
     return cfg
+
+
+def _destination_error(err: Any) -> Problem:
+    """A validation error inside ``destinations``, worded for the entry's kind (the union's tag is dropped
+    from the key path: ``destinations[1].path``, not ``destinations[1].folder.path``)."""
+    loc = tuple(err["loc"])
+    if len(loc) < 2 or not isinstance(loc[1], int):
+        return (_key_path(loc), str(err.get("msg", "invalid")), "a list of destinations, each with name and kind")
+    if err.get("type") == "destination_kind":  # the union's tag matched no kind; ``input`` is the entry
+        entry = err.get("input")
+        given = entry.get("kind") if isinstance(entry, dict) else None
+        return (
+            f"{_key_path(loc)}.kind",
+            f"unknown destination kind {given!r} (kinds: {', '.join(DESTINATION_KINDS)})",
+            _FIELD_HINTS["kind"],
+        )
+    kind = loc[2] if len(loc) > 2 and loc[2] in DESTINATION_KINDS else None
+    model = DESTINATION_KINDS[kind] if kind else None
+    rest = loc[3:] if kind else loc[2:]
+    key = _key_path(loc[:2] + rest)
+    field = str(rest[0]) if rest else ""
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    if model is None or not field:
+        return (key, msg, "")
+    if err.get("type") == "missing":
+        name = err.get("input", {}).get("name") if isinstance(err.get("input"), dict) else None
+        return (
+            key,
+            f"required for a {kind} destination" + (f" ({name!r})" if name else ""),
+            model.hints.get(field, _FIELD_HINTS.get(field, "add this key")),
+        )
+    if err.get("type") == "extra_forbidden":
+        owners = [k for k, m in DESTINATION_KINDS.items() if field in m.model_fields]
+        if owners:
+            return (
+                key,
+                f"a {kind} destination has no {field}",
+                "remove it, or set " + " or ".join(f"`kind: {k}` {DESTINATION_KINDS[k].purpose}" for k in owners),
+            )
+        close = difflib.get_close_matches(field.lower().replace("-", "_"), sorted(model.model_fields), n=1, cutoff=0.7)
+        keys = ", ".join(sorted(model.model_fields))
+        return (
+            key,
+            "unknown key",
+            f"did you mean {close[0]!r}?"
+            if close
+            else f"remove it or check the spelling; keys of a {kind} destination: {keys}",
+        )
+    return (key, msg, model.hints.get(field, _FIELD_HINTS.get(field, "")))
 
 
 def _strip_indices(plain: tuple[str, ...], loc: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -574,15 +862,24 @@ def load_config(path: str | Path, check_pipelines: bool = True) -> SiteConfig:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError(path, [("(file)", f"cannot read the config: {e.strerror or e}",
-                                  "check the path given with --config")]) from None
+        raise ConfigError(
+            path, [("(file)", f"cannot read the config: {e.strerror or e}", "check the path given with --config")]
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise ConfigError(path, [(f"(yaml {where})", f"not valid YAML: {getattr(e, 'problem', e)}",
-                                  "check indentation (spaces, not tabs) and quoting around that line")]) from None
+        raise ConfigError(
+            path,
+            [
+                (
+                    f"(yaml {where})",
+                    f"not valid YAML: {getattr(e, 'problem', e)}",
+                    "check indentation (spaces, not tabs) and quoting around that line",
+                )
+            ],
+        ) from None
     cfg = parse_config(data, path, base=path.resolve().parent, check_pipelines=check_pipelines)
     cfg.path = path
     return cfg
@@ -591,26 +888,37 @@ def load_config(path: str | Path, check_pipelines: bool = True) -> SiteConfig:
 def summary(cfg: SiteConfig) -> str:
     """A human summary of a valid config (check-config prints it)."""
     n = cfg.node
-    lines = [f"node {n.ae_title}: DICOM port {n.dicom_port}, MRD port {n.mrd_port} on {n.bind}; "
-             f"spool {n.spool_dir}; device {n.device}; {n.workers} worker(s); max attempts {n.max_attempts}",
-             f"sources ({len(cfg.sources)}; unknown sources {'rejected' if cfg.reject_unknown_sources else 'accepted'}):"]
+    unknown = "rejected" if cfg.reject_unknown_sources else "accepted"
+    lines = [
+        f"node {n.ae_title}: DICOM port {n.dicom_port}, MRD port {n.mrd_port} on {n.bind}; "
+        f"spool {n.spool_dir}; device {n.device}; {n.workers} worker(s); max attempts {n.max_attempts}",
+        f"sources ({len(cfg.sources)}; unknown sources {unknown}):",
+    ]
     for s in cfg.sources:
         g = cfg.grouping_for(s.name)
-        lines.append(f"  {s.name}: {'/'.join(s.protocols)} from {', '.join(s.hosts)}"
-                     + (f", AE {s.ae_title}" if s.ae_title else "") + f"; grouping by {g.by}, quiet {g.quiet_seconds:g} s")
+        lines.append(
+            f"  {s.name}: {'/'.join(s.protocols)} from {', '.join(s.hosts)}"
+            + (f", AE {s.ae_title}" if s.ae_title else "")
+            + f"; grouping by {g.by}, quiet {g.quiet_seconds:g} s"
+        )
     lines.append(f"routes ({len(cfg.routes)}, first match wins):")
     for r in cfg.routes:
         conds = ", ".join(f"{k}={v}" for k, v in r.match.model_dump(exclude_none=True).items()) or "anything"
-        extra = (f" params {r.params}" if r.params else "") + (f" -> {', '.join(r.send_to)}" if r.send_to else "") \
+        extra = (
+            (f" params {r.params}" if r.params else "")
+            + (f" -> {', '.join(r.send_to)}" if r.send_to else "")
             + (" (reply over MRD)" if r.reply_over_mrd else "")
+        )
         lines.append(f"  {r.name}: [{conds}] => {r.pipeline}{extra}")
     lines.append(f"destinations ({len(cfg.destinations)}):")
     for d in cfg.destinations:
-        lines.append(f"  {d.name}: " + (f"folder {d.path}" if d.kind == "folder" else f"{d.ae_title} at {d.host}:{d.port}"))
+        lines.append(f"  {d.name}: {d.describe()}")
     e = cfg.egress
-    lines.append(f"egress: retry backoff {e.backoff_base_s:g}..{e.backoff_max_s:g} s, "
-                 + (f"give up after {e.max_attempts} attempts" if e.max_attempts else "retry until delivered")
-                 + (f"; templates {n.templates_dir}" if n.templates_dir else "")
-                 + ("; parametric maps" if n.parametric_map else ""))
+    lines.append(
+        f"egress: retry backoff {e.backoff_base_s:g}..{e.backoff_max_s:g} s, "
+        + (f"give up after {e.max_attempts} attempts" if e.max_attempts else "retry until delivered")
+        + (f"; templates {n.templates_dir}" if n.templates_dir else "")
+        + ("; parametric maps" if n.parametric_map else "")
+    )
     lines.append(f"retention: {cfg.retention.days:g} days")
     return "\n".join(lines)

@@ -77,29 +77,54 @@ def _raw_pipeline() -> tuple[str, dict[str, Any], str]:
 def _config(spool: Path, pacs_dest: dict[str, Any], raw_pipeline: str, raw_params: dict[str, Any]) -> Any:
     from node.config import parse_config
 
-    return parse_config({
-        "node": {"ae_title": NODE_AE, "bind": "127.0.0.1", "dicom_port": 0, "mrd_port": 0, "spool_dir": str(spool),
-                 "disk_reserve_mb": 0, "workers": 1, "shutdown_grace_s": 5},
-        "sources": [{"name": "demo-scanner", "ae_title": SCANNER_AE, "hosts": ["127.0.0.1"],
-                     "protocols": ["dicom", "mrd"]}],
-        "destinations": [pacs_dest],
-        "egress": {"backoff_base_s": 0.5, "backoff_max_s": 5},
-        "grouping": {"default": {"by": "series", "quiet_seconds": 2}},
-        "routes": [
-            {"name": "raw-mrf", "match": {"input": "mrd"}, "pipeline": raw_pipeline, "params": raw_params,
-             "send_to": [pacs_dest["name"]]},
-            {"name": "mrf-images", "match": {"input": "dicom", "modality": "MR"},
-             "pipeline": "mrf_maps_from_images", "send_to": [pacs_dest["name"]]},
-        ],
-    }, where="<demo config>")
+    return parse_config(
+        {
+            "node": {
+                "ae_title": NODE_AE,
+                "bind": "127.0.0.1",
+                "dicom_port": 0,
+                "mrd_port": 0,
+                "spool_dir": str(spool),
+                "disk_reserve_mb": 0,
+                "workers": 1,
+                "shutdown_grace_s": 5,
+            },
+            "sources": [
+                {"name": "demo-scanner", "ae_title": SCANNER_AE, "hosts": ["127.0.0.1"], "protocols": ["dicom", "mrd"]}
+            ],
+            "destinations": [pacs_dest],
+            "egress": {"backoff_base_s": 0.5, "backoff_max_s": 5},
+            "grouping": {"default": {"by": "series", "quiet_seconds": 2}},
+            "routes": [
+                {
+                    "name": "raw-mrf",
+                    "match": {"input": "mrd"},
+                    "pipeline": raw_pipeline,
+                    "params": raw_params,
+                    "send_to": [pacs_dest["name"]],
+                },
+                {
+                    "name": "mrf-images",
+                    "match": {"input": "dicom", "modality": "MR"},
+                    "pipeline": "mrf_maps_from_images",
+                    "send_to": [pacs_dest["name"]],
+                },
+            ],
+        },
+        where="<demo config>",
+    )
 
 
 def _simulate(opts: DemoOptions, trajectory: str) -> Any:
     from pipelines.physics.sequences import fisp_sequence
     from pipelines.sim.acquisition import AcquisitionSettings, simulate_study
 
-    return simulate_study("brain", fisp_sequence(), AcquisitionSettings(
-        trajectory=trajectory, coils=opts.coils, snr=opts.snr, seed=7), matrix=opts.matrix)
+    return simulate_study(
+        "brain",
+        fisp_sequence(),
+        AcquisitionSettings(trajectory=trajectory, coils=opts.coils, snr=opts.snr, seed=7),
+        matrix=opts.matrix,
+    )
 
 
 def _dicom_frames(study: Any, out_dir: Path, snr: float) -> list[Path]:
@@ -116,8 +141,8 @@ def _dicom_frames(study: Any, out_dir: Path, snr: float) -> list[Path]:
 def store_files(files: list[Path], port: int, calling_ae: str = SCANNER_AE, called_ae: str = NODE_AE) -> int:
     """C-STORE every file to the node in one association (pynetdicom); returns how many were stored."""
     import pydicom
-    from pynetdicom import AE
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+    from pynetdicom import AE
 
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(MRImageStorage, [ExplicitVRLittleEndian])
@@ -146,8 +171,9 @@ def decode(ds: Any) -> np.ndarray:
     return px * float(ds.get("RescaleSlope", 1.0)) + float(ds.get("RescaleIntercept", 0.0))
 
 
-def roi_table(maps: dict[str, np.ndarray], truth: dict[str, np.ndarray], label_names: dict[int, str]
-              ) -> dict[str, dict[str, float]]:
+def roi_table(
+    maps: dict[str, np.ndarray], truth: dict[str, np.ndarray], label_names: dict[int, str]
+) -> dict[str, dict[str, float]]:
     """Median T1 / T2 per tissue (ms) against the phantom's truth (same ROI)."""
     out: dict[str, dict[str, float]] = {}
     labels = truth["labels"]
@@ -180,7 +206,6 @@ def _display_range(kind: str, data: np.ndarray) -> tuple[float, float]:
     return 0.0, hi or 1.0
 
 
-
 def write_previews(result: PathResult, out_dir: Path) -> list[Path]:
     """One PNG per map with a colour bar in the map's unit (matplotlib, Agg backend)."""
     try:
@@ -210,8 +235,7 @@ def write_previews(result: PathResult, out_dir: Path) -> list[Path]:
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
-def _wait_jobs(store: Any, egress: Any, expected: tuple[str, ...], say: _Printer, timeout_s: float
-               ) -> dict[str, Any]:
+def _wait_jobs(store: Any, egress: Any, expected: tuple[str, ...], say: _Printer, timeout_s: float) -> dict[str, Any]:
     """Follow the jobs (one per path) until each is sent, failed, or delivered with failures; print changes."""
     from node.egress.egress import summarise
 
@@ -227,9 +251,16 @@ def _wait_jobs(store: Any, egress: Any, expected: tuple[str, ...], say: _Printer
             if seen.get(path) != line:
                 seen[path] = line
                 say(f"  [{time.monotonic() - t0:6.1f} s] {path} job {j.id} ({j.pipeline}): {line}")
-        finished = {p: j for p, j in jobs.items() if j.state in ("sent", "failed")
-                    or (j.state == "done" and summarise(counts.get(j.id, {}))["pending"] == 0
-                        and summarise(counts.get(j.id, {}))["failed"] > 0)}
+        finished = {
+            p: j
+            for p, j in jobs.items()
+            if j.state in ("sent", "failed")
+            or (
+                j.state == "done"
+                and summarise(counts.get(j.id, {}))["pending"] == 0
+                and summarise(counts.get(j.id, {}))["failed"] > 0
+            )
+        }
         if set(expected) <= set(finished):
             return jobs
         time.sleep(0.5)
@@ -272,22 +303,35 @@ def run_demo(opts: DemoOptions) -> int:
     root = (opts.workdir or Path("recon-node-demo")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     tmp = None if opts.workdir else tempfile.TemporaryDirectory(prefix="recon-node-demo-")
-    spool = root / "spool" if opts.workdir else Path(tmp.name) / "spool"  # type: ignore[union-attr]
+    spool = root / "spool" if tmp is None else Path(tmp.name) / "spool"
     cache = default_cache_dir()
-    say("recon-node demo: a simulated scanner sends a brain MRF study to a node running in this process, "
-        "which sends T1/T2/PD/B1 maps to a PACS.", always=True)
-    say(f"note: the first run builds the FISP dictionary (477k atoms, about a minute on 2 idle CPU cores) and caches "
-        f"it in {cache}; later runs load it in under a second.", always=True)
+    say(
+        "recon-node demo: a simulated scanner sends a brain MRF study to a node running in this process, "
+        "which sends T1/T2/PD/B1 maps to a PACS.",
+        always=True,
+    )
+    say(
+        f"note: the first run builds the FISP dictionary (477k atoms, about a minute on 2 idle CPU cores) and caches "
+        f"it in {cache}; later runs load it in under a second.",
+        always=True,
+    )
 
     orthanc = None
     if opts.pacs == "orthanc":
         from node.demo_pacs import start_local_orthanc
 
         orthanc = start_local_orthanc(root / "orthanc")
-        dest = {"name": "pacs", "kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1",
-                "port": orthanc.dicom_port}
-        say(f"PACS: Orthanc {orthanc.url} (DICOM {orthanc.aet}@127.0.0.1:{orthanc.dicom_port}, storage "
-            f"{root / 'orthanc'})")
+        dest = {
+            "name": "pacs",
+            "kind": "dicom",
+            "ae_title": orthanc.aet,
+            "host": "127.0.0.1",
+            "port": orthanc.dicom_port,
+        }
+        say(
+            f"PACS: Orthanc {orthanc.url} (DICOM {orthanc.aet}@127.0.0.1:{orthanc.dicom_port}, storage "
+            f"{root / 'orthanc'})"
+        )
     else:
         dest = {"name": "pacs", "kind": "folder", "path": str(root / "pacs")}
         say(f"PACS: folder {root / 'pacs'}")
@@ -298,19 +342,22 @@ def run_demo(opts: DemoOptions) -> int:
     results = {"mrd": PathResult("mrd"), "dicom": PathResult("dicom")}
     try:
         service.start()
+        # start() creates both listeners (or raises)
+        assert service.mrd_server is not None and service.dicom_scp is not None
         mrd_port, dicom_port = service.mrd_server.port, service.dicom_scp.port
         say(f"node {NODE_AE}: MRD 127.0.0.1:{mrd_port}, DICOM 127.0.0.1:{dicom_port}, spool {spool}")
         t0 = time.monotonic()
-        say(f"scanner: simulating a {opts.matrix}x{opts.matrix} brain, FISP 1000 frames, {trajectory}, "
-            f"{opts.coils} coils, SNR {opts.snr:g} ...")
+        say(
+            f"scanner: simulating a {opts.matrix}x{opts.matrix} brain, FISP 1000 frames, {trajectory}, "
+            f"{opts.coils} coils, SNR {opts.snr:g} ..."
+        )
         study = _simulate(opts, trajectory)
         say(f"scanner: simulated in {time.monotonic() - t0:.1f} s; study {study.study.study_instance_uid}")
-        from pipelines.sim.mrd_writer import send_study
+        from node.ingest.mrd_client import send_study
 
         replies = [r for r in send_study(study, "127.0.0.1", mrd_port, timeout=120) if isinstance(r, str)]
         say(f"scanner -> node over MRD ({raw_pipeline} route): {'; '.join(replies) or 'no reply'}")
-        frames = _dicom_frames(study, root / "scanner-dicom" if opts.workdir else Path(tmp.name) / "frames",  # type: ignore[union-attr]
-                               opts.snr)
+        frames = _dicom_frames(study, root / "scanner-dicom" if tmp is None else Path(tmp.name) / "frames", opts.snr)
         n = store_files(frames, dicom_port)
         say(f"scanner -> node over DICOM: {n} fingerprint frames stored (mrf_maps_from_images route)")
         say("waiting for both jobs (reconstruction, maps, delivery):")
@@ -332,24 +379,44 @@ def run_demo(opts: DemoOptions) -> int:
     return _report(results, study, opts, root, orthanc, raw_pipeline, say)
 
 
-def _report(results: dict[str, PathResult], study: Any, opts: DemoOptions, root: Path, orthanc: Any,
-            raw_pipeline: str, say: _Printer) -> int:
+def _report(
+    results: dict[str, PathResult],
+    study: Any,
+    opts: DemoOptions,
+    root: Path,
+    orthanc: Any,
+    raw_pipeline: str,
+    say: _Printer,
+) -> int:
     uid = study.study.study_instance_uid
-    where = (f"Orthanc {orthanc.url}/app/explorer.html (study {uid})" if orthanc is not None
-             else f"{root / 'pacs' / uid}/<SeriesUID>/<SOPUID>.dcm")
+    where = (
+        f"Orthanc {orthanc.url}/app/explorer.html (study {uid})"
+        if orthanc is not None
+        else f"{root / 'pacs' / uid}/<SeriesUID>/<SOPUID>.dcm"
+    )
     say("", always=True)
     say(f"maps went to: {where}", always=True)
     for res in results.values():
-        say(f"  {res.name} path: job {res.job_id} {res.state}, pipeline {res.pipeline}, {res.instances} instances "
-            f"in {len(res.series)} series" + (f"; error: {res.error}" if res.error else ""), always=True)
+        say(
+            f"  {res.name} path: job {res.job_id} {res.state}, pipeline {res.pipeline}, {res.instances} instances "
+            f"in {len(res.series)} series" + (f"; error: {res.error}" if res.error else ""),
+            always=True,
+        )
     if raw_pipeline != "mrf":
-        say("  note: this version has no raw MRF pipeline ('mrf'); the MRD path sends reconstructed frames only.",
-            always=True)
+        say(
+            "  note: this version has no raw MRF pipeline ('mrf'); the MRD path sends reconstructed frames only.",
+            always=True,
+        )
     say("", always=True)
-    say("ROI medians from the delivered DICOM maps (decoded through the Real World Value Mapping) vs. phantom truth:",
-        always=True)
-    say(f"  {'path':6s} {'tissue':13s} {'T1 ms':>8s} {'truth':>8s} {'err':>7s}   {'T2 ms':>8s} {'truth':>8s} "
-        f"{'err':>7s}", always=True)
+    say(
+        "ROI medians from the delivered DICOM maps (decoded through the Real World Value Mapping) vs. phantom truth:",
+        always=True,
+    )
+    say(
+        f"  {'path':6s} {'tissue':13s} {'T1 ms':>8s} {'truth':>8s} {'err':>7s}   {'T2 ms':>8s} {'truth':>8s} "
+        f"{'err':>7s}",
+        always=True,
+    )
     table = {}
     for res in results.values():
         for tissue, r in res.roi.items():
@@ -357,19 +424,27 @@ def _report(results: dict[str, PathResult], study: Any, opts: DemoOptions, root:
                 continue
             e1 = r["t1"] / r["t1_truth"] - 1
             e2 = r["t2"] / r["t2_truth"] - 1
-            say(f"  {res.name:6s} {tissue:13s} {r['t1']:8.0f} {r['t1_truth']:8.0f} {e1:+7.1%}   {r['t2']:8.1f} "
-                f"{r['t2_truth']:8.1f} {e2:+7.1%}", always=True)
-        table[res.name] = {"job": res.job_id, "state": res.state, "pipeline": res.pipeline, "roi": res.roi,
-                           "series": res.series, "instances": res.instances,
-                           "previews": [str(p) for p in res.previews]}
+            say(
+                f"  {res.name:6s} {tissue:13s} {r['t1']:8.0f} {r['t1_truth']:8.0f} {e1:+7.1%}   {r['t2']:8.1f} "
+                f"{r['t2_truth']:8.1f} {e2:+7.1%}",
+                always=True,
+            )
+        table[res.name] = {
+            "job": res.job_id,
+            "state": res.state,
+            "pipeline": res.pipeline,
+            "roi": res.roi,
+            "series": res.series,
+            "instances": res.instances,
+            "previews": [str(p) for p in res.previews],
+        }
     previews = [p for res in results.values() for p in res.previews]
     if previews:
         say("", always=True)
         say(f"previews ({len(previews)} PNG, colour bar in the map's unit):", always=True)
         for p in previews:
             say(f"  {p}", always=True)
-    (root / "demo_results.json").write_text(json.dumps({"study_instance_uid": uid, "pacs": where, **table},
-                                                       indent=1))
+    (root / "demo_results.json").write_text(json.dumps({"study_instance_uid": uid, "pacs": where, **table}, indent=1))
     say(f"summary: {root / 'demo_results.json'}", always=True)
     ok = all(r.state == "sent" for r in results.values()) and results["dicom"].roi
     return 0 if ok else 1
@@ -396,8 +471,7 @@ def main(matrix: int = 64, workdir: str | None = None, pacs: str = "folder", qui
         jobs.propagate = False
         jobs.addHandler(progress)
     try:
-        return run_demo(DemoOptions(matrix=matrix, workdir=Path(workdir) if workdir else None, pacs=pacs,
-                                    quiet=quiet))
+        return run_demo(DemoOptions(matrix=matrix, workdir=Path(workdir) if workdir else None, pacs=pacs, quiet=quiet))
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)

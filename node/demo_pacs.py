@@ -74,28 +74,47 @@ def start_local_orthanc(root: Path, timeout_s: float = 60.0) -> LocalOrthanc:
     """Configure and start Orthanc under ``root`` (storage, index, config, log); raises with the log on failure."""
     binary = orthanc_binary()
     if binary is None:
-        raise FileNotFoundError(f"Orthanc is not installed ({ORTHANC_BINARY}); apt-get install orthanc, "
-                                "or run the demo with --pacs folder")
+        raise FileNotFoundError(
+            f"Orthanc is not installed ({ORTHANC_BINARY}); apt-get install orthanc, or run the demo with --pacs folder"
+        )
     root.mkdir(parents=True, exist_ok=True)
     pacs = LocalOrthanc(root, free_port(), free_port())
     config = {
-        "Name": "recon-node-demo", "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
-        "HttpServerEnabled": True, "HttpPort": pacs.http_port, "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "DicomServerEnabled": True, "DicomAet": pacs.aet,
-        "DicomPort": pacs.dicom_port, "DicomCheckCalledAet": False, "DicomAlwaysAllowEcho": True,
-        "DicomAlwaysAllowStore": True, "Plugins": [], "ConcurrentJobs": 1, "HttpThreadsCount": 4,
+        "Name": "recon-node-demo",
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "index"),
+        "HttpServerEnabled": True,
+        "HttpPort": pacs.http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomServerEnabled": True,
+        "DicomAet": pacs.aet,
+        "DicomPort": pacs.dicom_port,
+        "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowEcho": True,
+        "DicomAlwaysAllowStore": True,
+        "Plugins": [],
+        "ConcurrentJobs": 1,
+        "HttpThreadsCount": 4,
     }
     cfg_path = root / "orthanc.json"
     cfg_path.write_text(json.dumps(config, indent=1))
     log_path = root / "orthanc.log"
     with open(log_path, "ab") as log:
-        pacs.proc = subprocess.Popen([binary, str(cfg_path)], stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                                     env=dict(os.environ, TCP_NODELAY="1"))
+        pacs.proc = subprocess.Popen(
+            [binary, str(cfg_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+            env=dict(os.environ, TCP_NODELAY="1"),
+        )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if pacs.proc.poll() is not None:
-            raise RuntimeError(f"Orthanc exited with code {pacs.proc.returncode} at start-up; log {log_path}:\n"
-                               + log_path.read_text(errors="replace")[-2000:])
+            raise RuntimeError(
+                f"Orthanc exited with code {pacs.proc.returncode} at start-up; log {log_path}:\n"
+                + log_path.read_text(errors="replace")[-2000:]
+            )
         try:
             pacs.rest("/system", timeout=2)
             with socket.create_connection(("127.0.0.1", pacs.dicom_port), timeout=1):

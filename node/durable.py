@@ -35,8 +35,8 @@ def _gid(group: str | int | None) -> int | None:
         return int(group)
     try:
         return grp.getgrnam(str(group)).gr_gid
-    except KeyError:
-        raise ValueError(f"node.file_group: no group called {group!r} on this host (create it or fix the name)")
+    except KeyError as e:
+        raise ValueError(f"node.file_group: no group called {group!r} on this host (create it or fix the name)") from e
 
 
 def restrict_permissions(roots: list[Path], group: str | int | None = None) -> int:
@@ -76,8 +76,12 @@ def restrict_permissions(roots: list[Path], group: str | int | None = None) -> i
             for f in filenames:
                 fix(Path(dirpath) / f, False)
     if changed:
-        log.info("file permissions: %d entries under %s restricted to 0640/0750%s", changed,
-                 ", ".join(map(str, roots)), f" (group {group})" if gid is not None else "")
+        log.info(
+            "file permissions: %d entries under %s restricted to 0640/0750%s",
+            changed,
+            ", ".join(map(str, roots)),
+            f" (group {group})" if gid is not None else "",
+        )
     return changed
 
 
@@ -106,7 +110,7 @@ def write_durably(path: Path, data: bytes) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
         os.close(fd)
         fd = -1

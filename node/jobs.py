@@ -2,8 +2,8 @@
 
 States: ``queued`` -> ``running`` -> ``done`` | ``failed`` (after ``max_attempts``), or ``unrouted`` (no route
 matched; the input stays in the spool). A done job whose DICOM outputs reached every destination of its route
-becomes ``sent`` (egress, see ``node/egress/sender.py``). A unit path creates at most one job: creating it again returns the
-existing job, so a retried ingest never duplicates work.
+becomes ``sent`` (egress, see ``node/egress/sender.py``). A unit path creates at most one job: creating it again
+returns the existing job, so a retried ingest never duplicates work.
 
 Two limits stop retries, counted apart: the job's own errors (``attempts - node_deaths`` against
 ``node.max_attempts``; a :class:`permanent <node.worker.PermanentJobError>` error stops at once) and the times the
@@ -15,13 +15,14 @@ the audit log (:mod:`node.audit`).
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -80,30 +81,64 @@ class Job:
     finished: float | None = None
     seq: int = 0
     node_deaths: int = 0  # times the node stopped (crash, kill) while this job ran; part of ``attempts``
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("id", "unit_path", "kind", "source", "route", "pipeline", "params",
-                                            "send_to", "state", "attempts", "node_deaths", "error", "result_dir",
-                                            "attributes", "created", "updated", "started", "finished")}
+        d = {
+            k: getattr(self, k)
+            for k in (
+                "id",
+                "unit_path",
+                "kind",
+                "source",
+                "route",
+                "pipeline",
+                "params",
+                "send_to",
+                "state",
+                "attempts",
+                "node_deaths",
+                "error",
+                "result_dir",
+                "attributes",
+                "created",
+                "updated",
+                "started",
+                "finished",
+            )
+        }
         d["log"] = self.log
         return d
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
     return Job(
-        id=row["id"], unit_path=row["unit_path"], kind=row["kind"], source=row["source"], route=row["route"],
-        pipeline=row["pipeline"], params=json.loads(row["params"] or "{}"), send_to=json.loads(row["send_to"] or "[]"),
-        state=row["state"], attempts=row["attempts"], error=row["error"], log=row["log"] or "",
-        result_dir=row["result_dir"], attributes=json.loads(row["attributes"] or "{}"), created=row["created"],
-        updated=row["updated"], started=row["started"], finished=row["finished"], seq=row["seq"],
+        id=row["id"],
+        unit_path=row["unit_path"],
+        kind=row["kind"],
+        source=row["source"],
+        route=row["route"],
+        pipeline=row["pipeline"],
+        params=json.loads(row["params"] or "{}"),
+        send_to=json.loads(row["send_to"] or "[]"),
+        state=row["state"],
+        attempts=row["attempts"],
+        error=row["error"],
+        log=row["log"] or "",
+        result_dir=row["result_dir"],
+        attributes=json.loads(row["attributes"] or "{}"),
+        created=row["created"],
+        updated=row["updated"],
+        started=row["started"],
+        finished=row["finished"],
+        seq=row["seq"],
         node_deaths=row["node_deaths"] if "node_deaths" in row.keys() else 0,
     )
 
 
 def _audit(job_id: str, state: str, **fields: Any) -> None:
-    audit.event("job.state", outcome="failure" if state == "failed" else "success", job_id=job_id, state=state,
-                **fields)
+    audit.event(
+        "job.state", outcome="failure" if state == "failed" else "success", job_id=job_id, state=state, **fields
+    )
 
 
 class JobStore:
@@ -144,10 +179,20 @@ class JobStore:
         return _row_to_job(row) if row else None
 
     # ---- API -----------------------------------------------------------------------------------------------
-    def create(self, unit_path: str | Path, kind: str, source: str = "", route: str | None = None,
-               pipeline: str | None = None, params: dict[str, Any] | None = None,
-               send_to: list[str] | None = None, attributes: dict[str, Any] | None = None,
-               state: str = "queued", error: str | None = None, claim: bool = False) -> tuple[Job, bool]:
+    def create(
+        self,
+        unit_path: str | Path,
+        kind: str,
+        source: str = "",
+        route: str | None = None,
+        pipeline: str | None = None,
+        params: dict[str, Any] | None = None,
+        send_to: list[str] | None = None,
+        attributes: dict[str, Any] | None = None,
+        state: str = "queued",
+        error: str | None = None,
+        claim: bool = False,
+    ) -> tuple[Job, bool]:
         """Insert the job of ``unit_path`` (or return the one that exists): ``(job, created)``.
 
         ``claim=True`` creates it already ``running`` with one attempt (the caller runs it now).
@@ -161,26 +206,46 @@ class JobStore:
             if row:
                 return _row_to_job(row), False
             seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
-            job_id = f"j-{datetime.now(timezone.utc):%Y%m%d}-{seq:06d}"
+            job_id = f"j-{datetime.now(UTC):%Y%m%d}-{seq:06d}"
             if claim:
                 state = "running"
             db.execute(
                 "INSERT INTO jobs (seq, id, unit_path, kind, source, route, pipeline, params, send_to, state, "
                 "attempts, error, attributes, created, updated, started) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (seq, job_id, unit_path, kind, source, route, pipeline, json.dumps(params or {}, default=str),
-                 json.dumps(send_to or []), state, 1 if claim else 0, error,
-                 json.dumps(attributes or {}, default=str), now, now, now if claim else None))
+                (
+                    seq,
+                    job_id,
+                    unit_path,
+                    kind,
+                    source,
+                    route,
+                    pipeline,
+                    json.dumps(params or {}, default=str),
+                    json.dumps(send_to or []),
+                    state,
+                    1 if claim else 0,
+                    error,
+                    json.dumps(attributes or {}, default=str),
+                    now,
+                    now,
+                    now if claim else None,
+                ),
+            )
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        _audit(job_id, state, source=source, unit=Path(unit_path).name, route=route, pipeline=pipeline,
-               study_uid=(attributes or {}).get("StudyInstanceUID") or (attributes or {}).get("studyInstanceUID"),
-               reason=error)
+        _audit(
+            job_id,
+            state,
+            source=source,
+            unit=Path(unit_path).name,
+            route=route,
+            pipeline=pipeline,
+            study_uid=(attributes or {}).get("StudyInstanceUID") or (attributes or {}).get("studyInstanceUID"),
+            reason=error,
+        )
         return _row_to_job(row), True
 
     def get(self, job_id: str) -> Job | None:
         return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
-
-    def get_by_unit(self, unit_path: str | Path) -> Job | None:
-        return self._one("SELECT * FROM jobs WHERE unit_path = ?", (str(unit_path),))
 
     def claim(self) -> Job | None:
         """Atomically take the oldest queued job: it becomes ``running`` and its attempts go up by one."""
@@ -189,8 +254,11 @@ class JobStore:
             row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE jobs SET state='running', attempts=attempts+1, started=?, updated=?, finished=NULL "
-                       "WHERE id = ? AND state = 'queued'", (now, now, row["id"]))
+            db.execute(
+                "UPDATE jobs SET state='running', attempts=attempts+1, started=?, updated=?, finished=NULL "
+                "WHERE id = ? AND state = 'queued'",
+                (now, now, row["id"]),
+            )
             out = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
         job = _row_to_job(out)
         _audit(job.id, "running", attempts=job.attempts)
@@ -199,16 +267,19 @@ class JobStore:
     def finish(self, job_id: str, result_dir: str | Path | None = None) -> None:
         now = time.time()
         with self._tx() as db:
-            db.execute("UPDATE jobs SET state='done', error=NULL, result_dir=?, finished=?, updated=? WHERE id=?",
-                       (str(result_dir) if result_dir else None, now, now, job_id))
+            db.execute(
+                "UPDATE jobs SET state='done', error=NULL, result_dir=?, finished=?, updated=? WHERE id=?",
+                (str(result_dir) if result_dir else None, now, now, job_id),
+            )
         _audit(job_id, "done")
 
     def mark_sent(self, job_id: str) -> bool:
         """A done job whose outputs reached all its destinations becomes ``sent``; False if it was not done."""
         now = time.time()
         with self._tx() as db:
-            n = db.execute("UPDATE jobs SET state='sent', updated=? WHERE id=? AND state='done'",
-                           (now, job_id)).rowcount
+            n = db.execute(
+                "UPDATE jobs SET state='sent', updated=? WHERE id=? AND state='done'", (now, job_id)
+            ).rowcount
         if n:
             _audit(job_id, "sent")
         return bool(n)
@@ -216,8 +287,9 @@ class JobStore:
     def reopen_delivery(self, job_id: str) -> bool:
         """A ``sent`` job goes back to ``done`` (operator resend: its outputs are queued again)."""
         with self._tx() as db:
-            n = db.execute("UPDATE jobs SET state='done', updated=? WHERE id=? AND state='sent'",
-                           (time.time(), job_id)).rowcount
+            n = db.execute(
+                "UPDATE jobs SET state='done', updated=? WHERE id=? AND state='sent'", (time.time(), job_id)
+            ).rowcount
         if n:
             _audit(job_id, "done", reason="resend requested")
         return bool(n)
@@ -236,14 +308,19 @@ class JobStore:
                 raise KeyError(job_id)
             own = row["attempts"] - row["node_deaths"]
             if permanent:
-                state, text = "failed", f"{error} (not retried: the same input fails the same way; fix the input, " \
-                                        f"the route or the site config, then run `recon-node retry {job_id}`)"
+                state, text = (
+                    "failed",
+                    f"{error} (not retried: the same input fails the same way; fix the input, "
+                    f"the route or the site config, then run `recon-node retry {job_id}`)",
+                )
             elif own < limit:
                 state, text = "queued", error
             else:
                 state, text = "failed", f"{error} (stopped after {own} failed attempt(s): node.max_attempts is {limit})"
-            db.execute("UPDATE jobs SET state=?, error=?, updated=?, finished=? WHERE id=?",
-                       (state, text, now, now if state == "failed" else None, job_id))
+            db.execute(
+                "UPDATE jobs SET state=?, error=?, updated=?, finished=? WHERE id=?",
+                (state, text, now, now if state == "failed" else None, job_id),
+            )
         _audit(job_id, state, attempts=row["attempts"], reason=text)
         return state
 
@@ -253,6 +330,7 @@ class JobStore:
         with self._tx() as db:
             db.execute("UPDATE jobs SET log = log || ?, updated=? WHERE id = ?", (text, time.time(), job_id))
 
+    # In the class body below, ``list`` names this method, so later signatures spell the type ``builtins.list``.
     def list(self, state: str | None = None, limit: int | None = None) -> list[Job]:
         sql = "SELECT * FROM jobs" + (" WHERE state = ?" if state else "") + " ORDER BY seq"
         args: tuple[Any, ...] = (state,) if state else ()
@@ -273,7 +351,7 @@ class JobStore:
         with self._lock:
             return {r[0] for r in self._db.execute("SELECT unit_path FROM jobs").fetchall()}
 
-    def recover(self, max_node_deaths: int | None = None) -> list[str]:
+    def recover(self, max_node_deaths: int | None = None) -> builtins.list[str]:
         """At start-up: jobs left ``running`` by a stopped node count one node death and go back to ``queued``.
 
         A job during which the node died ``max_node_deaths`` times becomes ``failed`` (it may be what kills the
@@ -289,23 +367,35 @@ class JobStore:
             for r in rows:
                 deaths = r["node_deaths"] + 1
                 if deaths >= limit:
-                    error = (f"the node stopped during this job {deaths} times (crash, kill or out of memory): "
-                             f"node.max_node_deaths is {limit}; not retried again - check the job log and the "
-                             f"node's memory, then `recon-node retry {r['id']}`")
-                    db.execute("UPDATE jobs SET state='failed', node_deaths=?, error=?, updated=?, finished=? "
-                               "WHERE id=?", (deaths, error, now, now, r["id"]))
+                    error = (
+                        f"the node stopped during this job {deaths} times (crash, kill or out of memory): "
+                        f"node.max_node_deaths is {limit}; not retried again - check the job log and the "
+                        f"node's memory, then `recon-node retry {r['id']}`"
+                    )
+                    db.execute(
+                        "UPDATE jobs SET state='failed', node_deaths=?, error=?, updated=?, finished=? WHERE id=?",
+                        (deaths, error, now, now, r["id"]),
+                    )
                     changes.append((r["id"], "failed", error))
                 else:
-                    db.execute("UPDATE jobs SET state='queued', node_deaths=?, updated=? WHERE id=?",
-                               (deaths, now, r["id"]))
+                    db.execute(
+                        "UPDATE jobs SET state='queued', node_deaths=?, updated=? WHERE id=?", (deaths, now, r["id"])
+                    )
                     requeued.append(r["id"])
                     changes.append((r["id"], "queued", f"the node stopped during this job ({deaths} of {limit})"))
         for job_id, state, reason in changes:
             _audit(job_id, state, reason=reason)
         return requeued
 
-    def requeue(self, job_id: str, *, route: str | None = None, pipeline: str | None = None,
-                params: dict[str, Any] | None = None, send_to: list[str] | None = None) -> Job:
+    def requeue(
+        self,
+        job_id: str,
+        *,
+        route: str | None = None,
+        pipeline: str | None = None,
+        params: dict[str, Any] | None = None,
+        send_to: builtins.list[str] | None = None,
+    ) -> Job:
         """Put a failed, unrouted (or done) job back in the queue with fresh counts (operator retry).
 
         ``route``/``pipeline``/``params``/``send_to`` replace the job's when given (re-routed with the current
@@ -317,8 +407,9 @@ class JobStore:
             if row is None:
                 raise KeyError(job_id)
             if row["state"] in ("running", "queued"):
-                raise ValueError(f"job {job_id} is {row['state']}; only a failed, unrouted, done or sent job can be "
-                                 "retried")
+                raise ValueError(
+                    f"job {job_id} is {row['state']}; only a failed, unrouted, done or sent job can be retried"
+                )
             sets = ["state='queued'", "attempts=0", "node_deaths=0", "error=NULL", "finished=NULL", "updated=?"]
             args: list[Any] = [now]
             for col, value in (("route", route), ("pipeline", pipeline)):

@@ -55,13 +55,13 @@ def route_matches(r: Route, unit: IngestUnit) -> bool:
         want = getattr(m, cond)
         if want is None:
             continue
-        have = _attr(unit, cond)
-        if have is None:
+        value = _attr(unit, cond)
+        if value is None:
             return False
         if cond in _REGEX:
-            if re.search(want, have, flags=re.IGNORECASE) is None:
+            if re.search(want, value, flags=re.IGNORECASE) is None:
                 return False
-        elif not _equal(cond, want, have):
+        elif not _equal(cond, want, value):
             return False
     return True
 

@@ -18,126 +18,121 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node import audit
 from node.config import SiteConfig
 from node.egress.egress import Egress, summarise
-from node.ingest.units import IngestUnit
-from node.jobs import Job, JobStore
+from node.executors import make_executor
+from node.ingest.units import Admission, IngestUnit, unit_from_disk
+from node.jobs import JobStore
 from node.routing import route
-from node.worker import JobResult, Worker, error_text
+from node.worker import JobResult, error_text
+from pipelines.compute import set_threads
+
+if TYPE_CHECKING:
+    from node.ingest.dicom_scp import DicomSCP
+    from node.ingest.mrd_server import MRDServer
 
 log = logging.getLogger("recon-node.service")
-
-
-def set_torch_threads(cfg: SiteConfig) -> int:
-    import torch
-
-    n = cfg.node.threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0) or (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, n))
-    return n
-
-
-def unit_from_disk(path: Path) -> IngestUnit | None:
-    """Rebuild the IngestUnit of a spooled unit from its sidecar, else from the data itself (source unknown)."""
-    sidecar = path.with_suffix(".json") if path.is_file() else path.with_name(path.name + ".json")
-    if sidecar.exists():
-        try:
-            data = json.loads(sidecar.read_text())
-            data["path"] = path
-            return IngestUnit(**data)
-        except (ValueError, TypeError) as e:
-            log.warning("unit %s: unreadable sidecar %s (%s); rebuilding from the data", path.name, sidecar.name, e)
-    if path.is_file() and path.suffix == ".h5":
-        import ismrmrd.xsd as x
-
-        from node.ingest.mrd_server import mrd_unit_attributes
-        from pipelines.io.mrd_reader import read_hdf5_header
-
-        try:
-            attrs = mrd_unit_attributes(x.CreateFromDocument(read_hdf5_header(path).encode("utf-8")))
-        except Exception as e:  # noqa: BLE001
-            log.warning("unit %s: cannot read its ISMRMRD header (%s)", path.name, error_text(e))
-            attrs = {}
-        return IngestUnit(kind="mrd", path=path, source="", attributes=attrs)
-    if path.is_dir():
-        attrs: dict[str, str] = {}
-        try:
-            import pydicom
-
-            first = next(p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.endswith(".json"))
-            ds = pydicom.dcmread(first, stop_before_pixels=True)
-            for key in ("Modality", "SOPClassUID", "SeriesDescription", "ProtocolName", "StudyInstanceUID",
-                        "SeriesInstanceUID"):
-                if key in ds:
-                    attrs[key] = str(ds.data_element(key).value)
-        except (StopIteration, OSError, ValueError) as e:
-            log.warning("unit %s: cannot read a DICOM instance (%s)", path.name, e)
-        return IngestUnit(kind="dicom", path=path, source="", attributes=attrs)
-    return None
 
 
 class NodeService:
     def __init__(self, cfg: SiteConfig) -> None:
         self.cfg = cfg
-        # ---- hardening, DICOM side (issue 15): umask 027 + existing spool 0640/0750 (node.file_group), and the
-        # node's UID root (output UIDs unique per node). Before anything creates a file.
+        # Before anything creates a file: umask 027 and the spool's modes 0640/0750 (node.file_group), and the
+        # node's UID root (output UIDs unique per node).
         from node import uids
         from node.durable import restrict_permissions
 
         restrict_permissions([cfg.node.spool_dir], cfg.node.file_group)
         uids.configure(cfg.node.spool_dir, cfg.node.uid_root)
-        # ---- end of the DICOM-side hook
         for d in (cfg.node.spool_dir, cfg.node.units_dir, cfg.node.results_dir, cfg.node.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(cfg.node.database_path, max_attempts=cfg.node.max_attempts,
-                              max_node_deaths=cfg.node.max_node_deaths)
-        self.worker = Worker(cfg, self.store)
+        self.store = JobStore(
+            cfg.node.database_path, max_attempts=cfg.node.max_attempts, max_node_deaths=cfg.node.max_node_deaths
+        )
+        self.worker = make_executor(cfg, self.store)
         self.egress = Egress(cfg, self.store)
         self.worker.on_done.append(self.egress.on_done)
-        self.mrd_server: Any = None
-        self.mrd_tls_server: Any = None
-        self.dicom_scp: Any = None
+        self.mrd_server: MRDServer | None = None
+        self.mrd_tls_server: MRDServer | None = None
+        self.dicom_scp: DicomSCP | None = None
         self._stop = threading.Event()
         self._last_retention = 0.0
 
-    # ---- ingest -> route -> job ------------------------------------------------------------------------------
-    def _create(self, unit: IngestUnit, claim: bool = False) -> tuple[Job, bool]:
+    # ---- ingest -> route -> job: the one place a unit is routed --------------------------------------------
+    def handle_unit(self, unit: IngestUnit, inline: bool = False) -> Admission:
+        """The UnitHandler of the ingest servers (and of the start-up rescan): route the unit, record its job,
+        wake a worker. ``inline`` (the MRD server, whose scanner waits on the connection): a route with
+        ``reply_over_mrd`` runs the job here, on the caller's thread, and the Admission carries its result."""
         r = route(self.cfg, unit)
-        attrs = {**unit.attributes, "peer": unit.peer, "calling_ae": unit.calling_ae, "called_ae": unit.called_ae,
-                 "n_objects": unit.n_objects}
+        attrs = {
+            **unit.attributes,
+            "peer": unit.peer,
+            "calling_ae": unit.calling_ae,
+            "called_ae": unit.called_ae,
+            "n_objects": unit.n_objects,
+        }
         if r is None:
-            job, created = self.store.create(unit.path, unit.kind, unit.source, attributes=attrs, state="unrouted",
-                                             error="no route matches: " + ", ".join(
-                                                 f"{k}={v}" for k, v in unit.attributes.items() if k != "json"))
+            job, created = self.store.create(
+                unit.path,
+                unit.kind,
+                unit.source,
+                attributes=attrs,
+                state="unrouted",
+                error="no route matches: " + ", ".join(f"{k}={v}" for k, v in unit.attributes.items() if k != "json"),
+            )
             if created:
-                log.warning("job %s [%s]: unrouted %s unit %s (%s); input kept", job.id, unit.source or "-",
-                            unit.kind, unit.path.name, job.error)
-            return job, created
-        job, created = self.store.create(unit.path, unit.kind, unit.source, route=r.name, pipeline=r.pipeline,
-                                         params=r.params, send_to=r.send_to, attributes=attrs, claim=claim)
+                log.warning(
+                    "job %s [%s]: unrouted %s unit %s (%s); input kept",
+                    job.id,
+                    unit.source or "-",
+                    unit.kind,
+                    unit.path.name,
+                    job.error,
+                )
+            return Admission(job.id, job.state)
+        claim = inline and r.reply_over_mrd
+        job, created = self.store.create(
+            unit.path,
+            unit.kind,
+            unit.source,
+            route=r.name,
+            pipeline=r.pipeline,
+            params=r.params,
+            send_to=r.send_to,
+            attributes=attrs,
+            claim=claim,
+        )
         if created:
-            log.info("job %s [%s]: %s unit %s -> route %s, pipeline %s (%s)", job.id, unit.source or "-", unit.kind,
-                     unit.path.name, r.name, r.pipeline, "running now" if claim else "queued")
+            log.info(
+                "job %s [%s]: %s unit %s -> route %s, pipeline %s (%s)",
+                job.id,
+                unit.source or "-",
+                unit.kind,
+                unit.path.name,
+                r.name,
+                r.pipeline,
+                "running now" if claim else "queued",
+            )
         else:
-            log.info("job %s [%s]: unit %s already has this job (state %s)", job.id, unit.source or "-",
-                     unit.path.name, job.state)
-        return job, created
-
-    def handle_unit(self, unit: IngestUnit) -> str:
-        """The UnitHandler given to the ingest servers: route, record the job, wake a worker; returns the job id."""
-        job, _ = self._create(unit)
+            log.info(
+                "job %s [%s]: unit %s already has this job (state %s)",
+                job.id,
+                unit.source or "-",
+                unit.path.name,
+                job.state,
+            )
+        if claim:
+            if not created or job.state != "running":
+                result = JobResult(job.id, job.state, error=job.error or f"job already {job.state}")
+            else:
+                result = self.worker.execute(job)
+            return Admission(job.id, result.state, r.name, result)
         if job.state == "queued":
             self.worker.notify()
-        return job.id
-
-    def run_sync(self, unit: IngestUnit) -> tuple[str, JobResult]:
-        """For reply_over_mrd routes: record the job already running and run it on the caller's thread."""
-        job, created = self._create(unit, claim=True)
-        if not created or job.state != "running":
-            return job.id, JobResult(job.id, job.state, error=job.error or f"job already {job.state}")
-        return job.id, self.worker.execute(job)
+        return Admission(job.id, job.state, r.name)
 
     # ---- start-up ----------------------------------------------------------------------------------------------
     def rescan(self) -> list[str]:
@@ -150,9 +145,12 @@ class NodeService:
             unit = unit_from_disk(path)
             if unit is None:
                 continue
-            log.warning("unit %s [%s] was stored before the node stopped but had no job; creating it", path.name,
-                        unit.source or "-")
-            created.append(self.handle_unit(unit))
+            log.warning(
+                "unit %s [%s] was stored before the node stopped but had no job; creating it",
+                path.name,
+                unit.source or "-",
+            )
+            created.append(self.handle_unit(unit).job_id)
         return created
 
     def clean_tmp(self) -> int:
@@ -177,46 +175,57 @@ class NodeService:
         if self.cfg.node.audit_log is not None:
             audit.configure(self.cfg.node.audit_log)
         audit.event("node.start", pid=os.getpid(), ae_title=self.cfg.node.ae_title)
-        n = set_torch_threads(self.cfg)
+        n = set_threads(self.cfg.node.threads)
         self.clean_tmp()
         requeued = self.store.recover()
         for job_id in requeued:
             log.warning("job %s: was running when the node stopped; queued again", job_id)
         self.rescan()
         counts = self.store.counts()
-        log.info("job store %s: %s; torch threads %d", self.cfg.node.database_path,
-                 ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "empty", n)
+        log.info(
+            "job store %s: %s; torch threads %d",
+            self.cfg.node.database_path,
+            ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "empty",
+            n,
+        )
         self.egress.start()
         self.worker.start()
         from node.ingest.mrd_server import MRDServer, tls_server_context
 
-        slots = threading.BoundedSemaphore(self.cfg.node.mrd_max_connections)  # shared by plain and TLS
-        self.mrd_server = MRDServer(self.cfg, self.handle_unit, run_sync=self.run_sync, slots=slots).start()
-        if self.cfg.node.mrd_tls_port is not None:
-            self.mrd_tls_server = MRDServer(self.cfg, self.handle_unit, run_sync=self.run_sync,
-                                            tls_context=tls_server_context(self.cfg),
-                                            port=self.cfg.node.mrd_tls_port, slots=slots).start()
-        try:
-            from node.ingest.dicom_scp import DicomSCP  # written separately; optional until it exists
-        except ImportError as e:
-            log.warning("DICOM SCP not available (%s); serving MRD only", e)
-        else:
-            self.dicom_scp = DicomSCP(self.cfg, self.handle_unit)
-            grouper = getattr(self.dicom_scp, "grouper", None)
-            if grouper is not None and getattr(grouper, "restart_grace", None) is not None:
-                # groups found on disk at start wait this long for the rest of their study (issue 15, item 5);
-                # set before start(), which re-arms them
-                grouper.restart_grace = max(grouper.restart_grace, self.cfg.grouping.restart_grace_seconds)
-            self.dicom_scp.start()
-        self._write_run_file()
+        def handle_mrd(unit: IngestUnit) -> Admission:
+            return self.handle_unit(unit, inline=True)
 
-    def _write_run_file(self) -> None:
+        slots = threading.BoundedSemaphore(self.cfg.node.mrd_max_connections)  # shared by plain and TLS
+        self.mrd_server = MRDServer(self.cfg, handle_mrd, slots=slots).start()
+        if self.cfg.node.mrd_tls_port is not None:
+            self.mrd_tls_server = MRDServer(
+                self.cfg,
+                handle_mrd,
+                tls_context=tls_server_context(self.cfg),
+                port=self.cfg.node.mrd_tls_port,
+                slots=slots,
+            ).start()
+        from node.ingest.dicom_scp import DicomSCP
+
+        self.dicom_scp = DicomSCP(self.cfg, self.handle_unit)
+        # groups found on disk at start wait this long for the rest of their study (issue 15, item 5); set before
+        # start(), which re-arms them
+        grouper = self.dicom_scp.grouper
+        grouper.restart_grace = max(grouper.restart_grace, self.cfg.grouping.restart_grace_seconds)
+        self.dicom_scp.start()
+        self._write_run_file(self.mrd_server.port)
+
+    def _write_run_file(self, mrd_port: int) -> None:
         run = self.cfg.node.spool_dir / "run"
         run.mkdir(exist_ok=True)
-        info = {"pid": os.getpid(), "started": time.time(), "mrd_port": self.mrd_server.port,
-                "mrd_tls_port": self.mrd_tls_server.port if self.mrd_tls_server is not None else None,
-                "dicom_port": getattr(self.dicom_scp, "port", self.cfg.node.dicom_port) if self.dicom_scp else None,
-                "config": str(self.cfg.path) if self.cfg.path else None}
+        info = {
+            "pid": os.getpid(),
+            "started": time.time(),
+            "mrd_port": mrd_port,
+            "mrd_tls_port": self.mrd_tls_server.port if self.mrd_tls_server is not None else None,
+            "dicom_port": self.dicom_scp.port if self.dicom_scp is not None else None,
+            "config": str(self.cfg.path) if self.cfg.path else None,
+        }
         tmp = run / "node.json.partial"
         tmp.write_text(json.dumps(info))
         os.replace(tmp, run / "node.json")
@@ -263,6 +272,7 @@ class NodeService:
 
     def serve_forever(self) -> None:
         """Start, then block until SIGTERM / SIGINT; stop cleanly."""
+
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("received %s", signal.Signals(signum).name)
             self._stop.set()

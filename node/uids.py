@@ -100,12 +100,18 @@ def load_or_create_root(spool_dir: str | Path, configured: str | None = None) ->
         pass
     except (ValueError, OSError, AttributeError) as e:
         # A damaged identity must not silently become a new one: UIDs of resent jobs would change.
-        raise InvalidUID(f"{path} is damaged ({e}); restore it from backup or delete it to make a new "
-                         "node identity (resent jobs will then get new UIDs)") from e
+        raise InvalidUID(
+            f"{path} is damaged ({e}); restore it from backup or delete it to make a new "
+            "node identity (resent jobs will then get new UIDs)"
+        ) from e
     root = uuid_uid(uuid.uuid4())
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_durably(path, json.dumps({"uid_root": root, "note": "random per-node root of output UIDs; keep with "
-                                    "the spool"}, indent=1).encode("utf-8"))
+    write_durably(
+        path,
+        json.dumps(
+            {"uid_root": root, "note": "random per-node root of output UIDs; keep with the spool"}, indent=1
+        ).encode("utf-8"),
+    )
     log.info("new node identity: output UIDs derive from %s (%s)", root, path)
     return root
 
@@ -147,8 +153,15 @@ def safe_path_under(root: str | Path, *components: str) -> Path:
     """
     base = Path(root).resolve()
     for c in components:
-        if (not c or c in (".", "..") or "/" in c or "\\" in c or os.sep in c
-                or any(ord(ch) < 32 for ch in c) or Path(c).is_absolute()):
+        if (
+            not c
+            or c in (".", "..")
+            or "/" in c
+            or "\\" in c
+            or os.sep in c
+            or any(ord(ch) < 32 for ch in c)
+            or Path(c).is_absolute()
+        ):
             raise InvalidUID(f"{_shown(c)} cannot be used as a path component")
     path = base.joinpath(*components)
     resolved = path.resolve()

@@ -1,4 +1,6 @@
-"""Pipeline name -> pipeline. The node, the CLI and notebooks look pipelines up here.
+"""What a pipeline is (:class:`PipelineSpec`, its :class:`Param` list, the :class:`RunContext` it runs in) and the
+table every pipeline registers in. The built-in pipelines live in :mod:`pipelines.definitions`, which also has the
+lookup the node, the CLI and notebooks use (``get_pipeline``, ``list_pipelines``).
 
 A pipeline is a plain function ``run(study, params, ctx) -> list[QuantitativeMap | ReconImage]`` with a typed
 parameter list, so it can run from a notebook with arrays in and maps out, with no server.
@@ -68,12 +70,14 @@ class PipelineSpec:
         unknown = sorted(set(given) - set(self.params))
         if unknown:
             valid = ", ".join(sorted(self.params)) or "none"
-            raise ValueError(f"pipeline {self.name!r} has no parameter {', '.join(map(repr, unknown))} "
-                             f"(valid: {valid})")
+            raise ValueError(
+                f"pipeline {self.name!r} has no parameter {', '.join(map(repr, unknown))} (valid: {valid})"
+            )
         return {k: (p.parse(k, given[k]) if k in given else p.default) for k, p in self.params.items()}
 
-    def __call__(self, study: RawStudy | ImageStudy, params: dict[str, Any] | None = None,
-                 ctx: RunContext | None = None) -> list[PipelineOutput]:
+    def __call__(
+        self, study: RawStudy | ImageStudy, params: dict[str, Any] | None = None, ctx: RunContext | None = None
+    ) -> list[PipelineOutput]:
         want = RawStudy if self.input_kind == "raw" else ImageStudy
         if not isinstance(study, want):
             what = "raw MR data (ISMRMRD)" if self.input_kind == "raw" else "an image series (DICOM)"
@@ -91,30 +95,7 @@ def register(spec: PipelineSpec) -> PipelineSpec:
     return spec
 
 
-def _load_builtin() -> None:
-    # Importing a pipeline module registers it; kept lazy so `import pipelines.registry` stays cheap.
-    from pipelines import builtin, mrf_pipeline, recon_pipelines  # noqa: F401
-
-
-def get_pipeline(name: str) -> PipelineSpec:
-    _load_builtin()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown pipeline {name!r}: registered are {', '.join(sorted(_REGISTRY))}") from None
-
-
-def list_pipelines() -> list[PipelineSpec]:
-    _load_builtin()
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
-
-
-def select_device(preference: str = "auto") -> torch.device:
-    """``auto``: CUDA when present, else CPU; ``cuda`` without a GPU is an error that says so."""
-    if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but no CUDA GPU is available (use 'auto' or 'cpu')")
-    if preference not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, not {preference!r}")
-    return torch.device(preference)
+def registered() -> dict[str, PipelineSpec]:
+    """What has been registered so far, by name. The built-ins register when :mod:`pipelines.definitions` is
+    imported; look pipelines up through its ``get_pipeline`` / ``list_pipelines``."""
+    return dict(_REGISTRY)

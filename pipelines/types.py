@@ -47,8 +47,12 @@ class Geometry:
 
     @classmethod
     def centred(
-        cls, matrix: tuple[int, int], fov_mm: tuple[float, float], slice_thickness_mm: float = 5.0,
-        n_slices: int = 1, slice_gap_mm: float = 0.0,
+        cls,
+        matrix: tuple[int, int],
+        fov_mm: tuple[float, float],
+        slice_thickness_mm: float = 5.0,
+        n_slices: int = 1,
+        slice_gap_mm: float = 0.0,
     ) -> Geometry:
         """Axial slices centred at the isocentre: one, or a stack of ``n_slices`` parallel slices.
 
@@ -68,8 +72,7 @@ class Geometry:
             z = (np.arange(n_slices, dtype=np.float64) - (n_slices - 1) / 2.0) * step
             positions = np.repeat(positions, n_slices, axis=0)
             positions[:, 2] = z
-        return cls(matrix=matrix, pixel_spacing_mm=spacing, slice_thickness_mm=slice_thickness_mm,
-                   positions=positions)
+        return cls(matrix=matrix, pixel_spacing_mm=spacing, slice_thickness_mm=slice_thickness_mm, positions=positions)
 
 
 @dataclass
@@ -102,7 +105,8 @@ class StudyInfo:
 class QuantitativeMap:
     """One parametric map in its real unit, ready for a DICOM series.
 
-    ``kind`` names the output template (t1, t2, ff, pd, b1, df, residual); ``unit`` is UCUM.
+    ``kind`` names the output template and ``unit`` is UCUM; both as in the catalogue of
+    :mod:`pipelines.map_kinds` (build maps with :func:`pipelines.map_kinds.quantitative_map`).
     """
 
     kind: str

@@ -12,16 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 _META_KEY = "recon_node"
 
 
-def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                 half: bool = False) -> Path:
+def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], half: bool = False) -> Path:
     """Write ``tensors`` (fp16 when ``half``: shipped weights stay a few MB) with JSON ``meta``; atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,8 +37,9 @@ def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
     return path
 
 
-def load_weights(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor],
-                                                                               dict[str, Any]]:
+def load_weights(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors (floating point as float32) and the metadata stored by :func:`save_weights`."""
     path = Path(path)
     if not path.is_file():
@@ -63,8 +62,9 @@ def shipped_weights(name: str) -> Path:
     path = WEIGHTS_DIR / f"{name}.safetensors"
     if not path.is_file():
         have = sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors"))
-        raise FileNotFoundError(f"no shipped weights named {name!r} in {WEIGHTS_DIR} (available: "
-                                f"{', '.join(have) or 'none'})")
+        raise FileNotFoundError(
+            f"no shipped weights named {name!r} in {WEIGHTS_DIR} (available: {', '.join(have) or 'none'})"
+        )
     return path
 
 

@@ -38,10 +38,11 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
 from node import uids
+from node.egress.instances import InstanceRecord
 from node.egress.templates import Code, SeriesTemplate, TemplateError, template_for
 from pipelines.types import Geometry, PipelineOutput, QuantitativeMap, ReconImage, StudyInfo
 
-__all__ = ["write_outputs", "write_series", "build_series", "template_for", "TemplateError", "SOFTWARE_VERSION"]
+__all__ = ["write_outputs", "build_series", "template_for", "TemplateError", "SOFTWARE_VERSION", "InstanceRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,9 @@ def encode(data: np.ndarray, template: SeriesTemplate, unit_label: str) -> Encod
     lo_n, hi_n = int((q < 0).sum()), int((q > _STORED_MAX).sum())
     if lo_n or hi_n:
         lo_v, hi_v = intercept, _STORED_MAX * slope + intercept
-        notes.append(f"values outside the encodable range {lo_v:g}..{hi_v:g} {unit_label} clipped "
-                     f"({lo_n} below, {hi_n} above)")
+        notes.append(
+            f"values outside the encodable range {lo_v:g}..{hi_v:g} {unit_label} clipped ({lo_n} below, {hi_n} above)"
+        )
     stored = np.clip(q, 0, _STORED_MAX).astype(np.uint16)
     return Encoded(stored, float(slope), float(intercept), rescale, notes)
 
@@ -174,8 +176,9 @@ def _input_key(study: StudyInfo, references: list[Reference] | None) -> str:
     return h.hexdigest()[:32]
 
 
-def output_uid(job_id: str, study: StudyInfo, references: list[Reference] | None, *parts: object,
-               uid_root: str | None = None) -> str:
+def output_uid(
+    job_id: str, study: StudyInfo, references: list[Reference] | None, *parts: object, uid_root: str | None = None
+) -> str:
     """Series / SOP Instance UID of an output: node root + input UIDs + job id + ``parts`` (kind, role, index)."""
     return uids.derived_uid(uid_root or uids.node_root(), job_id, _input_key(study, references), *parts)
 
@@ -192,9 +195,18 @@ def _checked_uid(value: str, what: str, job_id: str, fallback: str, logger: logg
         return fallback
 
 
-def _base_dataset(study: StudyInfo, geometry: Geometry, template: SeriesTemplate, job_id: str,
-                  series_uid: str, series_number: int, description: str, now: datetime,
-                  uid_root: str | None = None, logger: logging.Logger | None = None) -> Dataset:
+def _base_dataset(
+    study: StudyInfo,
+    geometry: Geometry,
+    template: SeriesTemplate,
+    job_id: str,
+    series_uid: str,
+    series_number: int,
+    description: str,
+    now: datetime,
+    uid_root: str | None = None,
+    logger: logging.Logger | None = None,
+) -> Dataset:
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     # Patient and study: copied from the source so the series lands in the source's study.
@@ -204,9 +216,13 @@ def _base_dataset(study: StudyInfo, geometry: Geometry, template: SeriesTemplate
     ds.PatientSex = study.patient_sex
     # The study UID is copied from the input (an MRD header's studyInstanceUID was never checked before): an
     # invalid one becomes a UID of our own, so it cannot reach a folder destination's path (../../x, /abs, \n).
-    ds.StudyInstanceUID = _checked_uid(study.study_instance_uid, "the input's StudyInstanceUID", job_id,
-                                       uids.derived_uid(uid_root or uids.node_root(), "study", job_id,
-                                                        _input_key(study, None)), logger)
+    ds.StudyInstanceUID = _checked_uid(
+        study.study_instance_uid,
+        "the input's StudyInstanceUID",
+        job_id,
+        uids.derived_uid(uid_root or uids.node_root(), "study", job_id, _input_key(study, None)),
+        logger,
+    )
     ds.StudyID = study.study_id
     ds.StudyDate = study.study_date
     ds.StudyTime = study.study_time
@@ -228,9 +244,13 @@ def _base_dataset(study: StudyInfo, geometry: Geometry, template: SeriesTemplate
     ds.SoftwareVersions = SOFTWARE_VERSION
     if study.institution_name:
         ds.InstitutionName = study.institution_name
-    ds.FrameOfReferenceUID = _checked_uid(geometry.frame_of_reference_uid or study.frame_of_reference_uid,
-                                          "the input's FrameOfReferenceUID", job_id,
-                                          uids.derived_uid(None, "for", ds.StudyInstanceUID), logger)
+    ds.FrameOfReferenceUID = _checked_uid(
+        geometry.frame_of_reference_uid or study.frame_of_reference_uid,
+        "the input's FrameOfReferenceUID",
+        job_id,
+        uids.derived_uid(None, "for", ds.StudyInstanceUID),
+        logger,
+    )
     ds.PositionReferenceIndicator = ""
     # General image / MR image.
     ds.ImageType = list(template.image_type)
@@ -285,14 +305,22 @@ def _refs_for(refs: list[Reference], index: int, n_slices: int) -> list[Referenc
     """The source instances of slice ``index``: readers list them slice-major, so split evenly when they divide."""
     if n_slices > 1 and refs and len(refs) % n_slices == 0:
         per = len(refs) // n_slices
-        return refs[index * per:(index + 1) * per]
+        return refs[index * per : (index + 1) * per]
     return refs
 
 
-def build_series(output: PipelineOutput, study: StudyInfo, job_id: str, *, template: SeriesTemplate,
-                 series_number: int, references: list[Reference] | None = None,
-                 now: datetime | None = None, uid_root: str | None = None,
-                 logger: logging.Logger | None = None) -> list[Dataset]:
+def build_series(
+    output: PipelineOutput,
+    study: StudyInfo,
+    job_id: str,
+    *,
+    template: SeriesTemplate,
+    series_number: int,
+    references: list[Reference] | None = None,
+    now: datetime | None = None,
+    uid_root: str | None = None,
+    logger: logging.Logger | None = None,
+) -> list[Dataset]:
     """The MR Image Storage datasets (file meta included) of one output, one per slice or frame.
 
     ``uid_root``: the node's UID root (default: the one the node configured, :func:`node.uids.node_root`)."""
@@ -309,8 +337,10 @@ def build_series(output: PipelineOutput, study: StudyInfo, job_id: str, *, templ
         raise ValueError(f"output {output.kind!r} must be [slices, y, x], got shape {data.shape}")
     g = output.geometry
     if tuple(data.shape[1:]) != (int(g.matrix[0]), int(g.matrix[1])):
-        raise ValueError(f"output {output.kind!r} is {data.shape[1]}x{data.shape[2]} but its geometry says "
-                         f"{g.matrix[0]}x{g.matrix[1]}")
+        raise ValueError(
+            f"output {output.kind!r} is {data.shape[1]}x{data.shape[2]} but its geometry says "
+            f"{g.matrix[0]}x{g.matrix[1]}"
+        )
     positions, frames = _slice_positions(output, data.shape[0])
     enc = encode(data, template, template.unit.meaning)
     for note in enc.notes:
@@ -320,12 +350,25 @@ def build_series(output: PipelineOutput, study: StudyInfo, job_id: str, *, templ
     # References are UIDs from the input too: keep only valid ones (an invalid one would be refused by the PACS).
     refs = [(c, u) for c, u in (references or []) if uids.is_valid_uid(u) and uids.is_valid_uid(c)]
     if len(refs) != len(references or []):
-        (logger or log).warning("job %s: %d source reference(s) without a valid UID left out of the Source Image "
-                                "Sequence", job_id, len(references or []) - len(refs))
+        (logger or log).warning(
+            "job %s: %d source reference(s) without a valid UID left out of the Source Image Sequence",
+            job_id,
+            len(references or []) - len(refs),
+        )
     series_uid = output_uid(job_id, study, refs, output.kind, "series", uid_root=uid_root)
     description = template.description(output.description)
-    base = _base_dataset(study, g, template, job_id, series_uid, series_number, description, now or datetime.now(),
-                         uid_root=uid_root, logger=logger)
+    base = _base_dataset(
+        study,
+        g,
+        template,
+        job_id,
+        series_uid,
+        series_number,
+        description,
+        now or datetime.now(),
+        uid_root=uid_root,
+        logger=logger,
+    )
     center, width = _window(template, enc)
     rwvm = _rwvm(template, enc)
     normal = np.cross(np.asarray(g.orientation[:3], float), np.asarray(g.orientation[3:], float))
@@ -371,23 +414,6 @@ def build_series(output: PipelineOutput, study: StudyInfo, job_id: str, *, templ
     return out
 
 
-def write_series(output: PipelineOutput, study: StudyInfo, out_dir: Path, job_id: str, *, series_number: int,
-                 template: SeriesTemplate | None = None, references: list[Reference] | None = None,
-                 templates_dir: str | Path | None = None) -> list[Path]:
-    """Write one output as MR Image Storage files ``out_dir/<kind>_0001.dcm`` ...; returns the paths."""
-    template = template or _template_of(output, templates_dir)
-    datasets = build_series(output, study, job_id, template=template, series_number=series_number,
-                            references=references)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, ds in enumerate(datasets):
-        path = out_dir / f"{output.kind}_{i + 1:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
 def _template_of(output: PipelineOutput, templates_dir: str | Path | None) -> SeriesTemplate:
     try:
         return template_for(output.kind, templates_dir)
@@ -397,9 +423,17 @@ def _template_of(output: PipelineOutput, templates_dir: str | Path | None) -> Se
         raise
 
 
-def write_parametric_map(output: QuantitativeMap, study: StudyInfo, sources: list[Dataset], out_dir: Path,
-                         job_id: str, *, template: SeriesTemplate, series_number: int,
-                         uid_root: str | None = None) -> Path:
+def write_parametric_map(
+    output: QuantitativeMap,
+    study: StudyInfo,
+    sources: list[Dataset],
+    out_dir: Path,
+    job_id: str,
+    *,
+    template: SeriesTemplate,
+    series_number: int,
+    uid_root: str | None = None,
+) -> InstanceRecord:
     """One float32 Parametric Map instance (highdicom) of ``output``; ``sources`` are its MR instances."""
     import highdicom as hd
     from pydicom.sr.coding import Code as PydicomCode
@@ -412,7 +446,8 @@ def write_parametric_map(output: QuantitativeMap, study: StudyInfo, sources: lis
         lut_explanation=template.lut_explanation,
         unit=PydicomCode(template.unit.value, template.unit.scheme, template.unit.meaning),
         value_range=(finite_lo, finite_hi if finite_hi > finite_lo else finite_lo + 1.0),
-        slope=1.0, intercept=0.0,
+        slope=1.0,
+        intercept=0.0,
         quantity_definition=PydicomCode(template.quantity.value, template.quantity.scheme, template.quantity.meaning),
     )
     positions = np.asarray(g.positions, dtype=np.float64).reshape(-1, 3)
@@ -422,11 +457,13 @@ def write_parametric_map(output: QuantitativeMap, study: StudyInfo, sources: lis
     pm = hd.pm.ParametricMap(
         source_images=sources,
         pixel_array=data,
-        series_instance_uid=output_uid(job_id, study, None, str(sources[0].SeriesInstanceUID), output.kind,
-                                       "pm-series", uid_root=uid_root),
+        series_instance_uid=output_uid(
+            job_id, study, None, str(sources[0].SeriesInstanceUID), output.kind, "pm-series", uid_root=uid_root
+        ),
         series_number=series_number,
-        sop_instance_uid=output_uid(job_id, study, None, str(sources[0].SeriesInstanceUID), output.kind,
-                                    "pm-instance", uid_root=uid_root),
+        sop_instance_uid=output_uid(
+            job_id, study, None, str(sources[0].SeriesInstanceUID), output.kind, "pm-instance", uid_root=uid_root
+        ),
         instance_number=1,
         manufacturer="recon-node",
         manufacturer_model_name="recon-node",
@@ -451,7 +488,7 @@ def write_parametric_map(output: QuantitativeMap, study: StudyInfo, sources: lis
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{output.kind}_pmap.dcm"
     pm.save_as(path, enforce_file_format=True)
-    return path
+    return _record(path, pm)
 
 
 def _content_label(label: str) -> str:
@@ -460,11 +497,21 @@ def _content_label(label: str) -> str:
     return (cleaned or "MAP")[:16]
 
 
-def write_outputs(outputs: list[PipelineOutput], study: StudyInfo, out_dir: str | Path, job_id: str, *,
-                  references: list[Reference] | None = None, templates_dir: str | Path | None = None,
-                  parametric_map: bool = False, series_number_base: int | None = None,
-                  uid_root: str | None = None, logger: logging.Logger | None = None) -> list[Path]:
-    """Write every output as its own series under ``out_dir/<kind>/``; returns all files written.
+def write_outputs(
+    outputs: list[PipelineOutput],
+    study: StudyInfo,
+    out_dir: str | Path,
+    job_id: str,
+    *,
+    references: list[Reference] | None = None,
+    templates_dir: str | Path | None = None,
+    parametric_map: bool = False,
+    series_number_base: int | None = None,
+    uid_root: str | None = None,
+    logger: logging.Logger | None = None,
+) -> list[InstanceRecord]:
+    """Write every output as its own series under ``out_dir/<kind>/``; returns a record of every file written
+    (path, SOP Instance UID, SOP Class UID, transfer syntax: what egress queues, see :mod:`node.egress.instances`).
 
     ``references``: (SOP Class UID, SOP Instance UID) of the source instances (Source Image Sequence).
     ``templates_dir``: a site's template folder (default: the shipped ``dicom_templates/``).
@@ -477,20 +524,42 @@ def write_outputs(outputs: list[PipelineOutput], study: StudyInfo, out_dir: str 
     """
     out_dir = Path(out_dir)
     base = series_number_base if series_number_base is not None else 100 * max(int(study.series_number or 1), 1)
-    written: list[Path] = []
+    written: list[InstanceRecord] = []
     for output in outputs:
         template = _template_of(output, templates_dir)
         number = base + template.series_number_offset
-        datasets = build_series(output, study, job_id, template=template, series_number=number,
-                                references=references, uid_root=uid_root, logger=logger)
+        datasets = build_series(
+            output,
+            study,
+            job_id,
+            template=template,
+            series_number=number,
+            references=references,
+            uid_root=uid_root,
+            logger=logger,
+        )
         kind_dir = out_dir / output.kind
         kind_dir.mkdir(parents=True, exist_ok=True)
         for i, ds in enumerate(datasets):
             path = kind_dir / f"{output.kind}_{i + 1:04d}.dcm"
             ds.save_as(path, enforce_file_format=True)
-            written.append(path)
+            written.append(_record(path, ds))
         if parametric_map and isinstance(output, QuantitativeMap):
-            written.append(write_parametric_map(output, study, datasets, out_dir / f"{output.kind}_pmap", job_id,
-                                                template=template, series_number=number + 50, uid_root=uid_root))
+            written.append(
+                write_parametric_map(
+                    output,
+                    study,
+                    datasets,
+                    out_dir / f"{output.kind}_pmap",
+                    job_id,
+                    template=template,
+                    series_number=number + 50,
+                    uid_root=uid_root,
+                )
+            )
         log.info("job %s: %s -> %d instance(s), series %d", job_id, output.kind, len(datasets), number)
     return written
+
+
+def _record(path: Path, ds: Dataset) -> InstanceRecord:
+    return InstanceRecord(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))

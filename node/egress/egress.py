@@ -1,11 +1,13 @@
 """The node's egress: done jobs -> durable outbox -> destinations of their route; job state ``sent`` when delivered.
 
-:class:`Egress` owns the :class:`~node.egress.sender.Outbox` (``<spool>/outbox.sqlite``, next to the job database)
-and the :class:`~node.egress.sender.Sender` thread. Its :meth:`Egress.on_done` is the worker hook: every DICOM file
-of the job's results (``<result>/dicom/**.dcm``) is queued once per destination in the route's ``send_to``, then
-the sender is woken. When a pass delivers rows, every touched job whose rows are all ``sent`` becomes ``sent`` in
-the job store. At start-up :meth:`Egress.reconcile` queues what a stopped node had finished but not queued (a kill
-between ``done`` and the enqueue) and catches up job states, so nothing done is ever left unsent.
+:class:`Egress` owns the :class:`~node.egress.outbox.Outbox` (``<spool>/outbox.sqlite``, next to the job database)
+and the :class:`~node.egress.sender.Sender` thread. Its :meth:`Egress.on_done` is the worker hook: every DICOM
+instance the job's run wrote (the records :func:`~node.egress.dicom_writer.write_outputs` returned) is queued once
+per destination in the route's ``send_to``, then the sender is woken (where no run hands them over, at start-up,
+they are read from ``<result>/dicom/**.dcm``). When a pass delivers rows, every touched job whose rows are all
+``sent`` becomes ``sent`` in the job store. At start-up :meth:`Egress.reconcile` queues what a stopped node had
+finished but not queued (a kill between ``done`` and the enqueue) and catches up job states, so nothing done is
+ever left unsent.
 """
 
 from __future__ import annotations
@@ -16,17 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from node.config import SiteConfig
-from node.egress.sender import FAILED, PENDING, SENDING, SENT, Outbox, Sender
+from node.egress.instances import InstanceRecord, result_instances
+from node.egress.outbox import FAILED, PENDING, SENDING, SENT, Outbox
+from node.egress.sender import Sender
 from node.jobs import Job, JobStore
 
 log = logging.getLogger("recon-node.egress")
-
-
-def result_files(result_dir: str | Path | None) -> list[Path]:
-    """The DICOM files of a job's results, in a stable order."""
-    if not result_dir:
-        return []
-    return sorted(p for p in (Path(result_dir) / "dicom").rglob("*.dcm") if p.is_file())
 
 
 def summarise(per_dest: dict[str, dict[str, int]]) -> dict[str, int]:
@@ -48,10 +45,17 @@ class Egress:
         self.store = store
         self.outbox = Outbox(cfg.node.outbox_path)
         e = cfg.egress
-        self.sender = Sender(self.outbox, cfg.destinations, calling_ae=cfg.node.ae_title,
-                             backoff_base_s=e.backoff_base_s, backoff_max_s=e.backoff_max_s,
-                             max_attempts=e.max_attempts, poll_interval_s=e.poll_interval_s, timeout_s=e.timeout_s,
-                             on_sent=self._delivered)
+        self.sender = Sender(
+            self.outbox,
+            cfg.destinations,
+            calling_ae=cfg.node.ae_title,
+            backoff_base_s=e.backoff_base_s,
+            backoff_max_s=e.backoff_max_s,
+            max_attempts=e.max_attempts,
+            poll_interval_s=e.poll_interval_s,
+            timeout_s=e.timeout_s,
+            on_sent=self._delivered,
+        )
         self._lock = threading.Lock()
 
     # ---- life cycle ------------------------------------------------------------------------------------------
@@ -67,7 +71,7 @@ class Egress:
             self.outbox.close()
 
     def verify_all(self) -> dict[str, bool]:
-        """C-ECHO every DICOM destination (folder destinations: can we write there?); logged and kept for status."""
+        """Check every destination (C-ECHO, a write test, a GET); logged and kept for status."""
         out = {}
         for d in self.cfg.destinations:
             try:
@@ -78,23 +82,28 @@ class Egress:
         return out
 
     # ---- jobs -> outbox -----------------------------------------------------------------------------------------
-    def on_done(self, job: Job, outputs: list[Any], out_dir: Path) -> None:
-        """Worker hook: queue the job's DICOM files for every destination of its route."""
-        self.enqueue_job(job, out_dir)
+    def on_done(self, job: Job, outputs: list[Any], out_dir: Path, instances: list[InstanceRecord]) -> None:
+        """Worker hook: queue the instances the writer just wrote (paths in ``out_dir``) for every destination
+        of the job's route."""
+        self.enqueue_job(job, instances)
 
-    def enqueue_job(self, job: Job, out_dir: str | Path | None = None) -> int:
+    def enqueue_job(self, job: Job, instances: list[InstanceRecord] | None = None) -> int:
+        """Queue ``instances`` (default: read from the job's results folder) for the job's destinations."""
         if not job.send_to:
             return 0
-        files = result_files(out_dir or job.result_dir)
+        files = instances if instances is not None else result_instances(job.result_dir)
         if not files:
-            log.info("job %s [%s]: no DICOM outputs; nothing to send to %s", job.id, job.source or "-",
-                     ", ".join(job.send_to))
+            log.info(
+                "job %s [%s]: no DICOM outputs; nothing to send to %s",
+                job.id,
+                job.source or "-",
+                ", ".join(job.send_to),
+            )
             return 0
         n = 0
         for dest in job.send_to:
             n += self.outbox.enqueue(files, dest, job.id)
-        log.info("job %s [%s]: %d file(s) queued for %s", job.id, job.source or "-", len(files),
-                 ", ".join(job.send_to))
+        log.info("job %s [%s]: %d file(s) queued for %s", job.id, job.source or "-", len(files), ", ".join(job.send_to))
         self._delivered({job.id})  # a rerun job whose instances were all delivered before
         self.sender.wake()
         return n
@@ -107,9 +116,13 @@ class Egress:
             have = set(counts.get(job.id, {}))
             missing = [d for d in job.send_to if d not in have]
             if missing:
-                log.warning("job %s [%s]: done but not queued for %s (node stopped in between); queueing now",
-                            job.id, job.source or "-", ", ".join(missing))
-                files = result_files(job.result_dir)
+                log.warning(
+                    "job %s [%s]: done but not queued for %s (node stopped in between); queueing now",
+                    job.id,
+                    job.source or "-",
+                    ", ".join(missing),
+                )
+                files = result_instances(job.result_dir)
                 for dest in missing:
                     if files:
                         self.outbox.enqueue(files, dest, job.id)
@@ -127,8 +140,13 @@ class Egress:
                 s = summarise(per_dest)
                 if s["total"] and s["sent"] == s["total"] and set(job.send_to) <= set(per_dest):
                     if self.store.mark_sent(job_id):
-                        log.info("job %s [%s]: %d instance(s) delivered to %s", job_id, job.source or "-",
-                                 s["sent"], ", ".join(job.send_to))
+                        log.info(
+                            "job %s [%s]: %d instance(s) delivered to %s",
+                            job_id,
+                            job.source or "-",
+                            s["sent"],
+                            ", ".join(job.send_to),
+                        )
 
     # ---- status --------------------------------------------------------------------------------------------------
     def destination_status(self) -> list[dict[str, Any]]:
@@ -142,8 +160,20 @@ def read_status(cfg: SiteConfig, job_ids: list[str]) -> tuple[list[dict[str, Any
     """
     path = cfg.node.outbox_path
     if not path.exists():
-        dests = [{"name": d.name, "kind": d.kind, "target": d.target, "pending": 0, "sent": 0, "failed": 0,
-                  "last_error": None, "last_success_at": None, "echo_ok": None} for d in cfg.destinations]
+        dests = [
+            {
+                "name": d.name,
+                "kind": d.kind,
+                "target": d.target,
+                "pending": 0,
+                "sent": 0,
+                "failed": 0,
+                "last_error": None,
+                "last_success_at": None,
+                "echo_ok": None,
+            }
+            for d in cfg.destinations
+        ]
         return dests, {}
     outbox = Outbox(path, recover=False)
     try:

@@ -84,6 +84,31 @@ def available_kinds(templates_dir: str | Path | None = None) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
+def catalogue_problems(templates_dir: str | Path | None = None) -> list[str]:
+    """Where a templates folder disagrees with the pipelines' output kinds (:mod:`pipelines.map_kinds`): kinds
+    without a template (one message naming them all), and templates whose ``map_unit`` is not the unit the
+    pipelines write. Empty when every output a pipeline can return has a matching template."""
+    from pipelines.map_kinds import MAP_KINDS
+
+    folder = Path(templates_dir) if templates_dir is not None else default_templates_dir()
+    have = set(available_kinds(folder))
+    missing = [k for k in MAP_KINDS if k not in have]
+    problems = [f"{folder} lacks templates for: {', '.join(missing)}"] if missing else []
+    for kind in MAP_KINDS:
+        if kind not in have:
+            continue
+        try:
+            template = template_for(kind, folder)
+        except TemplateError:
+            continue  # the folder check reports unreadable templates on their own
+        unit = MAP_KINDS[kind].unit
+        if template.map_unit and template.map_unit != unit:
+            problems.append(
+                f"{template.path}: map_unit is {template.map_unit!r} but the pipelines write {kind!r} maps in {unit!r}"
+            )
+    return problems
+
+
 @functools.lru_cache(maxsize=64)
 def _load_cached(path: Path, mtime_ns: int) -> SeriesTemplate:
     return _parse(path)
@@ -108,16 +133,23 @@ def _parse(path: Path) -> SeriesTemplate:
     except yaml.YAMLError as e:
         raise TemplateError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(doc, dict):
-        raise TemplateError(f"{path}: expected a mapping of keys (kind, series_description, ...), got {type(doc).__name__}")
+        raise TemplateError(
+            f"{path}: expected a mapping of keys (kind, series_description, ...), got {type(doc).__name__}"
+        )
     r = _Reader(path, doc)
     kind = r.text("kind")
     if kind != path.stem:
         raise TemplateError(f"{path}: key 'kind' is {kind!r} but the file is named {path.name}; make them agree")
     image_type = r.get("image_type")
-    if (not isinstance(image_type, list) or not 2 <= len(image_type) <= 4
-            or not all(isinstance(v, str) and v and len(v) <= 16 for v in image_type)):
-        raise TemplateError(f"{path}: key 'image_type' must be a list of 2 to 4 short strings "
-                            f"(e.g. [DERIVED, SECONDARY, T1 MAP]), got {image_type!r}")
+    if (
+        not isinstance(image_type, list)
+        or not 2 <= len(image_type) <= 4
+        or not all(isinstance(v, str) and v and len(v) <= 16 for v in image_type)
+    ):
+        raise TemplateError(
+            f"{path}: key 'image_type' must be a list of 2 to 4 short strings "
+            f"(e.g. [DERIVED, SECONDARY, T1 MAP]), got {image_type!r}"
+        )
     encoding = r.mapping("encoding")
     auto_max = encoding.get("auto_max")
     if auto_max is not None:
@@ -147,11 +179,19 @@ def _parse(path: Path) -> SeriesTemplate:
     if len(lut_label) > 16:
         raise TemplateError(f"{path}: key 'lut_label' must be at most 16 characters, got {lut_label!r}")
     return SeriesTemplate(
-        kind=kind, path=path, series_description=description, series_number_offset=offset,
+        kind=kind,
+        path=path,
+        series_description=description,
+        series_number_offset=offset,
         image_type=tuple(str(v).upper() for v in image_type),
         map_unit=str(doc.get("map_unit", "") if doc.get("map_unit") is not None else ""),
-        unit=r.code("unit", default_scheme="UCUM"), quantity=r.code("quantity"),
-        slope=slope, intercept=intercept, auto_max=auto_max, window_center=center, window_width=width,
+        unit=r.code("unit", default_scheme="UCUM"),
+        quantity=r.code("quantity"),
+        slope=slope,
+        intercept=intercept,
+        auto_max=auto_max,
+        window_center=center,
+        window_width=width,
         lut_label=lut_label,
         lut_explanation=str(doc.get("lut_explanation") or description.replace("{description}", kind))[:64],
     )
@@ -190,6 +230,8 @@ class _Reader:
         parts = {"code": v.get("code"), "scheme": scheme, "meaning": v.get("meaning")}
         for name, part in parts.items():
             if not isinstance(part, str) or not part:
-                raise TemplateError(f"{self.path}: key '{key}.{name}' must be a non-empty string (quote codes "
-                                    f"such as \"113063\"), got {part!r}")
+                raise TemplateError(
+                    f"{self.path}: key '{key}.{name}' must be a non-empty string (quote codes "
+                    f'such as "113063"), got {part!r}'
+                )
         return Code(str(parts["code"]), str(parts["scheme"]), str(parts["meaning"]))

@@ -18,14 +18,12 @@ Behaviour (see README_dicom.md for the operator's view):
 * **Grouping**: :class:`node.ingest.grouping.QuietWindowGrouper` releases a group after its quiet time and once
   every association that stored into it has closed; the folder is renamed to ``<spool>/units/<unit id>/`` and the
   handler receives an :class:`IngestUnit` of kind ``dicom``.
-* **ISMRMRD in DICOM**: a Raw Data Storage instance carrying an ISMRMRD HDF5 file (private creator
-  ``RECON-NODE ISMRMRD`` in group 0x0071, the bytes in element xx10 (OB) of that block, their exact length in
-  xx11 (UL); or an Encapsulated Document (0042,0011) whose bytes are an HDF5 file) is extracted to
-  ``<spool>/units/<unit id>.h5`` and handed over at once as a unit of kind ``mrd``. See
-  :func:`wrap_ismrmrd_in_raw_data`.
+* **ISMRMRD in DICOM**: a Raw Data Storage instance carrying an ISMRMRD HDF5 file (the convention of
+  :mod:`pipelines.io.ismrmrd_dicom`) is extracted to ``<spool>/units/<unit id>.h5`` and handed over at once as a
+  unit of kind ``mrd``.
 * **Restart**: groups left in ``incoming`` get a fresh quiet window and temp files are deleted. Every unit is
-  given a sidecar ``<spool>/units/<unit id>.json`` (the IngestUnit, as the MRD server writes it) before it gets its
-  final name, so the service's start-up rescan can create the job of a unit whose hand-over never happened.
+  given its sidecar (:func:`node.ingest.units.save_sidecar`) before it gets its final name, so the service's
+  start-up rescan can create the job of a unit whose hand-over never happened.
 * Handler calls run one at a time on a dispatch thread; an exception is logged and the unit stays on disk.
 
 Hardening (issue 15):
@@ -54,42 +52,37 @@ import os
 import re
 import shutil
 import ssl
-import struct
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import h5py
-import ismrmrd.xsd as x
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     UID,
     EnhancedMRImageStorage,
-    ExplicitVRLittleEndian,
     MRImageStorage,
     RawDataStorage,
     SecondaryCaptureImageStorage,
 )
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, _config, dimse_messages, evt, transport
-from pynetdicom.sop_class import Verification
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, dimse_messages, evt, transport
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time, unseen by mypy
 
 from node import audit, uids
 from node.config import find_source
-from node.ingest.grouping import Group, GroupStatus, QuietWindowGrouper
 from node.durable import copy_durably, fsync_dir, write_durably
-from node.ingest.units import IngestUnit, UnitHandler
-from pipelines.io.dicom_modules import set_patient_and_study
-from pipelines.io.dicom_uids import deterministic_uid
-from pipelines.io.mrd_reader import read_hdf5_header, study_info_from_header
-from pipelines.types import StudyInfo
+from node.ingest import attributes
+from node.ingest.grouping import Group, GroupStatus, QuietWindowGrouper
+from node.ingest.units import IngestUnit, UnitHandler, save_sidecar
+from pipelines.io.ismrmrd_dicom import embedded_ismrmrd
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +101,6 @@ DATASET_TOO_LARGE = 0xA702  # A7xx "Refused: Out of Resources": larger than node
 CANNOT_DECODE = 0xC210
 MISSING_UID = 0xC211
 BAD_ISMRMRD = 0xC212
-
-# ISMRMRD-in-DICOM convention.
-ISMRMRD_GROUP = 0x0071
-ISMRMRD_CREATOR = "RECON-NODE ISMRMRD"
-ISMRMRD_DATA_ELEMENT = 0x10  # (0071,xx10) OB: the HDF5 bytes
-ISMRMRD_LENGTH_ELEMENT = 0x11  # (0071,xx11) UL: their exact length (OB values are padded to even length)
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-# Raw Data module's Creator-Version UID: names this wrapping convention (version 1).
-CREATOR_VERSION_UID = deterministic_uid("recon-node", "ismrmrd-in-raw-data", 1)
 
 UNKNOWN_SOURCE = "unknown"
 GROUP_INFO = ".group.json"  # sidecar in each incoming group folder: source, first association, first instance
@@ -211,15 +195,22 @@ def _complete_store_command(self: Any, data: bytes) -> bytes:
         return data
 
 
+# Attributes this node sets on pynetdicom's own objects, which the hooks below read back: the (spool folder, byte
+# limit) of one of our associations, and the PDU size cap of our AE.
+_RX_LIMITS_ATTR = "recon_node_rx"
+_PDU_CAP_ATTR = "recon_node_pdu_cap"
+
+
 def _bounded_decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
-    limits = getattr(assoc, "recon_node_rx", None)
+    limits = getattr(assoc, _RX_LIMITS_ATTR, None)
     if limits is None:  # not one of our associations (e.g. a test's own SCP in this process)
         return _orig_decode_msg(self, primitive, assoc)
     folder, limit = limits
     pdvs = getattr(primitive, "presentation_data_value_list", None) or []
     if any(d and d[0] & 3 == 3 for _, d in pdvs):  # the last fragment of a command set
         primitive.presentation_data_value_list = [
-            [cx, _complete_store_command(self, d) if d and d[0] & 3 == 3 else d] for cx, d in pdvs]
+            [cx, _complete_store_command(self, d) if d and d[0] & 3 == 3 else d] for cx, d in pdvs
+        ]
     f = getattr(self, "_data_set_file", None)
     seen = int(getattr(self, "_recon_rx_bytes", 0))
     if f is not None and getattr(primitive, "presentation_data_value_list", None):
@@ -251,13 +242,21 @@ _orig_sock_recv = transport.AssociationSocket.recv
 
 def _bounded_sock_recv(self: Any, nr_bytes: int) -> bytearray:
     assoc = getattr(self, "_assoc", None)
-    cap = getattr(getattr(assoc, "ae", None), "recon_node_pdu_cap", None)
+    cap = getattr(getattr(assoc, "ae", None), _PDU_CAP_ATTR, None)
     if cap is not None and nr_bytes > cap:
-        log.error("peer %s: PDU of %d bytes announced, more than %d; connection closed (the peer ignores the "
-                  "maximum PDU length)", getattr(getattr(assoc, "requestor", None), "address", "?"), nr_bytes, cap)
-        audit.event("dicom.association.refused", "refused",
-                    actor_ip=str(getattr(getattr(assoc, "requestor", None), "address", "")),
-                    reason=f"PDU of {nr_bytes} bytes over {cap}")
+        log.error(
+            "peer %s: PDU of %d bytes announced, more than %d; connection closed (the peer ignores the "
+            "maximum PDU length)",
+            getattr(getattr(assoc, "requestor", None), "address", "?"),
+            nr_bytes,
+            cap,
+        )
+        audit.event(
+            "dicom.association.refused",
+            "refused",
+            actor_ip=str(getattr(getattr(assoc, "requestor", None), "address", "")),
+            reason=f"PDU of {nr_bytes} bytes over {cap}",
+        )
         raise OSError(f"PDU of {nr_bytes} bytes exceeds {cap}")
     return _orig_sock_recv(self, nr_bytes)
 
@@ -265,6 +264,7 @@ def _bounded_sock_recv(self: Any, nr_bytes: int) -> bytearray:
 def _install_rx_hooks() -> None:
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = _rx_temp_file
+    # pynetdicom has no hook for these two: its methods are replaced in place (mypy flags any method assignment).
     dimse_messages.DIMSEMessage.decode_msg = _bounded_decode_msg  # type: ignore[method-assign]
     transport.AssociationSocket.recv = _bounded_sock_recv  # type: ignore[method-assign]
 
@@ -288,153 +288,12 @@ def _instances(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.dcm") if p.is_file() and not p.name.startswith("."))
 
 
-def write_unit_sidecar(unit: IngestUnit) -> Path:
-    """``<spool>/units/<unit id>.json``: the IngestUnit as JSON, durably, *before* the unit gets its final name.
-
-    Same content and place as the MRD server's sidecar, so that the service's start-up rescan
-    (``node.service.unit_from_disk``) rebuilds a unit whose job was never created (node killed in between, or the
-    handler failed) with its source, AE titles, peer and attributes.
-    """
-    data = asdict(unit)
-    data["path"] = str(unit.path)
-    sidecar = unit.path.with_name(unit.path.name.removesuffix(".h5") + ".json")
-    write_durably(sidecar, json.dumps(data, indent=1).encode("utf-8"))
-    return sidecar
-
-
 def _status(code: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = code
     # LO: 64 characters, no backslash or control characters (the comment may quote a hostile value).
     ds.ErrorComment = "".join(c if 32 <= ord(c) < 127 and c != "\\" else "?" for c in comment)[:64]
     return ds
-
-
-def _int_value(value: Any) -> int:
-    """A UL read back as int. Sent with implicit VR, the private length element has no VR in any dictionary, so
-    pydicom gives its raw 4 bytes (UN) -- ``int(b'...')`` was the ``invalid literal for int()`` of issue 15."""
-    if isinstance(value, (bytes, bytearray)):
-        if len(value) != 4:
-            raise ValueError(f"length element holds {len(value)} bytes, expected 4 (UL)")
-        return int(struct.unpack("<I", bytes(value))[0])
-    if isinstance(value, (list, tuple)):
-        value = value[0]
-    return int(value)
-
-
-# ---- ISMRMRD inside DICOM --------------------------------------------------------------------------------------
-def embedded_ismrmrd(ds: Dataset) -> bytes | None:
-    """The ISMRMRD HDF5 bytes carried by a dataset, or None (see the module docstring for the convention)."""
-    try:
-        block = ds.private_block(ISMRMRD_GROUP, ISMRMRD_CREATOR)
-    except KeyError:
-        block = None
-    if block is not None and ISMRMRD_DATA_ELEMENT in block:
-        data = bytes(block[ISMRMRD_DATA_ELEMENT].value or b"")
-        if ISMRMRD_LENGTH_ELEMENT in block:
-            n = _int_value(block[ISMRMRD_LENGTH_ELEMENT].value)
-            if 0 <= n <= len(data):
-                data = data[:n]
-        return data
-    doc = ds.get("EncapsulatedDocument")
-    if doc and bytes(doc[:8]) == HDF5_SIGNATURE:
-        n = _int_value(ds.get("EncapsulatedDocumentLength") or 0)
-        data = bytes(doc)
-        return data[:n] if 0 < n <= len(data) else data
-    return None
-
-
-def wrap_ismrmrd_in_raw_data(
-    h5_path: str | Path,
-    info: StudyInfo | None = None,
-    *,
-    series_number: int = 900,
-    series_description: str = "ISMRMRD raw data",
-    sop_instance_uid: str | None = None,
-    series_instance_uid: str | None = None,
-) -> Dataset:
-    """A Raw Data Storage instance (with file meta) that carries the ISMRMRD file ``h5_path``.
-
-    Patient / study identifiers come from ``info``, else from the file's ISMRMRD header. UIDs not given are
-    derived deterministically from the file's bytes, so wrapping the same file twice gives the same instance.
-    Save with ``ds.save_as(path, enforce_file_format=True)`` or send with any C-STORE SCU.
-    """
-    h5_path = Path(h5_path)
-    payload = h5_path.read_bytes()
-    if not payload.startswith(HDF5_SIGNATURE):
-        raise ValueError(f"{h5_path}: not an HDF5 file (no HDF5 signature)")
-    if info is None:
-        info = study_info_from_header(x.CreateFromDocument(read_hdf5_header(h5_path).encode("utf-8")))
-    digest = uuid.uuid5(uuid.NAMESPACE_OID, payload.hex()[:4096] + str(len(payload))).hex
-    study_uid = info.study_instance_uid or deterministic_uid("raw-study", info.patient_id, digest)
-    series_uid = series_instance_uid or deterministic_uid("raw-series", study_uid, series_number, digest)
-    sop_uid = sop_instance_uid or deterministic_uid("raw-instance", series_uid, digest)
-    now = datetime.now()
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RawDataStorage
-    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "RECON_NODE"
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    # SOP common
-    ds.SOPClassUID = RawDataStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = now.strftime("%H%M%S")
-    set_patient_and_study(ds, info, study_uid)
-    # General series
-    ds.Modality = "MR"
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = series_number
-    ds.SeriesDescription = series_description
-    if info.protocol_name:
-        ds.ProtocolName = info.protocol_name
-    ds.Laterality = ""  # type 2C; the body part is not known here, so present and empty (as the frame writer does)
-    # Frame of reference (U in the Raw Data IOD): present when known
-    if info.frame_of_reference_uid:
-        ds.FrameOfReferenceUID = info.frame_of_reference_uid
-        ds.PositionReferenceIndicator = ""
-    # General equipment
-    ds.Manufacturer = info.manufacturer or ""
-    if info.institution_name:
-        ds.InstitutionName = info.institution_name
-    if info.station_name:
-        ds.StationName = info.station_name
-    # Acquisition context (type 2 sequence: present, empty)
-    ds.AcquisitionContextSequence = []
-    # Raw data module
-    ds.InstanceNumber = 1
-    ds.ContentDate = info.study_date or now.strftime("%Y%m%d")
-    ds.ContentTime = info.study_time or now.strftime("%H%M%S")
-    ds.CreatorVersionUID = CREATOR_VERSION_UID
-    # The payload
-    block = ds.private_block(ISMRMRD_GROUP, ISMRMRD_CREATOR, create=True)
-    block.add_new(ISMRMRD_DATA_ELEMENT, "OB", payload)
-    block.add_new(ISMRMRD_LENGTH_ELEMENT, "UL", len(payload))
-    return ds
-
-
-def mrd_attributes(path: Path) -> tuple[dict[str, str], int]:
-    """Routing attributes of an ISMRMRD file (as the MRD server gives them: protocolName, trajectory, sequence,
-    measurementID ...) and its number of acquisitions. ValueError naming the file when it is not readable."""
-    from node.ingest.mrd_server import mrd_unit_attributes  # one definition of the MRD attributes
-
-    xml = read_hdf5_header(path)
-    try:
-        header = x.CreateFromDocument(xml.encode("utf-8"))
-    except Exception as e:
-        raise ValueError(f"{path}: the ISMRMRD header is not valid ({e})") from e
-    try:
-        with h5py.File(path, "r") as f:
-            n = int(f["dataset/data"].shape[0]) if "dataset/data" in f else 0
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the acquisitions ({e})") from e
-    return mrd_unit_attributes(header), n
 
 
 # ---- the SCP ---------------------------------------------------------------------------------------------------
@@ -485,8 +344,7 @@ class DicomSCP:
         self._tls_server: Any = None
         self.rx_dir = self.incoming / RX_DIR
         self.max_dataset_bytes = int(float(getattr(cfg.node, "dicom_max_dataset_mb", 512)) * 2**20)
-        self.transfer_syntaxes = decodable_transfer_syntaxes(bool(getattr(cfg.node, "dicom_accept_compressed",
-                                                                          True)))
+        self.transfer_syntaxes = decodable_transfer_syntaxes(bool(getattr(cfg.node, "dicom_accept_compressed", True)))
         self.ae = self._make_ae()
 
     # ---- set-up ----------------------------------------------------------------------------------------------
@@ -499,7 +357,7 @@ class DicomSCP:
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
         ae.maximum_associations = 16
-        ae.recon_node_pdu_cap = max(PDU_CAP_BYTES, 2 * int(ae.maximum_pdu_size or 0))  # see _bounded_sock_recv
+        setattr(ae, _PDU_CAP_ATTR, max(PDU_CAP_BYTES, 2 * int(ae.maximum_pdu_size or 0)))  # see _bounded_sock_recv
         return ae
 
     @property
@@ -523,8 +381,10 @@ class DicomSCP:
         if getattr(self.cfg.node, "dicom_tls_port", None) is None:
             return None
         if tls is None:
-            raise ValueError("node.dicom_tls_port is set but node.tls (cert, key) is missing; add a node.tls block "
-                             "with the node's certificate and key")
+            raise ValueError(
+                "node.dicom_tls_port is set but node.tls (cert, key) is missing; add a node.tls block "
+                "with the node's certificate and key"
+            )
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(str(tls.cert), str(tls.key))
@@ -549,22 +409,28 @@ class DicomSCP:
         self._dispatch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recon-node-dicom-dispatch")
         self._recover()
         self.grouper.start()
-        handlers = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         bind = self.cfg.node.bind or "0.0.0.0"
-        self._server = self.ae.start_server((bind, int(self.cfg.node.dicom_port)), block=False,
-                                            evt_handlers=handlers)
+        self._server = self.ae.start_server((bind, int(self.cfg.node.dicom_port)), block=False, evt_handlers=handlers)
         if ssl_context is not None:
-            self._tls_server = self.ae.start_server((bind, int(self.cfg.node.dicom_tls_port)), block=False,
-                                                    evt_handlers=handlers, ssl_context=ssl_context)
-        log.info("DICOM SCP %s listening on %s:%d%s (spool %s; %d transfer syntaxes; datasets up to %.0f MB)",
-                 self.cfg.node.ae_title, bind, self.port,
-                 f", TLS on {self.tls_port}" if self._tls_server is not None else "", self.spool,
-                 len(self.transfer_syntaxes), self.max_dataset_bytes / 2**20)
+            self._tls_server = self.ae.start_server(
+                (bind, int(self.cfg.node.dicom_tls_port)), block=False, evt_handlers=handlers, ssl_context=ssl_context
+            )
+        log.info(
+            "DICOM SCP %s listening on %s:%d%s (spool %s; %d transfer syntaxes; datasets up to %.0f MB)",
+            self.cfg.node.ae_title,
+            bind,
+            self.port,
+            f", TLS on {self.tls_port}" if self._tls_server is not None else "",
+            self.spool,
+            len(self.transfer_syntaxes),
+            self.max_dataset_bytes / 2**20,
+        )
 
     def stop(self) -> None:
         """Close the port and stop the threads. Pending groups stay in the spool and are re-armed on next start."""
@@ -598,49 +464,86 @@ class DicomSCP:
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         rq = assoc.requestor.primitive
+        assert rq is not None  # EVT_REQUESTED fires once the A-ASSOCIATE-RQ has been received
         calling = str(rq.calling_ae_title).strip()
         called = str(rq.called_ae_title).strip()
         address = assoc.requestor.address
         own = str(self.cfg.node.ae_title).strip()
         if called != own:
-            log.warning("association rejected: called AE %r is not this node (%r); calling ae=%s peer=%s",
-                        called, own, calling, address)
-            audit.event("dicom.association.refused", "refused", actor_ae=calling, actor_ip=address,
-                        called_ae=called, reason="called AE title not recognised")
+            log.warning(
+                "association rejected: called AE %r is not this node (%r); calling ae=%s peer=%s",
+                called,
+                own,
+                calling,
+                address,
+            )
+            audit.event(
+                "dicom.association.refused",
+                "refused",
+                actor_ae=calling,
+                actor_ip=address,
+                called_ae=called,
+                reason="called AE title not recognised",
+            )
             self._reject(assoc, 0x07)
             return
         try:
             source = self._lookup_source(address, calling)
         except Exception as e:
-            log.error("association rejected: source lookup failed for ae=%s peer=%s (%s: %s)",
-                      calling, address, type(e).__name__, e, exc_info=True)
-            audit.event("dicom.association.refused", "refused", actor_ae=calling, actor_ip=address,
-                        called_ae=called, reason=f"source lookup failed: {type(e).__name__}")
+            log.error(
+                "association rejected: source lookup failed for ae=%s peer=%s (%s: %s)",
+                calling,
+                address,
+                type(e).__name__,
+                e,
+                exc_info=True,
+            )
+            audit.event(
+                "dicom.association.refused",
+                "refused",
+                actor_ae=calling,
+                actor_ip=address,
+                called_ae=called,
+                reason=f"source lookup failed: {type(e).__name__}",
+            )
             self._reject(assoc, 0x01)
             return
         if source is None:
             if bool(getattr(self.cfg, "reject_unknown_sources", True)):
-                log.warning("association rejected: calling ae=%s peer=%s matches no configured DICOM source "
-                            "(add it under 'sources' with protocols [dicom])", calling, address)
-                audit.event("dicom.association.refused", "refused", actor_ae=calling, actor_ip=address,
-                            called_ae=called, reason="calling AE title / host not a configured source")
+                log.warning(
+                    "association rejected: calling ae=%s peer=%s matches no configured DICOM source "
+                    "(add it under 'sources' with protocols [dicom])",
+                    calling,
+                    address,
+                )
+                audit.event(
+                    "dicom.association.refused",
+                    "refused",
+                    actor_ae=calling,
+                    actor_ip=address,
+                    called_ae=called,
+                    reason="calling AE title / host not a configured source",
+                )
                 self._reject(assoc, 0x03)
                 return
             name = UNKNOWN_SOURCE
-            log.warning("association from unconfigured ae=%s peer=%s accepted as source %r "
-                        "(reject_unknown_sources is false)", calling, address, name)
+            log.warning(
+                "association from unconfigured ae=%s peer=%s accepted as source %r (reject_unknown_sources is false)",
+                calling,
+                address,
+                name,
+            )
         else:
             name = str(source.name)
         with self._lock:
             self._peers[id(assoc)] = _Peer(name, calling, called, address)
         # Bind the bounded, spooled receive (module top) to this association.
-        assoc.recon_node_rx = (str(self.rx_dir), self.max_dataset_bytes)
-        tls = assoc.dul.socket is not None and isinstance(getattr(assoc.dul.socket, "socket", None),
-                                                           ssl.SSLSocket)
-        audit.event("dicom.association.accepted", actor_ae=calling, actor_ip=address, called_ae=called,
-                    source=name, tls=tls)
-        log.info("source=%s ae=%s peer=%s: association requested%s", name, calling, address,
-                 " (TLS)" if tls else "")
+        setattr(assoc, _RX_LIMITS_ATTR, (str(self.rx_dir), self.max_dataset_bytes))
+        tls = assoc.dul.socket is not None and isinstance(getattr(assoc.dul.socket, "socket", None), ssl.SSLSocket)
+        audit.event(
+            "dicom.association.accepted", actor_ae=calling, actor_ip=address, called_ae=called, source=name, tls=tls
+        )
+        log.info("source=%s ae=%s peer=%s: association requested%s", name, calling, address, " (TLS)" if tls else "")
 
     @staticmethod
     def _reject(assoc: Any, diagnostic: int) -> None:
@@ -653,8 +556,7 @@ class DicomSCP:
             peer = self._peers.get(id(event.assoc))
         if peer is None:  # cannot happen: every accepted association passed _on_requested
             rq = event.assoc.requestor
-            peer = _Peer(UNKNOWN_SOURCE, str(rq.ae_title).strip(), str(self.cfg.node.ae_title),
-                         rq.address)
+            peer = _Peer(UNKNOWN_SOURCE, str(rq.ae_title).strip(), str(self.cfg.node.ae_title), rq.address)
         return peer
 
     def _on_echo(self, event: evt.Event) -> int:
@@ -676,20 +578,46 @@ class DicomSCP:
             status = self._store(event, peer, rx)
         except _StoreFailure as e:
             log.error("%s: C-STORE refused with 0x%04X: %s", peer.who(), e.status, e.comment)
-            audit.event("dicom.instance.refused", "refused", actor_ae=peer.calling_ae, actor_ip=peer.address,
-                        source=peer.source, status=f"0x{e.status:04X}", reason=e.comment,
-                        sop_uid=self._request_uid(event))
+            audit.event(
+                "dicom.instance.refused",
+                "refused",
+                actor_ae=peer.calling_ae,
+                actor_ip=peer.address,
+                source=peer.source,
+                status=f"0x{e.status:04X}",
+                reason=e.comment,
+                sop_uid=self._request_uid(event),
+            )
             return _status(e.status, e.comment)
         except OSError as e:
-            log.error("%s: C-STORE failed: cannot write to the spool %s (%s); check the disk and permissions",
-                      peer.who(), self.spool, e, exc_info=True)
-            audit.event("dicom.instance.refused", "failure", actor_ae=peer.calling_ae, actor_ip=peer.address,
-                        source=peer.source, status=f"0x{WRITE_FAILED:04X}", reason="spool not writable")
+            log.error(
+                "%s: C-STORE failed: cannot write to the spool %s (%s); check the disk and permissions",
+                peer.who(),
+                self.spool,
+                e,
+                exc_info=True,
+            )
+            audit.event(
+                "dicom.instance.refused",
+                "failure",
+                actor_ae=peer.calling_ae,
+                actor_ip=peer.address,
+                source=peer.source,
+                status=f"0x{WRITE_FAILED:04X}",
+                reason="spool not writable",
+            )
             return _status(WRITE_FAILED, "node cannot write its spool")
         except Exception as e:
             log.error("%s: C-STORE failed unexpectedly (%s: %s)", peer.who(), type(e).__name__, e, exc_info=True)
-            audit.event("dicom.instance.refused", "failure", actor_ae=peer.calling_ae, actor_ip=peer.address,
-                        source=peer.source, status=f"0x{CANNOT_DECODE:04X}", reason=type(e).__name__)
+            audit.event(
+                "dicom.instance.refused",
+                "failure",
+                actor_ae=peer.calling_ae,
+                actor_ip=peer.address,
+                source=peer.source,
+                status=f"0x{CANNOT_DECODE:04X}",
+                reason=type(e).__name__,
+            )
             return _status(CANNOT_DECODE, f"cannot process dataset: {type(e).__name__}")
         finally:
             if rx is not None:
@@ -701,7 +629,9 @@ class DicomSCP:
     def _request_uid(event: evt.Event) -> str:
         """The command's Affected SOP Instance UID for logs (only when it is a valid UID)."""
         try:
-            uid = str(event.request.AffectedSOPInstanceUID or "")
+            request = event.request
+            assert isinstance(request, C_STORE)  # only called for EVT_C_STORE
+            uid = str(request.AffectedSOPInstanceUID or "")
         except Exception:  # noqa: BLE001
             return ""
         return uid if uids.is_valid_uid(uid) else ""
@@ -718,6 +648,7 @@ class DicomSCP:
         return Path(p) if p else None
 
     def _decode(self, event: evt.Event, rx: Path | None) -> Dataset:
+        ds: Dataset
         try:
             if rx is not None:
                 ds = pydicom.dcmread(rx)  # preamble + file meta (pynetdicom's) + the dataset as received
@@ -770,10 +701,13 @@ class DicomSCP:
             with _too_large_lock:
                 seen = _too_large.get(str(rx))
             if seen is not None:
-                raise _StoreFailure(DATASET_TOO_LARGE,
-                                    f"dataset over {self.max_dataset_bytes / 2**20:.0f} MB "
-                                    f"(node.dicom_max_dataset_mb); not stored")
-        if MISSING_UID_MARK in (str(event.request.AffectedSOPInstanceUID), str(event.request.AffectedSOPClassUID)):
+                raise _StoreFailure(
+                    DATASET_TOO_LARGE,
+                    f"dataset over {self.max_dataset_bytes / 2**20:.0f} MB (node.dicom_max_dataset_mb); not stored",
+                )
+        request = event.request
+        assert isinstance(request, C_STORE)  # the EVT_C_STORE handler
+        if MISSING_UID_MARK in (str(request.AffectedSOPInstanceUID), str(request.AffectedSOPClassUID)):
             raise _StoreFailure(MISSING_UID, "C-STORE request without Affected SOP Class / Instance UID")
         ds = self._decode(event, rx)
         by, quiet = self._grouping(peer.source)
@@ -797,11 +731,25 @@ class DicomSCP:
         size = rx.stat().st_size if rx is not None else len(data or b"")
         self._check_space(size)
         folder = self.incoming / _safe_name(peer.source) / key
-        info = {"source": peer.source, "key": key, "by": by, "calling_ae": peer.calling_ae,
-                "called_ae": peer.called_ae, "peer": peer.address, "first_instance": f"{sop}.dcm",
-                "created": datetime.now().isoformat(timespec="seconds")}
-        self.grouper.hold(peer.source, key, folder, quiet, association=id(event.assoc), info=info,
-                          prepare=lambda p: self._prepare_group(p, info))
+        info = {
+            "source": peer.source,
+            "key": key,
+            "by": by,
+            "calling_ae": peer.calling_ae,
+            "called_ae": peer.called_ae,
+            "peer": peer.address,
+            "first_instance": f"{sop}.dcm",
+            "created": datetime.now().isoformat(timespec="seconds"),
+        }
+        self.grouper.hold(
+            peer.source,
+            key,
+            folder,
+            quiet,
+            association=id(event.assoc),
+            info=info,
+            prepare=lambda p: self._prepare_group(p, info),
+        )
         target = uids.safe_path_under(self.incoming, _safe_name(peer.source), key, f"{sop}.dcm")
         if rx is not None:
             copy_durably(rx, target)
@@ -809,16 +757,30 @@ class DicomSCP:
             write_durably(target, data or b"")
         self.grouper.touch(peer.source, key)
         log.debug("%s: stored %s into %s %s", peer.who(), sop, by, key)
-        audit.event("dicom.instance.stored", actor_ae=peer.calling_ae, actor_ip=peer.address, source=peer.source,
-                    study_uid=study, series_uid=str(ds.get("SeriesInstanceUID", "")), sop_uid=sop, bytes=size)
+        audit.event(
+            "dicom.instance.stored",
+            actor_ae=peer.calling_ae,
+            actor_ip=peer.address,
+            source=peer.source,
+            study_uid=study,
+            series_uid=str(ds.get("SeriesInstanceUID", "")),
+            sop_uid=sop,
+            bytes=size,
+        )
         return SUCCESS
 
     def _prepare_group(self, folder: Path, info: dict[str, Any]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         write_durably(folder / GROUP_INFO, json.dumps(info, indent=1).encode("utf-8"))
         fsync_dir(folder.parent)
-        log.info("source=%s ae=%s peer=%s: new %s group %s", info["source"], info["calling_ae"], info["peer"],
-                 info["by"], info["key"])
+        log.info(
+            "source=%s ae=%s peer=%s: new %s group %s",
+            info["source"],
+            info["calling_ae"],
+            info["peer"],
+            info["by"],
+            info["key"],
+        )
 
     def _store_ismrmrd(self, payload: bytes, ds: Dataset, peer: _Peer) -> int:
         self._check_space(len(payload))
@@ -828,12 +790,20 @@ class DicomSCP:
         try:
             write_durably(tmp, payload)  # durable under a temp name; renamed once it proved readable
             try:
-                attrs, n = mrd_attributes(tmp)
+                attrs, n = attributes.from_mrd_file(tmp)
             except Exception as e:
                 raise _StoreFailure(BAD_ISMRMRD, f"embedded ISMRMRD file unreadable: {e}") from e
-            unit = IngestUnit(kind="mrd", path=target, source=peer.source, calling_ae=peer.calling_ae,
-                              called_ae=peer.called_ae, peer=peer.address, attributes=attrs, n_objects=n)
-            sidecar = write_unit_sidecar(unit)
+            unit = IngestUnit(
+                kind="mrd",
+                path=target,
+                source=peer.source,
+                calling_ae=peer.calling_ae,
+                called_ae=peer.called_ae,
+                peer=peer.address,
+                attributes=attrs,
+                n_objects=n,
+            )
+            sidecar = save_sidecar(unit)
             try:
                 os.replace(tmp, target)
                 fsync_dir(self.units)
@@ -842,11 +812,23 @@ class DicomSCP:
                 raise
         finally:
             tmp.unlink(missing_ok=True)
-        log.info("%s: Raw Data Storage %s carried an ISMRMRD file (%d acquisitions) -> unit %s",
-                 peer.who(), ds.SOPInstanceUID, n, target.name)
-        audit.event("dicom.instance.stored", actor_ae=peer.calling_ae, actor_ip=peer.address, source=peer.source,
-                    study_uid=str(ds.get("StudyInstanceUID", "")), sop_uid=str(ds.SOPInstanceUID),
-                    unit=target.name, bytes=len(payload))
+        log.info(
+            "%s: Raw Data Storage %s carried an ISMRMRD file (%d acquisitions) -> unit %s",
+            peer.who(),
+            ds.SOPInstanceUID,
+            n,
+            target.name,
+        )
+        audit.event(
+            "dicom.instance.stored",
+            actor_ae=peer.calling_ae,
+            actor_ip=peer.address,
+            source=peer.source,
+            study_uid=str(ds.get("StudyInstanceUID", "")),
+            sop_uid=str(ds.SOPInstanceUID),
+            unit=target.name,
+            bytes=len(payload),
+        )
         self._submit(unit)
         return SUCCESS
 
@@ -856,18 +838,25 @@ class DicomSCP:
         folder = group.path
         files = _instances(folder) if folder.is_dir() else []
         if not files:
-            log.warning("source=%s group %s: released with no stored instance; removing %s",
-                        group.source, group.key, folder)
+            log.warning(
+                "source=%s group %s: released with no stored instance; removing %s", group.source, group.key, folder
+            )
             shutil.rmtree(folder, ignore_errors=True)
             return
         info = group.info or self._group_info(folder)
         unit_id = _new_unit_id("dicom")
         target = self.units / unit_id
-        unit = IngestUnit(kind="dicom", path=target, source=str(info.get("source") or group.source),
-                          calling_ae=str(info.get("calling_ae", "")), called_ae=str(info.get("called_ae", "")),
-                          peer=str(info.get("peer", "")), attributes=self._first_attributes(folder, files, info),
-                          n_objects=len(files))
-        sidecar = write_unit_sidecar(unit)
+        unit = IngestUnit(
+            kind="dicom",
+            path=target,
+            source=str(info.get("source") or group.source),
+            calling_ae=str(info.get("calling_ae", "")),
+            called_ae=str(info.get("called_ae", "")),
+            peer=str(info.get("peer", "")),
+            attributes=self._first_attributes(folder, files, info),
+            n_objects=len(files),
+        )
+        sidecar = save_sidecar(unit)
         try:
             os.rename(folder, target)
             fsync_dir(self.units)
@@ -875,8 +864,15 @@ class DicomSCP:
         except BaseException:
             sidecar.unlink(missing_ok=True)
             raise
-        log.info("source=%s ae=%s group %s: %d instances released after %.0f s quiet -> unit %s",
-                 unit.source, unit.calling_ae, group.key, len(files), group.quiet_seconds, unit_id)
+        log.info(
+            "source=%s ae=%s group %s: %d instances released after %.0f s quiet -> unit %s",
+            unit.source,
+            unit.calling_ae,
+            group.key,
+            len(files),
+            group.quiet_seconds,
+            unit_id,
+        )
         self._submit(unit)
 
     @staticmethod
@@ -895,33 +891,52 @@ class DicomSCP:
         if not first.is_file():
             first = files[0]
         try:
-            ds = pydicom.dcmread(first, stop_before_pixels=True)
+            return attributes.from_dicom_file(first)
         except Exception as e:  # it decoded when received; a damaged disk is the only way here
-            log.error("source=%s: cannot read %s (%s); the unit is handed over without attributes",
-                      info.get("source", "?"), first, e)
+            log.error(
+                "source=%s: cannot read %s (%s); the unit is handed over without attributes",
+                info.get("source", "?"),
+                first,
+                e,
+            )
             return {}
-        return {k: str(ds.get(k, "") or "") for k in (
-            "Modality", "SOPClassUID", "SeriesDescription", "ProtocolName", "StudyInstanceUID",
-            "SeriesInstanceUID")}
 
     def _submit(self, unit: IngestUnit) -> None:
         if self._dispatch is None:
-            log.error("source=%s: unit %s is in the spool but the SCP is stopped; it gets its job when the node "
-                      "starts again", unit.source, unit.path.name)
+            log.error(
+                "source=%s: unit %s is in the spool but the SCP is stopped; it gets its job when the node starts again",
+                unit.source,
+                unit.path.name,
+            )
             return
         self._dispatch.submit(self._hand_over, unit)
 
     def _hand_over(self, unit: IngestUnit) -> None:
         who = f"source={unit.source} ae={unit.calling_ae} peer={unit.peer}"
         try:
-            job = self.handler(unit)
+            admission = self.handler(unit)
         except Exception as e:
-            log.error("%s: unit %s (%s, %d objects) was not accepted by the node (%s: %s); it stays in the spool "
-                      "and gets its job when the node starts again", who, unit.path.name, unit.kind,
-                      unit.n_objects, type(e).__name__, e, exc_info=True)
+            log.error(
+                "%s: unit %s (%s, %d objects) was not accepted by the node (%s: %s); it stays in the spool "
+                "and gets its job when the node starts again",
+                who,
+                unit.path.name,
+                unit.kind,
+                unit.n_objects,
+                type(e).__name__,
+                e,
+                exc_info=True,
+            )
             return
-        log.info("%s: unit %s (%s, %d objects) handed over -> job %s", who, unit.path.name, unit.kind,
-                 unit.n_objects, job)
+        log.info(
+            "%s: unit %s (%s, %d objects) handed over -> job %s (%s)",
+            who,
+            unit.path.name,
+            unit.kind,
+            unit.n_objects,
+            admission.job_id,
+            admission.state,
+        )
 
     # ---- restart ---------------------------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -951,5 +966,10 @@ class DicomSCP:
                 except Exception:
                     quiet = 0.0
                 self.grouper.arm(source, folder.name, folder, quiet, n_instances=len(files), info=info)
-                log.info("source=%s group %s: %d instances from a previous run, released in %.0f s",
-                         source, folder.name, len(files), quiet)
+                log.info(
+                    "source=%s group %s: %d instances from a previous run, released in %.0f s",
+                    source,
+                    folder.name,
+                    len(files),
+                    quiet,
+                )

@@ -103,8 +103,9 @@ class QuietWindowGrouper:
             if group is None:
                 if prepare is not None:
                     prepare(path)
-                group = Group(source, key, path, float(quiet_seconds), self._clock() + quiet_seconds,
-                              info=dict(info or {}))
+                group = Group(
+                    source, key, path, float(quiet_seconds), self._clock() + quiet_seconds, info=dict(info or {})
+                )
                 self._groups[gid] = group
                 log.debug("source=%s group %s opened", source, key)
             if association is not None:
@@ -136,8 +137,16 @@ class QuietWindowGrouper:
         self.touch(source, key)
         return group
 
-    def arm(self, source: str, key: str, path: Path, quiet_seconds: float, n_instances: int = 0,
-            info: dict[str, Any] | None = None, grace: float | None = None) -> Group:
+    def arm(
+        self,
+        source: str,
+        key: str,
+        path: Path,
+        quiet_seconds: float,
+        n_instances: int = 0,
+        info: dict[str, Any] | None = None,
+        grace: float | None = None,
+    ) -> Group:
         """Start a window for a group found on disk (restart): released after ``max(quiet_seconds, grace)`` from
         now (``grace`` defaults to ``restart_grace``). Instances stored meanwhile (a sender resending what the
         stop interrupted) join this same group; after them the usual sliding quiet time applies."""
@@ -173,8 +182,15 @@ class QuietWindowGrouper:
                 try:
                     self._release(group)
                 except Exception as e:  # a failing release must not stop the other groups or the thread
-                    log.error("source=%s group %s: release failed (%s: %s); the instances stay in %s",
-                              group.source, group.key, type(e).__name__, e, group.path, exc_info=True)
+                    log.error(
+                        "source=%s group %s: release failed (%s: %s); the instances stay in %s",
+                        group.source,
+                        group.key,
+                        type(e).__name__,
+                        e,
+                        group.path,
+                        exc_info=True,
+                    )
             return due
 
     def next_deadline(self) -> float | None:
@@ -187,7 +203,9 @@ class QuietWindowGrouper:
             now = self._clock()
             return [
                 GroupStatus(
-                    g.source, g.key, g.n_instances,
+                    g.source,
+                    g.key,
+                    g.n_instances,
                     None if g.open_associations else max(0.0, g.deadline - now),
                     len(g.open_associations),
                 )

@@ -1,14 +1,17 @@
 """MRD (ISMRMRD streaming protocol v1) server: one thread per scanner connection, stream -> spool -> job.
 
 A connection is one unit: [config file | config text] header [text/JSON] acquisitions [waveforms, images] CLOSE.
-Framing is ismrmrd's ``ProtocolDeserializer`` / ``ProtocolSerializer``; the socket under it enforces an idle
-timeout and a maximum message size, so a stalled or malformed peer never hangs a thread or exhausts memory.
+Framing is ismrmrd's ``ProtocolDeserializer`` / ``ProtocolSerializer``; the reader under it
+(:mod:`node.ingest.mrd_wire`, shared with the client) enforces an idle timeout and the stream's bounds, so a
+stalled or malformed peer never hangs a thread or exhausts memory.
 Acquisitions are appended to an ISMRMRD HDF5 file in ``<spool>/tmp`` in blocks (bounded memory), fsynced and
-renamed to ``<spool>/units/<unit id>.h5`` (with a ``.json`` sidecar naming the source); only then is the job
-created and the scanner answered with TEXT ``job <id> queued`` and CLOSE. Anything wrong is answered with TEXT
+renamed to ``<spool>/units/<unit id>.h5`` (with its sidecar, :func:`node.ingest.units.save_sidecar`); only then
+is the unit handed to the service, which routes it and creates its job, and the scanner answered with TEXT
+``job <id> queued`` (or ``job <id> unrouted: ...``) and CLOSE. Anything wrong is answered with TEXT
 ``ERR <reason>`` and CLOSE, creates no job, and leaves no file behind.
 
-Routes with ``reply_over_mrd: true`` run the pipeline on the connection's thread and send the outputs back as
+Routes with ``reply_over_mrd: true`` run the pipeline on the connection's thread (the service does, inside the
+handler call) and send the outputs back as
 MRD images (magnitude, ``image_series_index`` per output kind, meta attributes ``recon_node_kind``,
 ``recon_node_unit``, ``recon_node_job``) before ``job <id> done`` and CLOSE.
 """
@@ -16,18 +19,15 @@ MRD images (magnitude, ``image_series_index`` per output kind, meta attributes `
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
-import re
 import socket
 import ssl
 import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,185 +36,18 @@ import ismrmrd
 import ismrmrd.xsd as x
 import numpy as np
 from ismrmrd.hdf5 import acquisition_dtype, acquisition_header_dtype, waveform_dtype, waveform_header_dtype
-from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolDeserializer, ProtocolSerializer
+from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolSerializer
 
 from node import audit
 from node.config import SiteConfig, find_source, spool_space_problem
-from node.durable import fsync_dir, write_durably
-from node.ingest.units import IngestUnit, UnitHandler
-from node.routing import route
+from node.durable import fsync_dir
+from node.ingest import attributes
+from node.ingest.mrd_wire import Deserializer, MessageTooLarge, SocketStream, StreamError, StreamLimit, header_text
+from node.ingest.units import IngestUnit, UnitHandler, save_sidecar, sidecar_path
 
 log = logging.getLogger("recon-node.mrd")
 
-# run_sync(unit) -> (job id, worker JobResult) for reply_over_mrd routes
-SyncRunner = Callable[[IngestUnit], tuple[str, Any]]
-
 _BLOCK_BYTES = 16 << 20  # acquisitions buffered before one HDF5 append
-_ACQUISITION_ID = 1008
-_ACQ_HEADER_SIZE = acquisition_header_dtype.itemsize  # 340
-_ACQ_FIELD = {k: acquisition_header_dtype.fields[k][1] for k in
-              ("number_of_samples", "active_channels", "trajectory_dimensions")}
-
-
-class StreamError(Exception):
-    """A stream the node will not accept; the message is sent to the peer after ``ERR ``."""
-
-
-class _MessageTooLarge(Exception):
-    pass
-
-
-class _StreamLimit(Exception):
-    """A configured bound of one stream was reached (size, duration, texts, free disk); the message says which."""
-
-
-class _SocketStream:
-    """``read(n)`` over a socket for the deserializer: idle timeout, maximum read size, EOF flag.
-
-    Besides the per-message bound it enforces the bounds of the whole stream, so that no peer can hold a thread,
-    memory or disk without limit: total bytes (``max_total``), wall time until CLOSE (``max_seconds``, which drops a
-    trickle sender that the idle timeout alone never would) and, every ``disk_check_bytes``, the free space of the
-    spool (``disk_problem()`` returns a sentence when it fell below the reserve).
-    """
-
-    def __init__(self, sock: socket.socket, idle_timeout: float, max_bytes: int, max_total: int | None = None,
-                 max_seconds: float | None = None, disk_check_bytes: int | None = None,
-                 disk_problem: Callable[[], str | None] | None = None) -> None:
-        self.sock = sock
-        self.idle_timeout = idle_timeout
-        self.max_bytes = max_bytes
-        self.max_total = max_total
-        self.max_seconds = max_seconds
-        self.deadline = time.monotonic() + max_seconds if max_seconds else None
-        self.disk_check_bytes = disk_check_bytes
-        self.disk_problem = disk_problem
-        self._next_disk_check = disk_check_bytes or 0
-        self.bytes_read = 0
-        self.eof = False
-        self._last_id: int | None = None
-        sock.settimeout(idle_timeout)
-
-    def _timeout(self) -> float:
-        if self.deadline is None:
-            return self.idle_timeout
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise _StreamLimit(f"the stream did not end within node.mrd_max_stream_s ({self.max_seconds:g} s)")
-        return min(self.idle_timeout, left)
-
-    def read(self, n: int) -> bytes:
-        n = int(n)
-        if n > self.max_bytes:
-            raise _MessageTooLarge(
-                f"a message field of {n} bytes exceeds node.mrd_max_message_mb ({self.max_bytes >> 20} MB); "
-                "the stream is malformed or the limit too low")
-        if self.max_total is not None and self.bytes_read + n > self.max_total:
-            raise _StreamLimit(f"the stream exceeds node.mrd_max_stream_mb ({self.max_total >> 20} MB)")
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            self.sock.settimeout(self._timeout())
-            try:
-                k = self.sock.recv_into(view[got:], n - got)
-            except socket.timeout:
-                self._timeout()  # raises when the stream's own deadline is what expired
-                raise TimeoutError(f"no data for {self.idle_timeout:g} s") from None
-            if k == 0:
-                self.eof = True
-                break
-            got += k
-        self.bytes_read += got
-        if self.disk_problem is not None and self.disk_check_bytes and self.bytes_read >= self._next_disk_check:
-            self._next_disk_check = self.bytes_read + self.disk_check_bytes
-            problem = self.disk_problem()
-            if problem:
-                raise _StreamLimit(problem)
-        data = bytes(view[:got])
-        self._guard(n, data)
-        return data
-
-    def _guard(self, n: int, data: bytes) -> None:
-        """Check an acquisition header's sizes before ismrmrd allocates arrays from them (absurd lengths)."""
-        if n == 2 and len(data) == 2:
-            self._last_id = struct.unpack("<H", data)[0]
-            return
-        if self._last_id == _ACQUISITION_ID and n == _ACQ_HEADER_SIZE and len(data) == n:
-            samples, channels, dims = (struct.unpack_from("<H", data, _ACQ_FIELD[k])[0] for k in
-                                       ("number_of_samples", "active_channels", "trajectory_dimensions"))
-            size = samples * (channels * 8 + dims * 4)
-            if size > self.max_bytes:
-                raise _MessageTooLarge(
-                    f"an acquisition of {samples} samples x {channels} channels ({size >> 20} MB) exceeds "
-                    f"node.mrd_max_message_mb ({self.max_bytes >> 20} MB); the stream is malformed or the limit "
-                    "too low")
-        self._last_id = None
-
-
-_DECL = re.compile(rb"^\s*<\?xml[^>]*\?>")
-
-
-def _header_text(raw: bytes) -> str:
-    """The header as UTF-8 text with a declaration that says so (ismrmrd 1.15 declares ascii but sends UTF-8)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-    m = _DECL.match(text.encode("utf-8"))
-    if m:
-        text = '<?xml version="1.0" encoding="UTF-8"?>' + text.encode("utf-8")[m.end():].decode("utf-8")
-    return text
-
-
-class _Deserializer(ProtocolDeserializer):
-    """ProtocolDeserializer that keeps the header's XML text as sent and tolerates a wrong encoding declaration.
-
-    Text messages (TEXT, CONFIG_TEXT) are bounded in number and size before they are read (``max_texts``,
-    ``max_text_bytes``). Texts and the XML header lose everything from the first NUL on: python-ismrmrd-server's
-    reference client (``connection.py``, the FIRE / OpenRecon peer) NUL-terminates them, and that server
-    strips the same way (``.split('\\x00', 1)[0]``).
-    """
-
-    header_text: str | None = None
-
-    def __init__(self, stream: Any, max_texts: int | None = None, max_text_bytes: int | None = None) -> None:
-        super().__init__(stream)
-        self.max_texts = max_texts
-        self.max_text_bytes = max_text_bytes
-        self.n_texts = 0
-
-    def _deserialize_ismrmrd_header(self) -> x.ismrmrdHeader:
-        length_bytes = self._stream.read(4)
-        if len(length_bytes) < 4:
-            raise EOFError("Incomplete header length")
-        length = struct.unpack("<I", length_bytes)[0]
-        raw = self._stream.read(length)
-        if len(raw) < length:
-            raise EOFError("Incomplete ISMRMRD header")
-        text = _header_text(raw.split(b"\x00", 1)[0])
-        try:
-            header = x.CreateFromDocument(text.encode("utf-8"))
-        except Exception as e:  # noqa: BLE001 - xsdata parser errors
-            raise StreamError(f"the ISMRMRD header is not valid ISMRMRD XML ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        self.header_text = text
-        return header
-
-    def _deserialize_text(self) -> str:
-        self.n_texts += 1
-        if self.max_texts is not None and self.n_texts > self.max_texts:
-            raise _StreamLimit(f"more than node.mrd_max_text_messages ({self.max_texts}) text messages")
-        length_bytes = self._stream.read(4)
-        if len(length_bytes) < 4:
-            raise EOFError("Incomplete text length")
-        length = struct.unpack("<I", length_bytes)[0]
-        if self.max_text_bytes is not None and length > self.max_text_bytes:
-            raise _StreamLimit(f"a text message of {length} bytes exceeds node.mrd_max_text_kb "
-                               f"({self.max_text_bytes >> 10} KB)")
-        raw = self._stream.read(length)
-        if len(raw) < length:
-            raise EOFError("Incomplete text data")
-        return raw.split(b"\x00", 1)[0].decode("utf-8", errors="replace")
 
 
 class _UnitWriter:
@@ -283,54 +116,6 @@ class _UnitWriter:
             pass
 
 
-def _str_param(header: x.ismrmrdHeader, name: str) -> str | None:
-    up = header.userParameters
-    if up is None:
-        return None
-    return next((p.value for p in up.userParameterString if p.name == name), None)
-
-
-class HeaderError(ValueError):
-    """The ISMRMRD header parsed but says something the node cannot work with; the text is for the sender."""
-
-
-TRAJECTORIES = tuple(t.value for t in x.trajectoryType)
-
-
-def mrd_unit_attributes(header: x.ismrmrdHeader) -> dict[str, str]:
-    """What routes may match on: protocolName, seriesDescription, trajectory, sequence, measurementID.
-
-    Raises :class:`HeaderError` for a header without an encoding or with a trajectory outside the ISMRMRD
-    schema (the XML binding then keeps the raw text instead of a ``trajectoryType``).
-    """
-    meas = header.measurementInformation
-    attrs: dict[str, str] = {}
-    if meas is not None:
-        for key in ("protocolName", "seriesDescription", "measurementID"):
-            value = getattr(meas, key, None)
-            if value:
-                attrs[key] = str(value)
-    if not header.encoding:
-        raise HeaderError("the ISMRMRD header has no <encoding>; the node cannot tell how the data was acquired")
-    traj = header.encoding[0].trajectory
-    value = getattr(traj, "value", traj)
-    if value not in TRAJECTORIES:
-        raise HeaderError(f"the ISMRMRD header's <trajectory> is {str(value)[:40]!r}, not one of the ISMRMRD "
-                          f"trajectory types ({', '.join(TRAJECTORIES)})")
-    attrs["trajectory"] = str(value)
-    seq = _str_param(header, "mrf_sequence_name")
-    if seq:
-        attrs["sequence"] = seq
-    return attrs
-
-
-def write_sidecar(path: Path, unit: IngestUnit) -> None:
-    """``<unit>.json`` next to the unit: lets a restarted node rebuild the IngestUnit (source, peer, attributes)."""
-    data = asdict(unit)
-    data["path"] = str(unit.path)
-    write_durably(path, json.dumps(data, indent=1).encode())
-
-
 def images_for_outputs(outputs: list[Any], job_id: str) -> list[ismrmrd.Image]:
     """Pipeline outputs as MRD magnitude images: one image per slice / frame, one series index per output."""
     images = []
@@ -342,18 +127,28 @@ def images_for_outputs(outputs: list[Any], job_id: str) -> list[ismrmrd.Image]:
             data = data[None]
         unit = getattr(out, "unit", "1")
         geom = out.geometry
-        fov = (float(geom.pixel_spacing_mm[1] * data.shape[2]), float(geom.pixel_spacing_mm[0] * data.shape[1]),
-               float(geom.slice_thickness_mm))
+        fov = (
+            float(geom.pixel_spacing_mm[1] * data.shape[2]),
+            float(geom.pixel_spacing_mm[0] * data.shape[1]),
+            float(geom.slice_thickness_mm),
+        )
         for i in range(data.shape[0]):
             img = ismrmrd.Image.from_array(np.ascontiguousarray(data[i]), transpose=False)
             img.image_type = ismrmrd.IMTYPE_MAGNITUDE
             img.image_series_index = series
             img.image_index = i + 1
             img.field_of_view = fov
-            meta = ismrmrd.Meta({"DataRole": "Quantitative" if unit not in ("1", "") else "Image",
-                                 "recon_node_kind": out.kind, "recon_node_unit": unit, "recon_node_job": job_id,
-                                 "SeriesDescription": f"{out.description} [{unit}]", "ImageRowDir": list(geom.orientation[:3]),
-                                 "ImageColumnDir": list(geom.orientation[3:])})
+            meta = ismrmrd.Meta(
+                {
+                    "DataRole": "Quantitative" if unit not in ("1", "") else "Image",
+                    "recon_node_kind": out.kind,
+                    "recon_node_unit": unit,
+                    "recon_node_job": job_id,
+                    "SeriesDescription": f"{out.description} [{unit}]",
+                    "ImageRowDir": list(geom.orientation[:3]),
+                    "ImageColumnDir": list(geom.orientation[3:]),
+                }
+            )
             img.attribute_string = meta.serialize()
             images.append(img)
     return images
@@ -368,12 +163,16 @@ class MRDServer:
     at once and closed, so idle peers cannot pile up threads.
     """
 
-    def __init__(self, cfg: SiteConfig, handler: UnitHandler, run_sync: SyncRunner | None = None,
-                 tls_context: ssl.SSLContext | None = None, port: int | None = None,
-                 slots: threading.BoundedSemaphore | None = None) -> None:
+    def __init__(
+        self,
+        cfg: SiteConfig,
+        handler: UnitHandler,
+        tls_context: ssl.SSLContext | None = None,
+        port: int | None = None,
+        slots: threading.BoundedSemaphore | None = None,
+    ) -> None:
         self.cfg = cfg
         self.handler = handler
-        self.run_sync = run_sync
         self.tls_context = tls_context
         self.port = cfg.node.mrd_port if port is None else port
         self.slots = slots or threading.BoundedSemaphore(cfg.node.mrd_max_connections)
@@ -396,16 +195,23 @@ class MRDServer:
             sock.bind((self.cfg.node.bind, self.port))
         except OSError as e:
             sock.close()
-            raise OSError(f"{self.name} server cannot listen on {self.cfg.node.bind}:{self.port} ({e.strerror}); "
-                          f"another program uses the port - change {key} or stop it") from None
+            raise OSError(
+                f"{self.name} server cannot listen on {self.cfg.node.bind}:{self.port} ({e.strerror}); "
+                f"another program uses the port - change {key} or stop it"
+            ) from None
         sock.listen(64)
         sock.settimeout(0.5)
         self._sock = sock
         self.port = sock.getsockname()[1]
         self._thread = threading.Thread(target=self._accept_loop, name=f"mrd-accept-{self.port}", daemon=True)
         self._thread.start()
-        log.info("%s server listening on %s:%d (at most %d connections)", self.name, self.cfg.node.bind, self.port,
-                 self.cfg.node.mrd_max_connections)
+        log.info(
+            "%s server listening on %s:%d (at most %d connections)",
+            self.name,
+            self.cfg.node.bind,
+            self.port,
+            self.cfg.node.mrd_max_connections,
+        )
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -430,7 +236,7 @@ class MRDServer:
         while not self._stop.is_set():
             try:
                 conn, addr = self._sock.accept()
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 continue
             except OSError:
                 if self._stop.is_set():
@@ -440,8 +246,7 @@ class MRDServer:
             if not self.slots.acquire(blocking=False):
                 self._refuse_busy(conn, addr[0])
                 continue
-            t = threading.Thread(target=self._serve, args=(conn, addr[0]), name=f"mrd-{addr[0]}:{addr[1]}",
-                                 daemon=True)
+            t = threading.Thread(target=self._serve, args=(conn, addr[0]), name=f"mrd-{addr[0]}:{addr[1]}", daemon=True)
             with self._lock:
                 self._conns.add(t)
             try:
@@ -457,10 +262,19 @@ class MRDServer:
         """Every slot is taken: answer ERR + CLOSE on the accept thread (a few bytes, bounded send) and close."""
         self.refused_busy += 1
         limit = self.cfg.node.mrd_max_connections
-        log.warning("%s connection from %s refused: %d connections already open (node.mrd_max_connections)",
-                    self.name, peer, limit)
-        audit.event("mrd.connection.refused", outcome="refused", actor_ip=peer, port=self.port,
-                    reason=f"node.mrd_max_connections ({limit}) reached")
+        log.warning(
+            "%s connection from %s refused: %d connections already open (node.mrd_max_connections)",
+            self.name,
+            peer,
+            limit,
+        )
+        audit.event(
+            "mrd.connection.refused",
+            outcome="refused",
+            actor_ip=peer,
+            port=self.port,
+            reason=f"node.mrd_max_connections ({limit}) reached",
+        )
         if self.tls_context is not None:
             conn.close()  # an answer would need a TLS handshake on the accept thread; closing is the answer
             return
@@ -468,8 +282,9 @@ class MRDServer:
             conn.settimeout(2.0)
             buf = io.BytesIO()
             ser = ProtocolSerializer(buf)
-            ser.serialize(f"ERR the node is busy: {limit} MRD connections are open (node.mrd_max_connections); "
-                          "send again later")
+            ser.serialize(
+                f"ERR the node is busy: {limit} MRD connections are open (node.mrd_max_connections); send again later"
+            )
             ser.close()
             conn.sendall(buf.getvalue())
             conn.shutdown(socket.SHUT_WR)
@@ -487,8 +302,13 @@ class MRDServer:
                     sock = self.tls_context.wrap_socket(sock, server_side=True)
                 except (ssl.SSLError, OSError) as e:
                     log.warning("%s connection from %s refused: TLS handshake failed (%s)", self.name, peer, e)
-                    audit.event("mrd.connection.refused", outcome="refused", actor_ip=peer, port=self.port,
-                                reason=f"TLS handshake failed: {str(e)[:120]}")
+                    audit.event(
+                        "mrd.connection.refused",
+                        outcome="refused",
+                        actor_ip=peer,
+                        port=self.port,
+                        reason=f"TLS handshake failed: {str(e)[:120]}",
+                    )
                     sock.close()
                     return
             out = sock.makefile("wb")
@@ -497,8 +317,9 @@ class MRDServer:
                 self._serve_inner(sock, peer, ser, out)
             except Exception as e:  # noqa: BLE001 - one connection never takes the server down
                 log.exception("MRD connection from %s: unexpected error: %s", peer, e)
-                self._answer(sock, ser, out, f"ERR internal error in the node ({type(e).__name__}: {e}); see the "
-                                             "node log")
+                self._answer(
+                    sock, ser, out, f"ERR internal error in the node ({type(e).__name__}: {e}); see the node log"
+                )
             finally:
                 for closable in (out, sock):
                     try:
@@ -510,7 +331,7 @@ class MRDServer:
                 self._conns.discard(threading.current_thread())
             self.slots.release()
 
-    def _reply(self, ser: ProtocolSerializer, out: Any, *texts: str, images: list[ismrmrd.Image] = ()) -> None:
+    def _reply(self, ser: ProtocolSerializer, out: Any, *texts: str, images: Sequence[ismrmrd.Image] = ()) -> None:
         """Send images, texts and CLOSE; a peer that already left is not an error."""
         try:
             for img in images:
@@ -522,13 +343,28 @@ class MRDServer:
         except (OSError, ValueError) as e:
             log.info("could not send the reply (%s): %s", " | ".join(texts), e)
 
-    def _refuse(self, sock: socket.socket, ser: ProtocolSerializer, out: Any, text: str,
-                linger_s: float = 1.0, linger_bytes: int = 1 << 20) -> None:
+    def _refuse(
+        self,
+        sock: socket.socket,
+        ser: ProtocolSerializer,
+        out: Any,
+        text: str,
+        linger_s: float = 1.0,
+        linger_bytes: int = 1 << 20,
+    ) -> None:
         """Answer ERR + CLOSE, then linger (see :meth:`_answer`)."""
         self._answer(sock, ser, out, text, linger_s=linger_s, linger_bytes=linger_bytes)
 
-    def _answer(self, sock: socket.socket, ser: ProtocolSerializer, out: Any, *texts: str,
-                images: list[ismrmrd.Image] = (), linger_s: float = 1.0, linger_bytes: int = 1 << 20) -> None:
+    def _answer(
+        self,
+        sock: socket.socket,
+        ser: ProtocolSerializer,
+        out: Any,
+        *texts: str,
+        images: Sequence[ismrmrd.Image] = (),
+        linger_s: float = 1.0,
+        linger_bytes: int = 1 << 20,
+    ) -> None:
         """Answer (images, texts, CLOSE), then discard (never parse) what the peer still sends for a moment, so
         that closing with unread data (e.g. bytes after the peer's CLOSE) does not reset the connection before
         the peer has read the answer."""
@@ -552,21 +388,34 @@ class MRDServer:
         src = find_source(cfg, "mrd", peer, None)
         if src is None and cfg.reject_unknown_sources:
             log.warning("MRD connection from %s refused: no source with protocol mrd lists this host", peer)
-            audit.event("mrd.connection.refused", outcome="refused", actor_ip=peer, port=self.port,
-                        reason="unknown source")
-            self._refuse(sock, ser, out, f"ERR unknown source {peer}: this host is not a configured MRD source "
-                                         "of this node (ask the node's administrator to add it under sources)")
+            audit.event(
+                "mrd.connection.refused", outcome="refused", actor_ip=peer, port=self.port, reason="unknown source"
+            )
+            self._refuse(
+                sock,
+                ser,
+                out,
+                f"ERR unknown source {peer}: this host is not a configured MRD source "
+                "of this node (ask the node's administrator to add it under sources)",
+            )
             return
         source = src.name if src else "unknown"
         problem = spool_space_problem(cfg)
         if problem:
             log.error("MRD connection from %s [%s] refused: %s", peer, source, problem)
-            audit.event("mrd.connection.refused", outcome="refused", actor_ip=peer, source=source, port=self.port,
-                        reason="spool disk full")
+            audit.event(
+                "mrd.connection.refused",
+                outcome="refused",
+                actor_ip=peer,
+                source=source,
+                port=self.port,
+                reason="spool disk full",
+            )
             self._refuse(sock, ser, out, f"ERR {problem}")
             return
-        audit.event("mrd.connection.accepted", actor_ip=peer, source=source, port=self.port,
-                    tls=self.tls_context is not None)
+        audit.event(
+            "mrd.connection.accepted", actor_ip=peer, source=source, port=self.port, tls=self.tls_context is not None
+        )
         try:
             unit = self._receive(sock, peer, source)
         except StreamError as e:
@@ -574,33 +423,47 @@ class MRDServer:
                 log.debug("MRD connection from %s [%s] closed without data", peer, source)
                 return
             log.warning("MRD stream from %s [%s] rejected: %s", peer, source, e)
-            audit.event("mrd.stream.rejected", outcome="failure", actor_ip=peer, source=source,
-                        reason=str(e)[:200])
+            audit.event("mrd.stream.rejected", outcome="failure", actor_ip=peer, source=source, reason=str(e)[:200])
             self._refuse(sock, ser, out, f"ERR {e}", linger_s=2.0, linger_bytes=256 << 20)
             return
-        audit.event("unit.stored", actor_ip=peer, source=source, unit=unit.path.name, unit_kind="mrd",
-                    n_objects=unit.n_objects, study_uid=unit.attributes.get("studyInstanceUID"))
-        r = route(cfg, unit)
-        if r is not None and r.reply_over_mrd and self.run_sync is not None:
-            job_id, result = self.run_sync(unit)
+        audit.event(
+            "unit.stored",
+            actor_ip=peer,
+            source=source,
+            unit=unit.path.name,
+            unit_kind="mrd",
+            n_objects=unit.n_objects,
+            study_uid=unit.attributes.get("studyInstanceUID"),
+        )
+        try:
+            admission = self.handler(unit)
+        except Exception as e:  # noqa: BLE001
+            log.exception("MRD unit %s from %s [%s]: could not create its job", unit.path.name, peer, source)
+            self._answer(
+                sock,
+                ser,
+                out,
+                f"ERR the data was stored as {unit.path.name} but its job could not be "
+                f"created ({type(e).__name__}: {e}); it will be picked up when the node "
+                "restarts",
+            )
+            return
+        job_id, result = admission.job_id, admission.result
+        if result is not None:  # a reply_over_mrd route: the job ran while the scanner waited
             if result.ok:
                 images = images_for_outputs(result.outputs, job_id)
                 log.info("job %s [%s]: sending %d images back over MRD to %s", job_id, source, len(images), peer)
                 self._answer(sock, ser, out, f"job {job_id} done", images=images)
             else:
                 self._answer(sock, ser, out, f"ERR job {job_id} {result.state}: {result.error}")
-            return
-        try:
-            job_id = self.handler(unit)
-        except Exception as e:  # noqa: BLE001
-            log.exception("MRD unit %s from %s [%s]: could not create its job", unit.path.name, peer, source)
-            self._answer(sock, ser, out, f"ERR the data was stored as {unit.path.name} but its job could not be created "
-                                  f"({type(e).__name__}: {e}); it will be picked up when the node restarts")
-            return
-        if r is None:
-            self._answer(sock, ser, out, f"job {job_id} unrouted: no route of this node matches this scan "
-                                  f"({', '.join(f'{k}={v}' for k, v in unit.attributes.items() if k != 'json')}); "
-                                  "the data is kept")
+        elif admission.route is None:
+            said = ", ".join(f"{k}={v}" for k, v in unit.attributes.items() if k != "json")
+            self._answer(
+                sock,
+                ser,
+                out,
+                f"job {job_id} unrouted: no route of this node matches this scan ({said}); the data is kept",
+            )
         else:
             self._answer(sock, ser, out, f"job {job_id} queued")
 
@@ -609,11 +472,17 @@ class MRDServer:
         n = cfg.node
         unit_id = f"mrd-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         tmp = n.tmp_dir / f"{unit_id}.h5.partial"
-        stream = _SocketStream(sock, n.mrd_idle_timeout_s, n.mrd_max_message_mb << 20,
-                               max_total=n.mrd_max_stream_mb << 20, max_seconds=n.mrd_max_stream_s,
-                               disk_check_bytes=n.mrd_disk_check_mb << 20,
-                               disk_problem=lambda: spool_space_problem(cfg))
-        de = _Deserializer(stream, max_texts=n.mrd_max_text_messages, max_text_bytes=n.mrd_max_text_kb << 10)
+        sock.settimeout(n.mrd_idle_timeout_s)  # bounds a TLS record that starts but never completes
+        stream = SocketStream(
+            sock,
+            n.mrd_idle_timeout_s,
+            n.mrd_max_message_mb << 20,
+            max_total=n.mrd_max_stream_mb << 20,
+            max_seconds=n.mrd_max_stream_s,
+            disk_check_bytes=n.mrd_disk_check_mb << 20,
+            disk_problem=lambda: spool_space_problem(cfg),
+        )
+        de = Deserializer(stream, max_texts=n.mrd_max_text_messages, max_text_bytes=n.mrd_max_text_kb << 10)
         writer: _UnitWriter | None = None
         header: x.ismrmrdHeader | None = None
         attrs: dict[str, str] = {}
@@ -630,17 +499,18 @@ class MRDServer:
                 for obj in de.deserialize():
                     if isinstance(obj, ismrmrd.Acquisition):
                         if writer is None:
-                            raise StreamError("an acquisition arrived before the ISMRMRD header; send the header "
-                                              "(message 3) first")
+                            raise StreamError(
+                                "an acquisition arrived before the ISMRMRD header; send the header (message 3) first"
+                            )
                         writer.acquisition(obj)
                     elif isinstance(obj, x.ismrmrdHeader):
                         if header is None:
                             try:
-                                attrs = mrd_unit_attributes(obj)  # refuse a header the node cannot use, early
-                            except HeaderError as e:
+                                attrs = attributes.from_mrd_header(obj)  # refuse an unusable header early
+                            except attributes.HeaderError as e:
                                 raise StreamError(str(e)) from None
                             header = obj
-                            writer = _UnitWriter(tmp, de.header_text or _header_text(obj.toXML().encode()))
+                            writer = _UnitWriter(tmp, de.header_text or header_text(obj.toXML().encode()))
                         else:
                             log.warning("MRD stream from %s [%s]: ignoring a second header", peer, source)
                     elif isinstance(obj, (ConfigFile, ConfigText)):
@@ -658,20 +528,25 @@ class MRDServer:
             except EOFError:
                 if stream.bytes_read == 0:
                     raise StreamError("") from None
-                raise StreamError(f"the stream ended without CLOSE {count()} (connection dropped or data "
-                                  "truncated); nothing was stored, send the scan again") from None
+                raise StreamError(
+                    f"the stream ended without CLOSE {count()} (connection dropped or data "
+                    "truncated); nothing was stored, send the scan again"
+                ) from None
             except TimeoutError as e:
                 raise StreamError(f"{e} {count()} (node.mrd_idle_timeout_s); nothing was stored") from None
-            except (_MessageTooLarge, _StreamLimit) as e:
+            except (MessageTooLarge, StreamLimit) as e:
                 raise StreamError(f"{e} ({count()}); nothing was stored") from None
             except MemoryError:
-                raise StreamError(f"a message too large for this node's memory {count()}; the stream is "
-                                  "malformed") from None
+                raise StreamError(
+                    f"a message too large for this node's memory {count()}; the stream is malformed"
+                ) from None
             except (ValueError, TypeError, OverflowError, struct.error, UnicodeDecodeError) as e:
                 # ismrmrd raises TypeError for an unknown image data type, OverflowError for absurd dimensions
                 if stream.eof:
-                    raise StreamError(f"the stream ended in the middle of a message {count()} (connection "
-                                      "dropped or data truncated); nothing was stored, send the scan again") from None
+                    raise StreamError(
+                        f"the stream ended in the middle of a message {count()} (connection "
+                        "dropped or data truncated); nothing was stored, send the scan again"
+                    ) from None
                 raise StreamError(f"malformed MRD stream {count()}: {str(e)[:200]}") from None
             except OSError as e:
                 raise StreamError(f"connection error {count()}: {e}") from None
@@ -688,24 +563,33 @@ class MRDServer:
             if json_text:
                 attrs["json"] = json_text[:4096]
             final = n.units_dir / f"{unit_id}.h5"
-            unit = IngestUnit(kind="mrd", path=final, source=source, peer=peer, attributes=attrs,
-                              n_objects=writer.n_acquisitions)
+            unit = IngestUnit(
+                kind="mrd", path=final, source=source, peer=peer, attributes=attrs, n_objects=writer.n_acquisitions
+            )
             try:
-                write_sidecar(final.with_suffix(".json"), unit)
+                save_sidecar(unit)
                 os.replace(tmp, final)
                 fsync_dir(final.parent)
             except BaseException:
-                final.with_suffix(".json").unlink(missing_ok=True)
+                sidecar_path(final).unlink(missing_ok=True)
                 raise
         except BaseException:
             if writer is not None:
                 writer.abort()
             tmp.unlink(missing_ok=True)
             raise
-        log.info("MRD unit %s from %s [%s]: %d acquisitions, %d waveforms%s in %.1f s (protocol %s, %s)",
-                 unit_id, peer, source, writer.n_acquisitions, writer.n_waveforms,
-                 f", {n_images} images ignored" if n_images else "", time.monotonic() - t0,
-                 attrs.get("protocolName", "?"), attrs.get("trajectory", "?"))
+        log.info(
+            "MRD unit %s from %s [%s]: %d acquisitions, %d waveforms%s in %.1f s (protocol %s, %s)",
+            unit_id,
+            peer,
+            source,
+            writer.n_acquisitions,
+            writer.n_waveforms,
+            f", {n_images} images ignored" if n_images else "",
+            time.monotonic() - t0,
+            attrs.get("protocolName", "?"),
+            attrs.get("trajectory", "?"),
+        )
         return unit
 
 
@@ -713,8 +597,10 @@ def tls_server_context(cfg: SiteConfig) -> ssl.SSLContext:
     """The TLS context of the MRD TLS port from ``node.tls`` (cert, key, ca, require_client_cert); TLS >= 1.2."""
     tls = getattr(cfg.node, "tls", None)
     if tls is None:
-        raise ValueError("node.mrd_tls_port is set but node.tls (cert, key) is missing; add a node.tls block with "
-                         "the node's certificate and key, or remove node.mrd_tls_port")
+        raise ValueError(
+            "node.mrd_tls_port is set but node.tls (cert, key) is missing; add a node.tls block with "
+            "the node's certificate and key, or remove node.mrd_tls_port"
+        )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:

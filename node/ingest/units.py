@@ -1,12 +1,25 @@
-"""What ingest hands to routing: one received unit (an MRD stream or a group of DICOM instances), already on disk."""
+"""What ingest hands to the service: one received unit (an MRD stream or a group of DICOM instances), already on
+disk, with its sidecar; and what the service answers (:class:`Admission`).
+
+Both ingest servers and the service's start-up rescan use this one contract: the unit is stored, its sidecar
+(:func:`save_sidecar`) written durably *before* the unit gets its final name, then the handler is called. A node
+killed in between finds the unit at start-up and rebuilds it with :func:`unit_from_disk`.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from node.durable import write_durably
+from node.ingest import attributes
+
+log = logging.getLogger("recon-node.units")
 
 UnitKind = Literal["mrd", "dicom"]
 
@@ -16,9 +29,8 @@ class IngestUnit:
     """A durable unit in the spool, ready to be routed.
 
     ``path``: an ISMRMRD HDF5 file (kind ``mrd``) or a folder of DICOM instances (kind ``dicom``).
-    ``attributes``: what routes may match on. DICOM: Modality, SOPClassUID, SeriesDescription, ProtocolName,
-    StudyInstanceUID, SeriesInstanceUID (of the first instance). MRD: protocolName, trajectory, sequence
-    (the ``mrf_sequence_name`` user parameter), measurementID.
+    ``attributes``: what routes may match on (:mod:`node.ingest.attributes`), plus for MRD streams the
+    ``studyInstanceUID``, ``config`` and ``json`` the stream carried.
     """
 
     kind: UnitKind
@@ -32,9 +44,73 @@ class IngestUnit:
     received_at: float = field(default_factory=time.time)
 
 
-# The service passes one of these to each ingest server; it routes the unit and creates the job (or records it
-# as unrouted) and returns the job id. It must not raise for a unit that is merely unrouted.
-UnitHandler = Callable[[IngestUnit], str]
+@dataclass(frozen=True)
+class Admission:
+    """What the node did with a unit: routed it (``route`` None: no route matched, the unit is kept as
+    ``unrouted``), recorded its job and, for a route that answers over MRD when the caller asked for that, ran it
+    on the caller's thread (``result``: the worker's JobResult)."""
+
+    job_id: str
+    state: str  # the job's state: queued, unrouted, ... (done / failed / queued again after an in-line run)
+    route: str | None = None
+    result: Any = None
+
+
+# The service passes one of these to each ingest server; it routes the unit, creates the job (or records it as
+# unrouted) and says what it did. It must not raise for a unit that is merely unrouted.
+UnitHandler = Callable[[IngestUnit], Admission]
+
+
+# ---- the sidecar ---------------------------------------------------------------------------------------------------
+def sidecar_path(unit_path: Path) -> Path:
+    """``<spool>/units/<unit id>.json`` for the unit ``<unit id>.h5`` (MRD) or ``<unit id>/`` (DICOM)."""
+    return unit_path.with_name(unit_path.name.removesuffix(".h5") + ".json")
+
+
+def save_sidecar(unit: IngestUnit) -> Path:
+    """The IngestUnit as JSON beside the unit, durably; lets a restarted node rebuild it (source, AE titles, peer,
+    attributes) when the unit's job was never created."""
+    data = asdict(unit)
+    data["path"] = str(unit.path)
+    path = sidecar_path(unit.path)
+    write_durably(path, json.dumps(data, indent=1).encode("utf-8"))
+    return path
+
+
+def load_sidecar(unit_path: Path) -> IngestUnit:
+    """The IngestUnit saved by :func:`save_sidecar`; OSError, ValueError or TypeError when it is missing or bad."""
+    data = json.loads(sidecar_path(unit_path).read_text("utf-8"))
+    data["path"] = unit_path
+    return IngestUnit(**data)
+
+
+def unit_from_disk(path: Path) -> IngestUnit | None:
+    """Rebuild the IngestUnit of a spooled unit from its sidecar, else from the data itself (source unknown)."""
+    if sidecar_path(path).exists():
+        try:
+            return load_sidecar(path)
+        except (OSError, ValueError, TypeError) as e:
+            log.warning(
+                "unit %s: unreadable sidecar %s (%s); rebuilding from the data", path.name, sidecar_path(path).name, e
+            )
+    if path.is_file() and path.suffix == ".h5":
+        try:
+            attrs, n = attributes.from_mrd_file(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: the job's own load reports it
+            log.warning("unit %s: cannot read its ISMRMRD header (%s: %s)", path.name, type(e).__name__, e)
+            attrs, n = {}, 0
+        return IngestUnit(kind="mrd", path=path, source="", attributes=attrs, n_objects=n)
+    if path.is_dir():
+        attrs = {}
+        files = sorted(p for p in path.glob("*.dcm") if p.is_file() and not p.name.startswith("."))
+        try:
+            attrs = attributes.from_dicom_file(files[0])
+        except IndexError:
+            log.warning("unit %s: no DICOM instance in it", path.name)
+        except Exception as e:  # noqa: BLE001 - a damaged file: the job's own load reports it
+            log.warning("unit %s: cannot read a DICOM instance (%s: %s)", path.name, type(e).__name__, e)
+        return IngestUnit(kind="dicom", path=path, source="", attributes=attrs, n_objects=len(files))
+    return None
 
 
 # ---- completeness of raw input -------------------------------------------------------------------------------------
@@ -51,8 +127,11 @@ class Completeness:
 
     @property
     def complete(self) -> bool:
-        return (self.received_frames >= self.expected_frames and self.received_slices >= self.expected_slices
-                and self.short_frames == 0)
+        return (
+            self.received_frames >= self.expected_frames
+            and self.received_slices >= self.expected_slices
+            and self.short_frames == 0
+        )
 
     def problem(self) -> str | None:
         """A sentence for the job's error, or None when complete."""
@@ -103,6 +182,10 @@ def raw_completeness(header: Any, frame: Any, slice_: Any, schedule_frames: int 
         values, freq = np.unique(counts, return_counts=True)
         per_frame = int(values[np.argmax(freq)])
     return Completeness(
-        expected_frames=exp_frames, received_frames=int(np.unique(frame).size),
-        expected_slices=exp_slices, received_slices=int(np.unique(slice_).size),
-        readouts_per_frame=per_frame, short_frames=int((counts < per_frame).sum()))
+        expected_frames=exp_frames,
+        received_frames=int(np.unique(frame).size),
+        expected_slices=exp_slices,
+        received_slices=int(np.unique(slice_).size),
+        readouts_per_frame=per_frame,
+        short_frames=int((counts < per_frame).sum()),
+    )

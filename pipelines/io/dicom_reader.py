@@ -55,7 +55,7 @@ class _Frame:
     pixels: np.ndarray  # float32 [y, x]
     position: np.ndarray  # ImagePositionPatient
     orientation: tuple[float, ...]
-    spacing: tuple[float, float]
+    spacing: tuple[float, ...]  # PixelSpacing as stored: (row, column) in a valid file
     thickness: float
     order: tuple[float, ...]  # temporal sort key
     flip: float | None
@@ -106,8 +106,7 @@ def _files(path: Path) -> list[Path]:
     if not path.is_dir():
         raise ValueError(f"{path}: no such file or folder")
     files = sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
+        p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
     )
     if not files:
         raise ValueError(f"{path}: the folder holds no files")
@@ -144,22 +143,24 @@ def _single_frames(ds: Dataset, path: Path) -> list[_Frame]:
         float(v) if v not in (None, "") else np.inf
         for v in (temporal, ds.get("AcquisitionNumber"), ds.get("InstanceNumber"))
     ) + (_time_seconds(ds.get("AcquisitionTime") or ds.get("ContentTime")),)
-    return [_Frame(
-        source=str(path),
-        pixels=arr,
-        position=np.asarray([float(v) for v in ds.get("ImagePositionPatient", [0, 0, 0])]),
-        orientation=tuple(float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])),
-        spacing=tuple(float(v) for v in ds.get("PixelSpacing", [1.0, 1.0])),  # type: ignore[arg-type]
-        thickness=_float(ds, "SliceThickness") or 0.0,
-        order=order,
-        flip=_float(ds, "FlipAngle"),
-        tr=_float(ds, "RepetitionTime"),
-        te=_float(ds, "EchoTime"),
-        sop_uid=str(ds.SOPInstanceUID),
-        expected_frames=_int(ds, "NumberOfTemporalPositions"),
-        expected_images=_int(ds, "ImagesInAcquisition"),
-        temporal_id=_int(ds, "TemporalPositionIdentifier"),
-    )]
+    return [
+        _Frame(
+            source=str(path),
+            pixels=arr,
+            position=np.asarray([float(v) for v in ds.get("ImagePositionPatient", [0, 0, 0])]),
+            orientation=tuple(float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])),
+            spacing=tuple(float(v) for v in ds.get("PixelSpacing", [1.0, 1.0])),
+            thickness=_float(ds, "SliceThickness") or 0.0,
+            order=order,
+            flip=_float(ds, "FlipAngle"),
+            tr=_float(ds, "RepetitionTime"),
+            te=_float(ds, "EchoTime"),
+            sop_uid=str(ds.SOPInstanceUID),
+            expected_frames=_int(ds, "NumberOfTemporalPositions"),
+            expected_images=_int(ds, "ImagesInAcquisition"),
+            temporal_id=_int(ds, "TemporalPositionIdentifier"),
+        )
+    ]
 
 
 def _time_seconds(tm: Any) -> float:
@@ -200,21 +201,28 @@ def _enhanced_frames(ds: Dataset, path: Path) -> list[_Frame]:
             img = img * np.float32(1.0 if slope is None else slope) + np.float32(intercept or 0.0)
         temporal = content.get("TemporalPositionIndex") if content is not None else None
         order = (float(temporal) if temporal is not None else float(i), float(i))
-        frames.append(_Frame(
-            source=f"{path} frame {i + 1}",
-            pixels=img,
-            position=np.asarray([float(v) for v in (plane_pos.ImagePositionPatient if plane_pos else [0, 0, 0])]),
-            orientation=tuple(float(v) for v in (plane_ori.ImageOrientationPatient if plane_ori
-                                                 else [1, 0, 0, 0, 1, 0])),
-            spacing=tuple(float(v) for v in (measures.PixelSpacing if measures is not None
-                                             and "PixelSpacing" in measures else [1.0, 1.0])),  # type: ignore
-            thickness=_float(measures, "SliceThickness") or 0.0,
-            order=order,
-            flip=_float(timing, "FlipAngle"),
-            tr=_float(timing, "RepetitionTime"),
-            te=_float(echo, "EffectiveEchoTime"),
-            sop_uid=str(ds.SOPInstanceUID),
-        ))
+        frames.append(
+            _Frame(
+                source=f"{path} frame {i + 1}",
+                pixels=img,
+                position=np.asarray([float(v) for v in (plane_pos.ImagePositionPatient if plane_pos else [0, 0, 0])]),
+                orientation=tuple(
+                    float(v) for v in (plane_ori.ImageOrientationPatient if plane_ori else [1, 0, 0, 0, 1, 0])
+                ),
+                spacing=tuple(
+                    float(v)
+                    for v in (
+                        measures.PixelSpacing if measures is not None and "PixelSpacing" in measures else [1.0, 1.0]
+                    )
+                ),
+                thickness=_float(measures, "SliceThickness") or 0.0,
+                order=order,
+                flip=_float(timing, "FlipAngle"),
+                tr=_float(timing, "RepetitionTime"),
+                te=_float(echo, "EffectiveEchoTime"),
+                sop_uid=str(ds.SOPInstanceUID),
+            )
+        )
     return frames
 
 
@@ -273,8 +281,7 @@ def _inversion_time(ds: Dataset) -> float | None:
             for mod in item.get("MRModifierSequence") or []:
                 times = mod.get("InversionTimes")
                 if times:
-                    return float(times[0] if isinstance(times, (list, tuple)) or hasattr(times, "__len__")
-                                 else times)
+                    return float(times[0] if isinstance(times, (list, tuple)) or hasattr(times, "__len__") else times)
     return None
 
 
@@ -292,13 +299,16 @@ def _ranges(ids: list[int]) -> str:
 
 def check_complete(root: Path, frames: list[_Frame], per_slice: list[list[_Frame]]) -> None:
     """IncompleteSeriesError when the series has fewer frames / images than its instances declare."""
-    hint = ("the sender may have been cut off or may still be sending: resend the whole series, or set "
-            "allow_partial: true on the route to map what arrived")
+    hint = (
+        "the sender may have been cut off or may still be sending: resend the whole series, or set "
+        "allow_partial: true on the route to map what arrived"
+    )
     n_frames = len(per_slice[0])
     declared = sorted({f.expected_frames for f in frames if f.expected_frames})
     if len(declared) > 1:
-        raise IncompleteSeriesError(f"{root}: the instances disagree on NumberOfTemporalPositions "
-                                    f"({', '.join(map(str, declared))}); {hint}")
+        raise IncompleteSeriesError(
+            f"{root}: the instances disagree on NumberOfTemporalPositions ({', '.join(map(str, declared))}); {hint}"
+        )
     if declared:
         want = declared[0]
         for s in per_slice:
@@ -307,16 +317,21 @@ def check_complete(root: Path, frames: list[_Frame], per_slice: list[list[_Frame
             if len(s) < want or missing:
                 raise IncompleteSeriesError(
                     f"{root}: incomplete series: {len(s)} of {want} frames (NumberOfTemporalPositions {want})"
-                    + (f"; missing temporal positions {_ranges(missing)}" if missing else "") + f"; {hint}")
+                    + (f"; missing temporal positions {_ranges(missing)}" if missing else "")
+                    + f"; {hint}"
+                )
     images = sorted({f.expected_images for f in frames if f.expected_images})
     if images and len(frames) < images[-1]:
-        raise IncompleteSeriesError(f"{root}: incomplete series: {len(frames)} of {images[-1]} images "
-                                    f"({len(per_slice)} slice(s) x {n_frames} frames; ImagesInAcquisition "
-                                    f"{images[-1]}); {hint}")
+        raise IncompleteSeriesError(
+            f"{root}: incomplete series: {len(frames)} of {images[-1]} images "
+            f"({len(per_slice)} slice(s) x {n_frames} frames; ImagesInAcquisition "
+            f"{images[-1]}); {hint}"
+        )
 
 
-def image_study_from_dicom(path: str | Path, *, allow_partial: bool = False,
-                           logger: logging.Logger | None = None) -> ImageStudy:
+def image_study_from_dicom(
+    path: str | Path, *, allow_partial: bool = False, logger: logging.Logger | None = None
+) -> ImageStudy:
     """Read the single image series under ``path`` (folder, recursive, or one file). See the module docstring.
 
     ``allow_partial``: read a series with fewer frames than it declares (a warning to ``logger``, e.g. the job's
@@ -333,9 +348,7 @@ def image_study_from_dicom(path: str | Path, *, allow_partial: bool = False,
         raise ValueError(f"{root}: no DICOM images found")
     series = sorted({str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets})
     if len(series) > 1:
-        raise ValueError(
-            f"{root}: expected one series, found {len(series)} SeriesInstanceUIDs: {', '.join(series)}"
-        )
+        raise ValueError(f"{root}: expected one series, found {len(series)} SeriesInstanceUIDs: {', '.join(series)}")
     sop_classes = sorted({str(ds.SOPClassUID) for _, ds in datasets})
     if len(sop_classes) > 1:
         raise ValueError(f"{root}: the series mixes SOP classes {', '.join(sop_classes)}")
@@ -349,13 +362,17 @@ def image_study_from_dicom(path: str | Path, *, allow_partial: bool = False,
     shapes = {f.pixels.shape for f in frames}
     if len(shapes) != 1:
         raise ValueError(f"{root}: images of different sizes in one series: {sorted(shapes)}")
+    if len(first.orientation) != 6:
+        raise ValueError(f"{root}: ImageOrientationPatient has {len(first.orientation)} values, not 6")
     orientation = np.asarray(first.orientation)
     normal = np.cross(orientation[:3], orientation[3:])
     # Slices: distinct positions along the normal (rounded to 1 um so float noise does not split a slice).
     locations = np.array([round(float(np.dot(f.position, normal)), 3) for f in frames])
     slice_locs = np.unique(locations)
-    per_slice = [sorted((f for f, loc in zip(frames, locations) if loc == sl), key=lambda f: f.order)
-                 for sl in slice_locs]
+    per_slice = [
+        sorted((f for f, loc in zip(frames, locations, strict=True) if loc == sl), key=lambda f: f.order)
+        for sl in slice_locs
+    ]
     counts = {len(s) for s in per_slice}
     if len(counts) != 1:
         raise ValueError(
@@ -376,7 +393,7 @@ def image_study_from_dicom(path: str | Path, *, allow_partial: bool = False,
         matrix=(int(first.pixels.shape[0]), int(first.pixels.shape[1])),
         pixel_spacing_mm=(float(first.spacing[0]), float(first.spacing[1])),
         slice_thickness_mm=float(first.thickness),
-        orientation=tuple(float(v) for v in first.orientation),  # type: ignore[arg-type]
+        orientation=first.orientation,
         positions=np.stack([s[0].position for s in per_slice]),
         frame_of_reference_uid=str(datasets[0][1].get("FrameOfReferenceUID", "")) or None,
     )

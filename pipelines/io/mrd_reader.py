@@ -68,9 +68,7 @@ def _open(path: Path) -> h5py.File:
 def _group(f: h5py.File, path: Path, dataset: str) -> h5py.Group:
     if dataset not in f or not isinstance(f[dataset], h5py.Group):
         groups = ", ".join(sorted(f.keys())) or "none"
-        raise ValueError(
-            f"{path}: not an ISMRMRD file: no group /{dataset} (groups present: {groups})"
-        )
+        raise ValueError(f"{path}: not an ISMRMRD file: no group /{dataset} (groups present: {groups})")
     return f[dataset]
 
 
@@ -120,7 +118,7 @@ def iter_hdf5_acquisitions(path: str | Path, dataset: str = "dataset") -> Iterat
         ds = _acq_dataset(_group(f, path, dataset), path)
         for start in range(0, ds.shape[0], _BLOCK):
             heads, data, traj = _read_block(ds, start, min(start + _BLOCK, ds.shape[0]), path)
-            for h, d, t in zip(heads, data, traj):
+            for h, d, t in zip(heads, data, traj, strict=True):
                 n_s, n_c, n_d = int(h["number_of_samples"]), int(h["active_channels"]), int(h["trajectory_dimensions"])
                 yield ismrmrd.Acquisition(
                     h.tobytes(),
@@ -202,10 +200,18 @@ def _geometry(header: x.ismrmrdHeader, heads: np.ndarray, where: str) -> Geometr
     for s in np.unique(slices):
         first = int(np.argmax(slices == s))
         # Geometry has one orientation for the stack; a slice tilted against slice 0 would be mispositioned.
-        if valid_dirs and not (np.allclose(heads["read_dir"][first], row, atol=1e-3)
-                and np.allclose(heads["phase_dir"][first], col, atol=1e-3)):
-            log.warning("%s: slice %d is not parallel to slice %d (read/phase directions differ); "
-                        "its images get slice %d's orientation", where, int(s), int(slices[0]), int(slices[0]))
+        if valid_dirs and not (
+            np.allclose(heads["read_dir"][first], row, atol=1e-3)
+            and np.allclose(heads["phase_dir"][first], col, atol=1e-3)
+        ):
+            log.warning(
+                "%s: slice %d is not parallel to slice %d (read/phase directions differ); "
+                "its images get slice %d's orientation",
+                where,
+                int(s),
+                int(slices[0]),
+                int(slices[0]),
+            )
         centre = heads["position"][first].astype(np.float64)
         # The encoding centre (k-space phase origin) is pixel (N//2) of the centred FFT, not the middle of the FOV.
         positions.append(centre - row * ((mx // 2) * dx) - col * ((my // 2) * dy))
@@ -214,7 +220,7 @@ def _geometry(header: x.ismrmrdHeader, heads: np.ndarray, where: str) -> Geometr
         matrix=(my, mx),
         pixel_spacing_mm=(dy, dx),
         slice_thickness_mm=fov_z,
-        orientation=tuple(float(v) for v in (*row, *col)),  # type: ignore[arg-type]
+        orientation=(float(row[0]), float(row[1]), float(row[2]), float(col[0]), float(col[1]), float(col[2])),
         positions=np.asarray(positions, dtype=np.float64),
         frame_of_reference_uid=(meas and meas.frameOfReferenceUID) or None,
     )
@@ -240,16 +246,22 @@ def _assemble(
     if idx.size == 0:
         raise ValueError(f"{where}: no imaging acquisitions (only {n_noise} noise scans)")
     heads = heads[idx]
-    for field, what in (("active_channels", "coil"), ("number_of_samples", "sample"),
-                        ("trajectory_dimensions", "trajectory dimension")):
+    for field, what in (
+        ("active_channels", "coil"),
+        ("number_of_samples", "sample"),
+        ("trajectory_dimensions", "trajectory dimension"),
+    ):
         values = np.unique(heads[field])
         if values.size != 1:
             raise ValueError(
                 f"{where}: acquisitions differ in {what} count ({', '.join(map(str, values[:8]))}); "
                 "a RawStudy needs one value for every imaging readout"
             )
-    n_c, n_s, n_d = int(heads["active_channels"][0]), int(heads["number_of_samples"][0]), int(
-        heads["trajectory_dimensions"][0])
+    n_c, n_s, n_d = (
+        int(heads["active_channels"][0]),
+        int(heads["number_of_samples"][0]),
+        int(heads["trajectory_dimensions"][0]),
+    )
     try:
         flat = np.stack([np.asarray(data[i], dtype=np.float32) for i in idx])
     except ValueError as e:

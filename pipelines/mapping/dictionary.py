@@ -76,16 +76,25 @@ class DictionarySpec:
     stride: tuple[int, int, int] = (1, 1, 1)
 
     def key(self, seq: MRFSequence) -> str:
-        blob = json.dumps({
-            "model": MODEL_VERSION, "sequence": seq.fingerprint_key(), "field": self.field_strength_T,
-            "stride": list(self.stride),
-            "compartments": {k: v.to_dict() for k, v in sorted(self.compartments.items())},
-        }, sort_keys=True)
+        blob = json.dumps(
+            {
+                "model": MODEL_VERSION,
+                "sequence": seq.fingerprint_key(),
+                "field": self.field_strength_T,
+                "stride": list(self.stride),
+                "compartments": {k: v.to_dict() for k, v in sorted(self.compartments.items())},
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def fisp_spec(field_strength_T: float = 3.0, t1_step_percent: float = 3.0, t2_step_percent: float = 3.0,
-              b1: tuple[float, ...] = linear_grid(0.7, 1.3, 0.025)) -> DictionarySpec:
+def fisp_spec(
+    field_strength_T: float = 3.0,
+    t1_step_percent: float = 3.0,
+    t2_step_percent: float = 3.0,
+    b1: tuple[float, ...] = linear_grid(0.7, 1.3, 0.025),
+) -> DictionarySpec:
     """Single-compartment FISP grid covering brain and body at 1.5 / 3 T (T1 100-5000 ms, T2 10-2500 ms).
 
     B1 in 0.025 steps: FISP's T2 and B1 are strongly coupled, and with 0.05 steps the B1 quantisation moved
@@ -94,9 +103,15 @@ def fisp_spec(field_strength_T: float = 3.0, t1_step_percent: float = 3.0, t2_st
     interpolated (B1 is not: at long T2 and low B1 the fingerprint bends too fast along B1 for a cubic through
     0.05 steps, 6e-4 in 1 - |<a, b>| at T2 = 1.9 s); cached afterwards.
     """
-    return DictionarySpec({"water": CompartmentGrid(geometric_grid(100, 5000, t1_step_percent),
-                                                    geometric_grid(10, 2500, t2_step_percent), b1)},
-                          field_strength_T, stride=(2, 2, 1))
+    return DictionarySpec(
+        {
+            "water": CompartmentGrid(
+                geometric_grid(100, 5000, t1_step_percent), geometric_grid(10, 2500, t2_step_percent), b1
+            )
+        },
+        field_strength_T,
+        stride=(2, 2, 1),
+    )
 
 
 def t1ff_spec(field_strength_T: float = 3.0, complex_data: bool = True) -> DictionarySpec:
@@ -111,10 +126,13 @@ def t1ff_spec(field_strength_T: float = 3.0, complex_data: bool = True) -> Dicti
     b1 = linear_grid(0.75, 1.25, 0.05)
     df = linear_grid(-40, 40, 10) if complex_data else (0.0,)
     t2_fat = 58.0 if field_strength_T < 2.25 else 68.0
-    return DictionarySpec({
-        "water": CompartmentGrid(geometric_grid(300, 3000, 4.0), (20.0, 35.0, 50.0, 65.0, 80.0), b1, df),
-        "fat": CompartmentGrid(linear_grid(250, 450, 25), (t2_fat,), b1, df),
-    }, field_strength_T)
+    return DictionarySpec(
+        {
+            "water": CompartmentGrid(geometric_grid(300, 3000, 4.0), (20.0, 35.0, 50.0, 65.0, 80.0), b1, df),
+            "fat": CompartmentGrid(linear_grid(250, 450, 25), (t2_fat,), b1, df),
+        },
+        field_strength_T,
+    )
 
 
 @dataclass
@@ -157,13 +175,22 @@ class MRFDictionary:
 
     def to(self, device: torch.device | str) -> MRFDictionary:
         def mv(c: Compression) -> Compression:
-            return Compression(c.basis.to(device), c.singular_values.to(device),
-                               {k: v.to(device) for k, v in c.coeffs.items()})
+            return Compression(
+                c.basis.to(device), c.singular_values.to(device), {k: v.to(device) for k, v in c.coeffs.items()}
+            )
 
-        return MRFDictionary(self.sequence_key, self.spec_key, self.field_strength_T, self.params,
-                             {k: v.to(device) for k, v in self.norms.items()},
-                             {k: v.to(device) for k, v in self.magnitude_norms.items()},
-                             mv(self.complex), mv(self.magnitude), self.n_frames, self.info)
+        return MRFDictionary(
+            self.sequence_key,
+            self.spec_key,
+            self.field_strength_T,
+            self.params,
+            {k: v.to(device) for k, v in self.norms.items()},
+            {k: v.to(device) for k, v in self.magnitude_norms.items()},
+            mv(self.complex),
+            mv(self.magnitude),
+            self.n_frames,
+            self.info,
+        )
 
     # ---- persistence -------------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
@@ -177,14 +204,21 @@ class MRFDictionary:
             arrays[f"params_{name}"] = self.params[name]
             arrays[f"norms_{name}"] = self.norms[name].cpu().numpy()
             arrays[f"mnorms_{name}"] = self.magnitude_norms[name].cpu().numpy()
-        meta = {"sequence_key": self.sequence_key, "spec_key": self.spec_key, "model": MODEL_VERSION,
-                "field": self.field_strength_T, "n_frames": self.n_frames, "compartments": list(self.params),
-                "info": self.info}
+        meta = {
+            "sequence_key": self.sequence_key,
+            "spec_key": self.spec_key,
+            "model": MODEL_VERSION,
+            "field": self.field_strength_T,
+            "n_frames": self.n_frames,
+            "compartments": list(self.params),
+            "info": self.info,
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         # Temp file + rename: a killed generation never leaves a half-written cache entry behind.
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
+            # Numeric arrays only: load() reads with allow_pickle=False, so nothing pickled may be written either.
+            np.savez(fh, allow_pickle=False, meta=np.array(json.dumps(meta)), **arrays)
         os.replace(tmp, path)
 
     @classmethod
@@ -196,14 +230,24 @@ class MRFDictionary:
             names = meta["compartments"]
 
             def comp(kind: str) -> Compression:
-                return Compression(torch.from_numpy(z[f"{kind}_basis"]), torch.from_numpy(z[f"{kind}_sv"]),
-                                   {n: torch.from_numpy(z[f"{kind}_coeffs_{n}"]) for n in names})
+                return Compression(
+                    torch.from_numpy(z[f"{kind}_basis"]),
+                    torch.from_numpy(z[f"{kind}_sv"]),
+                    {n: torch.from_numpy(z[f"{kind}_coeffs_{n}"]) for n in names},
+                )
 
-            return cls(meta["sequence_key"], meta["spec_key"], float(meta["field"]),
-                       {n: z[f"params_{n}"] for n in names},
-                       {n: torch.from_numpy(z[f"norms_{n}"]) for n in names},
-                       {n: torch.from_numpy(z[f"mnorms_{n}"]) for n in names},
-                       comp("c"), comp("m"), int(meta["n_frames"]), dict(meta.get("info", {})))
+            return cls(
+                meta["sequence_key"],
+                meta["spec_key"],
+                float(meta["field"]),
+                {n: z[f"params_{n}"] for n in names},
+                {n: torch.from_numpy(z[f"norms_{n}"]) for n in names},
+                {n: torch.from_numpy(z[f"mnorms_{n}"]) for n in names},
+                comp("c"),
+                comp("m"),
+                int(meta["n_frames"]),
+                dict(meta.get("info", {})),
+            )
 
 
 def default_cache_dir() -> Path:
@@ -213,7 +257,10 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "recon-node" / "dictionaries"
 
 
-def _epg_fn(compartment: str, seq: MRFSequence, field_strength_T: float):  # type: ignore[no-untyped-def]
+_EpgFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (t1, t2, b1, df) -> atoms
+
+
+def _epg_fn(compartment: str, seq: MRFSequence, field_strength_T: float) -> _EpgFn:
     def water(t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, df: torch.Tensor) -> torch.Tensor:
         return epg_fisp(seq, t1, t2, b1, df if bool(torch.any(df != 0)) else None)
 
@@ -223,24 +270,43 @@ def _epg_fn(compartment: str, seq: MRFSequence, field_strength_T: float):  # typ
     return fat if compartment == "fat" else water
 
 
-def _simulate(seq: MRFSequence, p: np.ndarray, compartment: str, field_strength_T: float,
-              device: torch.device | str, progress: bool = False) -> torch.Tensor:
+def _simulate(
+    seq: MRFSequence,
+    p: np.ndarray,
+    compartment: str,
+    field_strength_T: float,
+    device: torch.device | str,
+    progress: bool = False,
+) -> torch.Tensor:
     """Fingerprints [n, frames] (complex64) of parameter rows p [n, 4], in row order."""
     q = torch.as_tensor(np.asarray(p, dtype=np.float32), device=device)
     # Sorted by T2 so each chunk keeps only the dephasing orders its T2 needs (see default_n_states).
     order = torch.argsort(q[:, 1], stable=True)
     q = q[order]
     with torch.no_grad():
-        atoms = epg_chunked(_epg_fn(compartment, seq, field_strength_T), q[:, 0], q[:, 1], q[:, 2], q[:, 3],
-                            chunk=2048 if compartment != "fat" else 512, progress=progress,
-                            desc=f"{compartment} dictionary")
+        atoms = epg_chunked(
+            _epg_fn(compartment, seq, field_strength_T),
+            q[:, 0],
+            q[:, 1],
+            q[:, 2],
+            q[:, 3],
+            chunk=2048 if compartment != "fat" else 512,
+            progress=progress,
+            desc=f"{compartment} dictionary",
+        )
     out = torch.empty_like(atoms)
     out[order] = atoms
     return out
 
 
-def simulate_atoms(seq: MRFSequence, grid: CompartmentGrid, compartment: str, field_strength_T: float,
-                   device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
+def simulate_atoms(
+    seq: MRFSequence,
+    grid: CompartmentGrid,
+    compartment: str,
+    field_strength_T: float,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> torch.Tensor:
     """Every fingerprint [atoms, frames] (complex64) of one compartment's grid, in grid order.
 
     The reference the streaming build is tested against; it holds all atoms, so keep it to small grids.
@@ -297,7 +363,7 @@ class _Axis:
         idx = left[:, None] + np.arange(-1, 3)[None, :]
         w = np.stack([_lagrange(x, j) for j in range(4)], 1)
         nodes = nodes.copy()
-        exact = (x == 0)
+        exact = x == 0
         nodes_at = left[exact]
         nodes[nodes_at] = v[exact]  # bit-identical node values where a node is a fine value
         return cls(v, nodes, stride, idx, w)
@@ -333,7 +399,10 @@ def _interp_axis(a: torch.Tensor, axis: _Axis, dim: int) -> torch.Tensor:
     idx = torch.as_tensor(axis.index, device=a.device)
     w = torch.as_tensor(axis.weight, device=a.device, dtype=torch.float32)
     a = a.movedim(dim, 0)
-    out = sum(w[:, k].reshape(-1, *([1] * (a.dim() - 1))).to(a.dtype) * a[idx[:, k]] for k in range(4))
+    shape = (-1, *([1] * (a.dim() - 1)))
+    out = w[:, 0].reshape(shape).to(a.dtype) * a[idx[:, 0]]
+    for k in range(1, 4):
+        out = out + w[:, k].reshape(shape).to(a.dtype) * a[idx[:, k]]
     return out.movedim(0, dim)
 
 
@@ -343,7 +412,7 @@ def _basis(atoms: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     wide = torch.complex128 if a.is_complex() else torch.float64
     gram = torch.zeros(a.shape[1], a.shape[1], dtype=wide, device=a.device)
     for i in range(0, a.shape[0], 4096):
-        c = a[i:i + 4096].to(wide)
+        c = a[i : i + 4096].to(wide)
         gram += c.T.conj() @ c
     evals, evecs = torch.linalg.eigh((gram + gram.T.conj()) / 2)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
@@ -373,7 +442,7 @@ class _NodePlan:
 
 
 def _plan(grid: CompartmentGrid, stride: tuple[int, int, int]) -> _NodePlan:
-    axes = [_Axis.make(getattr(grid, k), n) for k, n in zip(PARAM_NAMES, (*stride, 1))]
+    axes = [_Axis.make(getattr(grid, k), n) for k, n in zip(PARAM_NAMES, (*stride, 1), strict=True)]
     mesh = np.stack(np.meshgrid(*[a.nodes for a in axes], indexing="ij"), -1).reshape(-1, 4)
     # Nodes far on the unphysical side (T2 > T1) are never in a valid atom's stencil (which reaches two node
     # spacings along each axis); skip them.
@@ -384,9 +453,17 @@ def _plan(grid: CompartmentGrid, stride: tuple[int, int, int]) -> _NodePlan:
     return _NodePlan(axes, mesh, np.flatnonzero(mesh[:, 1] <= mesh[:, 0] * margin * (1 + 1e-6)))
 
 
-def _build_compartment(seq: MRFSequence, name: str, grid: CompartmentGrid, plan: _NodePlan, field_strength_T: float,
-                       basis: torch.Tensor, mbasis: torch.Tensor, device: torch.device | str,
-                       report: Callable[[str], None] | None) -> _Built:
+def _build_compartment(
+    seq: MRFSequence,
+    name: str,
+    grid: CompartmentGrid,
+    plan: _NodePlan,
+    field_strength_T: float,
+    basis: torch.Tensor,
+    mbasis: torch.Tensor,
+    device: torch.device | str,
+    report: Callable[[str], None] | None,
+) -> _Built:
     """Simulate the nodes chunk by chunk, project them, interpolate to the fine grid slab by slab.
 
     Peak memory is one chunk of atoms plus the node coefficients at the build rank; the full atom set
@@ -405,7 +482,7 @@ def _build_compartment(seq: MRFSequence, name: str, grid: CompartmentGrid, plan:
     done = 0
     with torch.no_grad():
         for i in range(0, len(order), chunk):
-            sel = order[i:i + chunk]
+            sel = order[i : i + chunk]
             p = torch.as_tensor(q[sel].astype(np.float32), device=device)
             atoms = epg_chunked(fn, p[:, 0], p[:, 1], p[:, 2], p[:, 3], chunk=2048 if name != "fat" else 512)
             node_coeffs[torch.as_tensor(todo[sel], device=basis.device)] = atoms.to(basis.device) @ basis
@@ -424,7 +501,7 @@ def _build_compartment(seq: MRFSequence, name: str, grid: CompartmentGrid, plan:
     # position in grid.combos() order (t1, t2, b1, df with df fastest; T2 > T1 dropped)
     full = np.arange(n1 * n2 * n3 * n4).reshape(n1, n2, n3, n4)
     keep = (fine[1][None, :, None, None] <= fine[0][:, None, None, None]) & np.ones((1, 1, n3, n4), bool)
-    atom_of = np.full(full.size, -1, dtype=np.int64)
+    atom_of: np.ndarray = np.full(full.size, -1, dtype=np.int64)
     atom_of[full[keep]] = np.arange(int(keep.sum()))
     atom_of = atom_of.reshape(n1, n2, n3, n4)
     r = min(_MAX_RANK, rb)
@@ -460,9 +537,16 @@ def _build_compartment(seq: MRFSequence, name: str, grid: CompartmentGrid, plan:
     return _Built(params, norms, mnorms, coeffs, mcoeffs)
 
 
-def build_dictionary(seq: MRFSequence, spec: DictionarySpec, *, device: torch.device | str = "cpu",
-                     cache_dir: Path | str | None = None, use_cache: bool = True,
-                     progress: bool = False, report: Callable[[str], None] | None = None) -> MRFDictionary:
+def build_dictionary(
+    seq: MRFSequence,
+    spec: DictionarySpec,
+    *,
+    device: torch.device | str = "cpu",
+    cache_dir: Path | str | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+    report: Callable[[str], None] | None = None,
+) -> MRFDictionary:
     """Simulate (or load from the cache) the compressed dictionary of ``spec`` for ``seq``.
 
     Streaming: the temporal bases come from a strided subset of at most 12k atoms; then the atoms are
@@ -498,19 +582,29 @@ def build_dictionary(seq: MRFSequence, spec: DictionarySpec, *, device: torch.de
     basis, sv = _basis(sub, _BUILD_RANK)
     mbasis_full, msv = _basis(sub.abs(), _MAX_RANK)
     del sub
-    mbasis = mbasis_full[:, :_stored_rank(msv)]
+    mbasis = mbasis_full[:, : _stored_rank(msv)]
     # 2. Every compartment streamed through those bases.
-    built = {name: _build_compartment(seq, name, grid, plans[name], spec.field_strength_T, basis, mbasis, device,
-                                      say)
-             for name, grid in spec.compartments.items()}
+    built = {
+        name: _build_compartment(seq, name, grid, plans[name], spec.field_strength_T, basis, mbasis, device, say)
+        for name, grid in spec.compartments.items()
+    }
     r = _stored_rank(sv)
-    d = MRFDictionary(seq.fingerprint_key(), key, spec.field_strength_T,
-                      {k: b.params for k, b in built.items()},
-                      {k: b.norms for k, b in built.items()}, {k: b.mnorms for k, b in built.items()},
-                      Compression(basis[:, :r].contiguous(), sv, {k: b.coeffs[:, :r].contiguous() for k, b in built.items()}),
-                      Compression(mbasis, msv, {k: b.mcoeffs for k, b in built.items()}), seq.n_frames,
-                      {"sequence": seq.name, "grid": json.dumps({k: v.to_dict() for k, v in spec.compartments.items()}),
-                       "stride": json.dumps(list(spec.stride))})
+    d = MRFDictionary(
+        seq.fingerprint_key(),
+        key,
+        spec.field_strength_T,
+        {k: b.params for k, b in built.items()},
+        {k: b.norms for k, b in built.items()},
+        {k: b.mnorms for k, b in built.items()},
+        Compression(basis[:, :r].contiguous(), sv, {k: b.coeffs[:, :r].contiguous() for k, b in built.items()}),
+        Compression(mbasis, msv, {k: b.mcoeffs for k, b in built.items()}),
+        seq.n_frames,
+        {
+            "sequence": seq.name,
+            "grid": json.dumps({k: v.to_dict() for k, v in spec.compartments.items()}),
+            "stride": json.dumps(list(spec.stride)),
+        },
+    )
     say(f"dictionary {key} built: {d.n_atoms} atoms, rank {r} (complex) / {mbasis.shape[1]} (magnitude)")
     if use_cache:
         try:

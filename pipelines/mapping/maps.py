@@ -2,7 +2,7 @@
 
 Used by every MRF pipeline: the image-series pipeline feeds reconstructed frames, the raw-data pipelines feed
 subspace-coefficient images. Background (PD below ``mask_threshold`` of the 99th percentile) is set to 0 and
-flagged in each map's mask.
+flagged in each map's mask. Kinds and units come from :mod:`pipelines.map_kinds`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.map_kinds import quantitative_map
 from pipelines.mapping.dictionary import DictionarySpec, build_dictionary, fisp_spec, t1ff_spec
 from pipelines.mapping.matching import DEFAULT_ENERGY, MatchResult, match, match_water_fat, pd_from_m0
 from pipelines.physics.sequences import MRFSequence
@@ -21,7 +22,7 @@ from pipelines.types import Geometry, QuantitativeMap
 
 MODELS = ("auto", "single", "water_fat")
 # Voxels whose fingerprint norm is below this fraction of the mask threshold (relative to the slice's 99th
-# percentile) are background for sure and keep the coarse search's atom: PD = |<a, x>| / ||s|| scales with
+# percentile) are background for sure and search their best block only: PD = |<a, x>| / ||s|| scales with
 # |x| up to the atom norm, which varies ~3x over brain tissues, so a quarter of the threshold leaves margin.
 _COARSE_MARGIN = 0.25
 
@@ -37,7 +38,7 @@ class MappingOptions:
     # dictionary (matching, the default) or a learned / fitted estimator: fc, inn, blochnet, hybrid, mle
     estimator: str = "dictionary"
     weights: str = ""  # a site's own estimator weights (default: the shipped weights for the schedule)
-    search: str = "fast"  # dictionary search: fast (coarse-to-fine) or exhaustive (every atom)
+    search: str = "fast"  # dictionary search: fast (block search) or exhaustive (every atom)
 
 
 def resolve_model(seq: MRFSequence, model: str) -> str:
@@ -83,22 +84,23 @@ def estimate_maps(
     if basis is None and x.shape[0] != seq.n_frames:
         raise ValueError(f"the images have {x.shape[0]} frames but sequence {seq.name!r} has {seq.n_frames}")
     if basis is not None and (basis.shape[0] != seq.n_frames or basis.shape[1] != x.shape[0]):
-        raise ValueError(f"a basis of shape {tuple(basis.shape)} does not fit {x.shape[0]} coefficient images of "
-                         f"the {seq.n_frames}-frame sequence {seq.name!r}")
+        raise ValueError(
+            f"a basis of shape {tuple(basis.shape)} does not fit {x.shape[0]} coefficient images of "
+            f"the {seq.n_frames}-frame sequence {seq.name!r}"
+        )
     model = resolve_model(seq, options.model)
     shape = x.shape[1:]
     dictionary = None
     coeff_map = None
     if options.estimator == "dictionary":
         spec = spec or default_spec(seq, model, options.field_strength_T, complex_data=not magnitude)
-        dictionary = build_dictionary(seq, spec, device=device, cache_dir=cache_dir, progress=progress,
-                                      report=report)
+        dictionary = build_dictionary(seq, spec, device=device, cache_dir=cache_dir, progress=progress, report=report)
         if basis is not None:
             # Coefficients in `basis` -> coefficients in the dictionary's basis: M = V_dict^T conj(V), [R, K]
             # (identity when the reconstruction used the dictionary's own leading components).
             vd = dictionary.complex.basis.to(device)
             r = min(int(basis.shape[1]), vd.shape[1]) if options.rank is None else min(options.rank, vd.shape[1])
-            coeff_map = (vd[:, :r].T @ basis.to(device=device, dtype=vd.dtype).conj())
+            coeff_map = vd[:, :r].T @ basis.to(device=device, dtype=vd.dtype).conj()
     results: list[MatchResult] = []
     keeps: list[np.ndarray] = []
     for s in range(shape[0]):
@@ -121,15 +123,36 @@ def estimate_maps(
             res = estimate_learned(kept, seq, options, model, magnitude=magnitude, device=device)
         else:
             assert dictionary is not None
-            kw = dict(magnitude=magnitude, rank=options.rank, energy=options.energy,
-                      memory_bytes=options.memory_bytes)
+            rank = options.rank
             if coeff_map is not None:
                 kept = kept.to(torch.complex64) @ coeff_map.T
-                kw.update(coefficients=True, rank=coeff_map.shape[0])
+                rank = coeff_map.shape[0]
+            coefficients = coeff_map is not None
             with torch.no_grad():
-                res = match_water_fat(kept, dictionary, **kw) if model == "water_fat" \
-                    else match(kept, dictionary, search=options.search, report=report,
-                               coarse_below=options.mask_threshold * _COARSE_MARGIN, **kw)
+                res = (
+                    match_water_fat(
+                        kept,
+                        dictionary,
+                        magnitude=magnitude,
+                        rank=rank,
+                        energy=options.energy,
+                        memory_bytes=options.memory_bytes,
+                        coefficients=coefficients,
+                    )
+                    if model == "water_fat"
+                    else match(
+                        kept,
+                        dictionary,
+                        magnitude=magnitude,
+                        rank=rank,
+                        energy=options.energy,
+                        memory_bytes=options.memory_bytes,
+                        coefficients=coefficients,
+                        search=options.search,
+                        report=report,
+                        coarse_below=options.mask_threshold * _COARSE_MARGIN,
+                    )
+                )
         results.append(res)
         keeps.append(keep.cpu().numpy())
     return _to_maps(_concat(results), np.concatenate(keeps), shape, geometry, options, model)
@@ -140,14 +163,27 @@ def _concat(results: list[MatchResult]) -> MatchResult:
     if len(results) == 1:
         return results[0]
 
-    def cat(name: str) -> np.ndarray | None:
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(r, name) for r in results])
+
+    def cat_optional(name: str) -> np.ndarray | None:
         parts = [getattr(r, name) for r in results]
         return None if any(p is None for p in parts) else np.concatenate(parts)
 
     first = results[0]
-    return MatchResult(cat("t1_ms"), cat("t2_ms"), cat("b1"), cat("df_hz"), cat("m0"), cat("residual"),
-                       first.rank, ff=cat("ff"), t1_fat_ms=cat("t1_fat_ms"), t2_fat_ms=cat("t2_fat_ms"),
-                       notes=first.notes)
+    return MatchResult(
+        cat("t1_ms"),
+        cat("t2_ms"),
+        cat("b1"),
+        cat("df_hz"),
+        cat("m0"),
+        cat("residual"),
+        first.rank,
+        ff=cat_optional("ff"),
+        t1_fat_ms=cat_optional("t1_fat_ms"),
+        t2_fat_ms=cat_optional("t2_fat_ms"),
+        notes=first.notes,
+    )
 
 
 def _scatter(values: np.ndarray, keep: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -156,31 +192,34 @@ def _scatter(values: np.ndarray, keep: np.ndarray, shape: tuple[int, ...]) -> np
     return out.reshape(shape)
 
 
-def _to_maps(res: MatchResult, keep: np.ndarray, shape: tuple[int, ...], geometry: Geometry,
-             options: MappingOptions, model: str) -> list[QuantitativeMap]:
+def _to_maps(
+    res: MatchResult, keep: np.ndarray, shape: tuple[int, ...], geometry: Geometry, options: MappingOptions, model: str
+) -> list[QuantitativeMap]:
     pd_kept, _ = pd_from_m0(res.m0)
     pd = _scatter(pd_kept, keep, shape)
     mask = pd >= options.mask_threshold
 
-    def qmap(kind: str, values: np.ndarray, unit: str, description: str) -> QuantitativeMap:
+    def qmap(kind: str, values: np.ndarray, description: str | None = None) -> QuantitativeMap:
         data = _scatter(values, keep, shape)
         data[~mask] = 0
-        notes = list(res.notes) + [f"background (PD < {options.mask_threshold:g} of its 99th percentile) set "
-                                   f"to 0: {int((~mask).sum())} voxels"]
-        return QuantitativeMap(kind, data, unit, description, geometry, mask=mask.copy(), notes=notes)
+        notes = list(res.notes) + [
+            f"background (PD < {options.mask_threshold:g} of its 99th percentile) set to 0: {int((~mask).sum())} voxels"
+        ]
+        return quantitative_map(kind, data, geometry, description=description, mask=mask.copy(), notes=notes)
 
-    water = "water " if model == "water_fat" else ""
     maps = [
-        qmap("t1", res.t1_ms, "ms", f"T1 {water}map".replace("  ", " ")),
-        qmap("pd", pd_kept, "1", "Proton density (a.u.)"),
-        qmap("b1", res.b1, "1", "B1 (relative flip angle)"),
-        qmap("residual", res.residual * 100, "%", "Fit residual (relative)"),
+        qmap("t1", res.t1_ms, "T1 water map" if model == "water_fat" else None),
+        qmap("pd", pd_kept),
+        qmap("b1", res.b1),
+        qmap("residual", res.residual * 100),
     ]
     if model == "water_fat" and res.ff is not None:
-        maps.insert(1, qmap("ff", res.ff * 100, "%", "Fat fraction (PDFF)"))
-        maps.insert(2, qmap("t1fat", res.t1_fat_ms, "ms", "T1 fat map"))
+        maps.insert(1, qmap("ff", res.ff * 100))
+        # Every water/fat fit that gives ff also gives the fat T1 (matching.py and the learned estimators).
+        assert res.t1_fat_ms is not None
+        maps.insert(2, qmap("t1fat", res.t1_fat_ms))
         if np.any(res.df_hz != 0):
-            maps.append(qmap("df", res.df_hz, "Hz", "Field offset"))
+            maps.append(qmap("df", res.df_hz))
     else:
-        maps.insert(1, qmap("t2", res.t2_ms, "ms", "T2 map"))
+        maps.insert(1, qmap("t2", res.t2_ms))
     return maps

@@ -25,21 +25,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.mapping.estimators import TRAINABLE, FitConfig, create_estimator
+from pipelines.compute import set_threads
+from pipelines.mapping.estimators import TRAINABLE, Estimator, FitConfig, create_estimator
 from pipelines.mapping.estimators.data import add_noise, default_space, make_training_set
 from pipelines.mapping.estimators.labels import LABELS, TrainingLabels, parse_weights
 from pipelines.mapping.estimators.mle import mle_for_space
+from pipelines.physics.sequences import MRFSequence
 
 log = logging.getLogger("recon_node.train_estimator")
 
 
-def dictionary_basis(seq, kind: str, field: float, complex_data: bool, cache_dir: str | None) -> torch.Tensor:  # noqa: ANN001
+def dictionary_basis(
+    seq: MRFSequence, kind: str, field: float, complex_data: bool, cache_dir: str | None
+) -> torch.Tensor:
     """The SVD basis of the node's default dictionary for this sequence (built or loaded from its cache)."""
     from pipelines.mapping.dictionary import build_dictionary
     from pipelines.mapping.maps import default_spec
 
-    d = build_dictionary(seq, default_spec(seq, kind, field, complex_data), cache_dir=Path(cache_dir) if cache_dir
-                         else None, progress=True)
+    d = build_dictionary(
+        seq,
+        default_spec(seq, kind, field, complex_data),
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        progress=True,
+    )
     return (d.complex if complex_data else d.magnitude).basis
 
 
@@ -68,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
-    p.add_argument("--cache-dir", default="", help="training-set cache (default /tmp/estimators or "
-                   "$RECON_NODE_ESTIMATOR_CACHE)")
+    p.add_argument(
+        "--cache-dir", default="", help="training-set cache (default /tmp/estimators or $RECON_NODE_ESTIMATOR_CACHE)"
+    )
     p.add_argument("--dict-cache", default="", help="dictionary cache (default: the node's)")
     p.add_argument("--checkpoint-dir", default="", help="checkpoints and history (default: next to --out)")
     p.add_argument("--resume", action="store_true")
@@ -92,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     from pipelines.physics.sequences import get_sequence
 
     seq = get_sequence(args.sequence)
@@ -125,44 +134,71 @@ def main(argv: list[str] | None = None) -> int:
         if noise == "rician":
             sigma = (signals.abs().mean(1) / args.label_snr) / np.sqrt(2)  # per real channel
         t0 = time.perf_counter()
-        fit = mle_for_space(seq, space, y, ts.params, basis=store_basis, noise=noise, sigma=sigma,
-                            steps=args.mle_steps)
-        log.info("MLE labels (%s) for %d samples in %.0f s; %d on a bound (dropped from the MLE term)", noise,
-                 len(ts), time.perf_counter() - t0, int(fit.on_bound.sum()))
+        fit = mle_for_space(seq, space, y, ts.params, basis=store_basis, noise=noise, sigma=sigma, steps=args.mle_steps)
+        log.info(
+            "MLE labels (%s) for %d samples in %.0f s; %d on a bound (dropped from the MLE term)",
+            noise,
+            len(ts),
+            time.perf_counter() - t0,
+            int(fit.on_bound.sum()),
+        )
         labels = TrainingLabels(args.labels, ts.params, fit.params, args.alpha, weights, ~fit.on_bound)
         signals = noisy
         snr = None
     out = Path(args.out)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out.parent / f"{out.stem}_run"
-    cfg = FitConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, snr=snr,
-                    device=args.device, progress=not args.no_progress, out_dir=str(ckpt), resume=args.resume,
-                    val_every=args.val_every, checkpoint_every=max(args.val_every, 1000))
+    cfg = FitConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        snr=snr,
+        device=args.device,
+        progress=not args.no_progress,
+        out_dir=str(ckpt),
+        resume=args.resume,
+        val_every=args.val_every,
+        checkpoint_every=max(args.val_every, 1000),
+    )
     res = est.fit(ts.params, signals, labels=labels, config=cfg)
-    command = "recon-node train estimator " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    meta = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"device {cfg.device}", "total_seconds": round(time.perf_counter() - t_start, 1)}
+    command = "recon-node train estimator " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    meta = {
+        "command": command,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {cfg.device}",
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+    }
     est.save(out, extra_meta=meta)
-    log.info("saved %s after %d steps (%.0f s, best validation loss %.4g)", out, res.steps, res.seconds,
-             res.best_val_loss)
+    log.info(
+        "saved %s after %d steps (%.0f s, best validation loss %.4g)", out, res.steps, res.seconds, res.best_val_loss
+    )
     card = write_model_card(out)
     log.info("model card %s", card)
     return 0
 
 
-def held_out_metrics(est, n: int = 500, seed: int = 4242) -> dict[str, dict[str, float]]:  # noqa: ANN001
-    """Median relative / mean absolute error per parameter on fresh random parameters (clean and SNR 30)."""
+def held_out_metrics(est: Estimator, n: int = 500, seed: int = 4242) -> dict[str, dict[str, dict[str, float]]]:
+    """Median relative / mean absolute error per parameter on fresh random parameters (clean and SNR 30):
+    ``{noise label: {parameter: {metric: value}}}``."""
     from pipelines.mapping.estimators.data import simulate
 
     p = est.space.sample(n, np.random.default_rng(seed))
     x = simulate(est.sequence, est.space, p, chunk=512)
-    out = {}
+    out: dict[str, dict[str, dict[str, float]]] = {}
     for label, snr in (("noise-free", float("inf")), ("SNR 30", 30.0)):
         xx = x if snr == float("inf") else add_noise(x, snr, torch.Generator().manual_seed(seed))
         pred = est.predict(xx)
-        out[label] = {k: {"median_rel_err_pct": float(np.median(np.abs(pred[k] - p[:, i].numpy())
-                                                                / np.maximum(np.abs(p[:, i].numpy()), 1e-6))) * 100,
-                          "mae": float(np.mean(np.abs(pred[k] - p[:, i].numpy())))}
-                      for i, k in enumerate(est.space.names)}
+        out[label] = {
+            k: {
+                "median_rel_err_pct": float(
+                    np.median(np.abs(pred[k] - p[:, i].numpy()) / np.maximum(np.abs(p[:, i].numpy()), 1e-6))
+                )
+                * 100,
+                "mae": float(np.mean(np.abs(pred[k] - p[:, i].numpy()))),
+            }
+            for i, k in enumerate(est.space.names)
+        }
     return out
 
 
@@ -182,36 +218,42 @@ def write_model_card(weights: str | Path) -> Path:
     for label, per in metrics.items():
         for k, m in per.items():
             rows.append(f"| {label} | {k} | {m['median_rel_err_pct']:.2f} | {m['mae']:.4g} |")
-    space = ", ".join(f"{r['name']} [{r['lo']:g}, {r['hi']:g}]{' (log)' if r['log'] else ''}"
-                      for r in meta["space"]["ranges"])
-    text = f"""# {weights.stem}: {meta['model']} estimator for the `{meta['sequence']['name']}` sequence
+    space = ", ".join(
+        f"{r['name']} [{r['lo']:g}, {r['hi']:g}]{' (log)' if r['log'] else ''}" for r in meta["space"]["ranges"]
+    )
+    text = (
+        f"""# {weights.stem}: {meta["model"]} estimator for the `{meta["sequence"]["name"]}` sequence
 
-**Trained on CPU in this session** (no GPU; {meta.get('machine', 'unknown machine')}), shared with other
-training jobs, so for a short budget: {tr.get('steps')} steps of batch {cfg.get('batch_size')}, far fewer than the
+**Trained on CPU in this session** (no GPU; {meta.get("machine", "unknown machine")}), shared with other
+training jobs, so for a short budget: {tr.get("steps")} steps of batch {cfg.get("batch_size")}, far fewer than the
 papers' epochs. Treat these weights as a working baseline, not a converged model.
 
-- Model: `{meta['model']}` ({n_params} weights and buffers), options `{json.dumps(meta.get('options', {}))}`
-- Input: {'SVD coefficients of the dictionary basis' if meta['input'] == 'svd' else 'full fingerprints'},
-  {'complex (real and imaginary parts)' if meta['complex_data'] else 'magnitude'}; unit norm, phase aligned, standardised
-- Parameters (normalised to [0, 1]): {space}; signal model `{meta['space']['kind']}`,
-  {meta['space']['field_strength_T']} T
-- Data: {tr.get('n_train')} training / {tr.get('n_val')} validation parameter sets drawn uniformly (log for
+- Model: `{meta["model"]}` ({n_params} weights and buffers), options `{json.dumps(meta.get("options", {}))}`
+- Input: {"SVD coefficients of the dictionary basis" if meta["input"] == "svd" else "full fingerprints"},
+  {"complex (real and imaginary parts)" if meta["complex_data"] else "magnitude"}; unit norm, phase aligned,
+  standardised
+- Parameters (normalised to [0, 1]): {space}; signal model `{meta["space"]["kind"]}`,
+  {meta["space"]["field_strength_T"]} T
+- Data: {tr.get("n_train")} training / {tr.get("n_val")} validation parameter sets drawn uniformly (log for
   relaxation times) over those ranges, EPG-simulated with the node's physics; noise augmentation
-  SNR {cfg.get('snr')} (log-uniform, {cfg.get('clean_fraction')} of each batch clean); labels `{tr.get('labels')}`
-- Seed: {cfg.get('seed')}
-- Command: `{meta.get('command', '?')}`
-- Training time: {tr.get('seconds')} s of optimisation, {meta.get('total_seconds')} s in all (data simulation
-  included); best validation loss {tr.get('best_val_loss')}
+  SNR {cfg.get("snr")} (log-uniform, {cfg.get("clean_fraction")} of each batch clean); labels `{tr.get("labels")}`
+- Seed: {cfg.get("seed")}
+- Command: `{meta.get("command", "?")}`
+- Training time: {tr.get("seconds")} s of optimisation, {meta.get("total_seconds")} s in all (data simulation
+  included); best validation loss {tr.get("best_val_loss")}
 
 ## Held-out metrics (500 fresh random parameter sets, seed 4242)
 
 | data | parameter | median relative error (%) | mean absolute error |
 |---|---|---|---|
-""" + "\n".join(rows) + """
+"""
+        + "\n".join(rows)
+        + """
 
 Relative errors of FF and the field offset are large near 0 by construction (division by a value near 0); see
 BENCHMARKS.md (benchmarks/estimators_eval.py) for the comparison with dictionary matching.
 """
+    )
     card = weights.with_suffix(".md")
     card.write_text(text)
     return card

@@ -29,7 +29,9 @@ and the whole recursion is real: ``fast path``, about twice as fast and exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -173,9 +175,7 @@ def _step_functional(s: torch.Tensor, m: list[list[torch.Tensor]], rec: torch.Te
     q_body = m[1][0] * p[1:] + m[1][1] * q[1:] + m[1][2] * z[1:]
     nz = m[2][0] * p + m[2][1] * q + m[2][2] * z
     nz = torch.cat([(nz[0] + rec)[None], nz[1:]])
-    return torch.stack(
-        [torch.cat([p0[None], p_body]), torch.cat([q_body, torch.zeros_like(q_body[:1])]), nz]
-    )
+    return torch.stack([torch.cat([p0[None], p_body]), torch.cat([q_body, torch.zeros_like(q_body[:1])]), nz])
 
 
 def _rf_rows(
@@ -238,7 +238,7 @@ def _run_epg(
         e1c = e1.to(sdtype)
         relax = (p_tr, p_tr.conj(), e1c)
         m = [[relax[i] * rf[i][j] for j in range(3)] for i in range(3)]
-        rec = (1.0 - e1c)
+        rec = 1.0 - e1c
         if needs_grad:
             state = _step_functional(state, m, rec)
         else:
@@ -327,19 +327,27 @@ def epg_water_fat(
     b1 = None if b1 is None else torch.as_tensor(b1, dtype=dtype)
     df_hz = None if df_hz is None else torch.as_tensor(df_hz, dtype=dtype)
     water = epg_fisp(seq, t1w, t2w, b1, df_hz, n_states=n_states, inversion_efficiency=inversion_efficiency)
-    fat = epg_fat(seq, t1f, t2f, b1, df_hz, field_strength_T=field_strength_T, n_states=n_states,
-                  inversion_efficiency=inversion_efficiency)
+    fat = epg_fat(
+        seq,
+        t1f,
+        t2f,
+        b1,
+        df_hz,
+        field_strength_T=field_strength_T,
+        n_states=n_states,
+        inversion_efficiency=inversion_efficiency,
+    )
     ffc = ff.to(water.dtype)[:, None]
     return (1 - ffc) * water + ffc * fat
 
 
 def epg_chunked(
-    fn: callable,  # type: ignore[valid-type]
+    fn: Callable[..., torch.Tensor],
     *params: torch.Tensor,
     chunk: int = 20000,
     progress: bool = False,
     desc: str = "EPG",
-    **kwargs,
+    **kwargs: Any,
 ) -> torch.Tensor:
     """Run an EPG function over a long batch in chunks (bounded memory), optionally with a progress bar."""
     n = int(params[0].shape[0])

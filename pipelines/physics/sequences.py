@@ -157,12 +157,17 @@ def fisp_sequence(n_frames: int = 1000, seed: int = 2015) -> MRFSequence:
     fa = peaks[t // lobe] * np.sin(np.pi * phase)
     freqs = np.array([1.0, 2.3, 3.7, 5.1]) / n_frames
     phases = rng.uniform(0, 2 * np.pi, freqs.size)
-    wiggle = sum(np.sin(2 * np.pi * f * t + p) / (k + 1) for k, (f, p) in enumerate(zip(freqs, phases)))
+    wiggle = sum(np.sin(2 * np.pi * f * t + p) / (k + 1) for k, (f, p) in enumerate(zip(freqs, phases, strict=True)))
     wiggle = (wiggle - wiggle.min()) / (wiggle.max() - wiggle.min())
     tr = 11.0 + 4.0 * wiggle
     te = np.full(n_frames, 2.0)
     return MRFSequence(
-        name="fisp", flip_angles_deg=fa, tr_ms=tr, te_ms=te, ti_ms=40.0, readout="fisp",
+        name="fisp",
+        flip_angles_deg=fa,
+        tr_ms=tr,
+        te_ms=te,
+        ti_ms=40.0,
+        readout="fisp",
         description=f"MRF-FISP after Jiang et al. 2015: {n_frames} TRs, 5 half-sine FA lobes <= 70 deg, "
         f"TR 11-15 ms, TE 2 ms, TI 40 ms (seed {seed})",
     )
@@ -181,7 +186,12 @@ def t1ff_sequence(n_frames: int = 175) -> MRFSequence:
     )
     tr = te + 6.5 + 2.0 * t / max(n_frames - 1, 1)
     return MRFSequence(
-        name="t1ff", flip_angles_deg=fa, tr_ms=tr, te_ms=te, ti_ms=20.0, readout="fisp",
+        name="t1ff",
+        flip_angles_deg=fa,
+        tr_ms=tr,
+        te_ms=te,
+        ti_ms=20.0,
+        readout="fisp",
         description=f"T1-FF MRF after Marty & Carlier 2019: {n_frames} frames, TE cycling 4 fat phases at 3 T, "
         "two FA lobes (30, 45 deg), TI 20 ms",
     )
@@ -225,8 +235,11 @@ def sequence_to_ismrmrd(seq: MRFSequence, header: Any) -> None:
     header.sequenceParameters = sp
     if header.userParameters is None:
         header.userParameters = x.userParametersType()
-    ups = [u for u in header.userParameters.userParameterString
-           if u.name not in (USER_PARAM_SEQUENCE_NAME, USER_PARAM_READOUT)]
+    ups = [
+        u
+        for u in header.userParameters.userParameterString
+        if u.name not in (USER_PARAM_SEQUENCE_NAME, USER_PARAM_READOUT)
+    ]
     ups.append(x.userParameterStringType(name=USER_PARAM_SEQUENCE_NAME, value=seq.name))
     ups.append(x.userParameterStringType(name=USER_PARAM_READOUT, value=seq.readout))
     header.userParameters.userParameterString = ups

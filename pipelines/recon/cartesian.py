@@ -17,11 +17,12 @@ def _check_cartesian(raw: RawStudy) -> None:
         raise ValueError(f"{src}: expected Cartesian data, the header says trajectory {raw.trajectory_kind!r}")
     ny, nx = raw.matrix
     if raw.data.shape[-1] != nx:
-        raise ValueError(f"{src}: readouts have {raw.data.shape[-1]} samples but the encoded matrix is {nx} wide "
-                         "(readout oversampling is not supported yet)")
+        raise ValueError(
+            f"{src}: readouts have {raw.data.shape[-1]} samples but the encoded matrix is {nx} wide "
+            "(readout oversampling is not supported yet)"
+        )
     if raw.line.size and (raw.line.max() >= ny or raw.line.min() < 0):
-        raise ValueError(f"{src}: phase-encode index {int(raw.line.max())} is outside the encoded matrix "
-                         f"({ny} lines)")
+        raise ValueError(f"{src}: phase-encode index {int(raw.line.max())} is outside the encoded matrix ({ny} lines)")
 
 
 def grid_cartesian(raw: RawStudy, frames: range | None = None) -> np.ndarray:
@@ -75,5 +76,5 @@ def reconstruct_frames(raw: RawStudy, maps: np.ndarray | None = None, chunk: int
     out = np.empty((n_frames, *raw.matrix), dtype=np.complex64)
     for i in range(0, n_frames, chunk):
         frames = range(i, min(i + chunk, n_frames))
-        out[frames.start:frames.stop] = combine_coils(ifft2c(grid_cartesian(raw, frames)), maps)
+        out[frames.start : frames.stop] = combine_coils(ifft2c(grid_cartesian(raw, frames)), maps)
     return out

@@ -1,4 +1,4 @@
-"""Classical reconstructions over any operator with ``forward`` / ``adjoint(y, dcf)`` / ``normal``.
+"""Classical reconstructions over any :class:`pipelines.recon.operators.Operator`.
 
 * :func:`adjoint_recon`: zero-filled (Cartesian) or density-compensated adjoint (non-Cartesian): the baseline.
 * :func:`cg_sense`: conjugate gradient on ``(A^H D A + lam I) x = A^H D y`` (Pruessmann et al. 2001), per slice.
@@ -14,16 +14,9 @@ All return complex64 images [B, ny, nx].
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 
-
-class Operator(Protocol):
-    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
-    def adjoint(self, y: torch.Tensor, dcf: bool = False) -> torch.Tensor: ...
-    def normal(self, x: torch.Tensor) -> torch.Tensor: ...
-
+from pipelines.recon.operators import Operator, max_eigenvalue
 
 CG_LAMBDA = 1e-2
 CG_ITERATIONS = 15
@@ -41,8 +34,14 @@ def adjoint_recon(op: Operator, y: torch.Tensor) -> torch.Tensor:
     return op.adjoint(y, dcf=True)
 
 
-def cg_sense(op: Operator, y: torch.Tensor, lam: float = CG_LAMBDA, iterations: int = CG_ITERATIONS,
-             x0: torch.Tensor | None = None, tol: float = 1e-6) -> torch.Tensor:
+def cg_sense(
+    op: Operator,
+    y: torch.Tensor,
+    lam: float = CG_LAMBDA,
+    iterations: int = CG_ITERATIONS,
+    x0: torch.Tensor | None = None,
+    tol: float = 1e-6,
+) -> torch.Tensor:
     """CG on ``(A^H D A + lam I) x = A^H D y``; each slice of the batch has its own step sizes and stops at
     relative residual ``tol`` (the others go on). Few iterations also act as regularisation (early stopping)."""
     b = op.adjoint(y, dcf=True)
@@ -91,9 +90,9 @@ def ihaar2(c: torch.Tensor, levels: int) -> torch.Tensor:
     sizes = [(ny >> i, nx >> i) for i in range(levels)][::-1]
     for h, w in sizes:
         band = out[..., :h, :w]
-        lo, hi = band[..., : w // 2], band[..., w // 2:]
+        lo, hi = band[..., : w // 2], band[..., w // 2 :]
         band = torch.stack([(lo + hi) * _S, (lo - hi) * _S], dim=-1).reshape(*band.shape)
-        lo, hi = band[..., : h // 2, :], band[..., h // 2:, :]
+        lo, hi = band[..., : h // 2, :], band[..., h // 2 :, :]
         band = torch.stack([(lo + hi) * _S, (lo - hi) * _S], dim=-2).reshape(*band.shape)
         out[..., :h, :w] = band
     return out
@@ -122,24 +121,17 @@ def _wavelet_prox(x: torch.Tensor, t: torch.Tensor, levels: int, shift: tuple[in
     return torch.roll(ihaar2(c, levels), shifts=(-shift[0], -shift[1]), dims=(-2, -1))
 
 
-def max_eigenvalue(op: Operator, like: torch.Tensor, iterations: int = 15, seed: int = 0) -> torch.Tensor:
-    """Largest eigenvalue of ``A^H D A`` per batch element (power iteration), [B, 1, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(like.shape, generator=g, dtype=torch.complex64).to(like.device)
-    lam = torch.ones(like.shape[0], 1, 1, device=like.device)
-    for _ in range(iterations):
-        x = x / torch.sqrt(_dot(x, x))
-        y = op.normal(x)
-        lam = _dot(x, y)
-        x = y
-    return torch.clamp(lam, min=1e-12)
-
-
-def l1_wavelet(op: Operator, y: torch.Tensor, lam: float = L1_LAMBDA, iterations: int = L1_ITERATIONS,
-               levels: int = 4, seed: int = 0) -> torch.Tensor:
+def l1_wavelet(
+    op: Operator,
+    y: torch.Tensor,
+    lam: float = L1_LAMBDA,
+    iterations: int = L1_ITERATIONS,
+    levels: int = 4,
+    seed: int = 0,
+) -> torch.Tensor:
     """FISTA with a Haar-wavelet L1 penalty; ``lam`` relative to max |A^H D y| of each slice."""
     b = op.adjoint(y, dcf=True)
-    levels = _levels(tuple(b.shape[-2:]), levels)
+    levels = _levels((b.shape[-2], b.shape[-1]), levels)
     step = 1.0 / (1.05 * max_eigenvalue(op, b))
     thresh = lam * b.abs().amax(dim=(-2, -1), keepdim=True) * step
     rng = torch.Generator().manual_seed(seed)

@@ -55,8 +55,9 @@ def _hann(r: np.ndarray, half_width: float) -> np.ndarray:
     return np.where(r < 1, np.cos(np.pi / 2 * r) ** 2, 0.0)
 
 
-def lowres_maps(data: np.ndarray, k: np.ndarray, shape: tuple[int, int], dcf: np.ndarray | None = None,
-                cutoff: float = 0.15) -> np.ndarray:
+def lowres_maps(
+    data: np.ndarray, k: np.ndarray, shape: tuple[int, int], dcf: np.ndarray | None = None, cutoff: float = 0.15
+) -> np.ndarray:
     """Non-Cartesian: data [C, M] -> low-resolution RSS-normalised maps [C, ny, nx] (as the NC-PDNet reference).
 
     Samples with |k| below ``cutoff`` x k_max (k_max = N/2 per axis) enter the density-compensated adjoint

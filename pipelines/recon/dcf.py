@@ -31,7 +31,7 @@ def pipe_menon_dcf(k: np.ndarray | torch.Tensor, shape: tuple[int, int], n_iter:
     interp = finufft.Plan(2, (2 * ny, 2 * nx), dtype="complex128", isign=-1, **opts)
     spread.setpts(*grid)
     interp.setpts(*grid)
-    w = np.ones(pts.shape[0], dtype=np.complex128)
+    w: np.ndarray = np.ones(pts.shape[0], dtype=np.complex128)
     for _ in range(int(n_iter)):
         density = interp.execute(spread.execute(w)).real
         w = w / np.maximum(density, 1e-12 * density.max())

@@ -69,8 +69,9 @@ def _conv_relu(c_in: int, c_out: int, k: int) -> nn.Sequential:
 class MWCNN(nn.Module):
     """MWCNN on real images [B, n_inputs, H, W] -> [B, n_outputs, H, W]; H and W multiples of 2**n_scales."""
 
-    def __init__(self, n_inputs: int, n_outputs: int, size: str | MWCNNSize = "small", kernel_size: int = 3,
-                 res: bool = False) -> None:
+    def __init__(
+        self, n_inputs: int, n_outputs: int, size: str | MWCNNSize = "small", kernel_size: int = 3, res: bool = False
+    ) -> None:
         super().__init__()
         if isinstance(size, str):
             if size not in MWCNN_SIZES:
@@ -82,11 +83,12 @@ class MWCNN(nn.Module):
         k, f0, nf = kernel_size, size.first_conv_n_filters, size.n_filters_per_scale
         if size.n_first_convs > 0:
             chans = [n_inputs] + [f0] * size.n_first_convs
-            self.first_down = nn.Sequential(*[_conv_relu(chans[i], chans[i + 1], k)
-                                              for i in range(size.n_first_convs)])
+            self.first_down: nn.Module = nn.Sequential(
+                *[_conv_relu(chans[i], chans[i + 1], k) for i in range(size.n_first_convs)]
+            )
             # after the last IWT: f0 channels (the 4*f0 produced at scale 0, unpooled), last layer linear.
             ups = [_conv_relu(f0, f0, k) for _ in range(size.n_first_convs - 1)]
-            self.first_up = nn.Sequential(*ups, nn.Conv2d(f0, n_outputs, k, padding=k // 2, bias=True))
+            self.first_up: nn.Module = nn.Sequential(*ups, nn.Conv2d(f0, n_outputs, k, padding=k // 2, bias=True))
             c = f0
         else:
             self.first_down, self.first_up = nn.Identity(), nn.Identity()
@@ -100,7 +102,7 @@ class MWCNN(nn.Module):
                 last = max(4 * f0, 4 * n_outputs) if size.n_first_convs > 0 else 4 * n_outputs
             else:
                 last = 4 * nf[s - 1]
-            layers = [_conv_relu(nf[s], nf[s], k) for _ in range(n - 1)]
+            layers: list[nn.Module] = [_conv_relu(nf[s], nf[s], k) for _ in range(n - 1)]
             if s == 0 and size.n_first_convs < 1:
                 layers.append(nn.Conv2d(nf[s], last, k, padding=k // 2, bias=True))
             else:
@@ -111,8 +113,9 @@ class MWCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = 2**self.n_scales
         if x.shape[-2] % m or x.shape[-1] % m:
-            raise ValueError(f"MWCNN with {self.n_scales} scales needs sizes divisible by {m}, "
-                             f"got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"MWCNN with {self.n_scales} scales needs sizes divisible by {m}, got {tuple(x.shape[-2:])}"
+            )
         first = self.first_down(x)
         h, skips = first, []
         for block in self.down:

@@ -18,8 +18,9 @@ on the 2x grid per coil, ``A^H D y`` computed once), or with the explicit NUFFT 
 map. Toeplitz is the default because it is faster at every size we measured (see ``benchmarks/ncpdnet_eval.py``
 and the model cards).
 
-Channels: the network acts on complex buffers [B, n_ch, n_primal, ny, nx]. Anatomical images have one channel;
-MRF subspace reconstruction has the K coefficient images as channels, coupled by the subspace normal operator
+Channels: the network acts on complex buffers [B, n_ch, n_primal, ny, nx] through the channel view of
+:mod:`pipelines.recon.operators`. Anatomical images have one channel; MRF subspace reconstruction has the K
+coefficient images as channels, coupled by the subspace normal operator
 (:class:`pipelines.recon.subspace.NonCartesianSubspace`), and the CNN sees all K channels of the buffer at once
 (for n_ch = 1 the layer sizes are exactly the reference's: 12 -> 32 -> 32 -> 10, 15.6 k parameters per
 iteration).
@@ -30,78 +31,20 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
-from pipelines.recon.operators import NonCartesianSense
+from pipelines.recon.operators import (
+    ChannelOperator,
+    NonCartesianSense,
+    Operator,
+    SenseChannels,
+    SubspaceChannels,
+    channel_operator,
+)
 from pipelines.recon.subspace import NonCartesianSubspace
-
-
-class ChannelOperator(Protocol):
-    """What NC-PDNet needs: images [B, n_ch, ny, nx]; data in the operator's own layout."""
-
-    n_channels: int
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor: ...  # A^H D y
-    def normal(self, x: torch.Tensor) -> torch.Tensor: ...  # A^H D A x
-
-
-class SenseChannels:
-    """:class:`NonCartesianSense` seen as a one-channel operator (images [B, 1, ny, nx], data [B, C, M])."""
-
-    n_channels = 1
-
-    def __init__(self, op: NonCartesianSense) -> None:
-        if op.dcf is None:
-            raise ValueError("NC-PDNet needs a density-compensated operator (NonCartesianSense(..., dcf=...))")
-        self.op = op
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op.forward(x[:, 0])
-
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        return self.op.adjoint(y, dcf=True)[:, None]
-
-    def normal(self, x: torch.Tensor) -> torch.Tensor:
-        if self.op.kernel is not None:
-            return self.op.normal(x[:, 0])[:, None]
-        return self.adjoint(self.forward(x))
-
-
-class SubspaceChannels:
-    """One :class:`NonCartesianSubspace` per batch element, seen as a K-channel operator.
-
-    Images [B, K, ny, nx]; data [B, C, M]. ``toeplitz=False`` applies ``A^H D A`` as forward then adjoint
-    (the explicit NUFFT pair) instead of the K x K Toeplitz kernels.
-    """
-
-    def __init__(self, ops: list[NonCartesianSubspace] | NonCartesianSubspace, toeplitz: bool = True) -> None:
-        self.ops = ops if isinstance(ops, list) else [ops]
-        if any(op.dcf is None for op in self.ops):
-            raise ValueError("NC-PDNet needs density-compensated subspace operators (NonCartesianSubspace(..., dcf=...))")
-        self.n_channels = int(self.ops[0].rank)
-        self.toeplitz = toeplitz
-
-    def _check(self, n: int) -> None:
-        if n != len(self.ops):
-            raise ValueError(f"batch of {n} but {len(self.ops)} subspace operator(s)")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x.shape[0])
-        return torch.stack([op.forward(xi) for op, xi in zip(self.ops, x)])
-
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        self._check(y.shape[0])
-        return torch.stack([op.adjoint(yi, dcf=True) for op, yi in zip(self.ops, y)])
-
-    def normal(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x.shape[0])
-        if self.toeplitz:
-            return torch.stack([op.normal(xi) for op, xi in zip(self.ops, x)])
-        return torch.stack([op.adjoint(op.forward(xi), dcf=True) for op, xi in zip(self.ops, x)])
 
 
 def with_maps(op: NonCartesianSubspace, maps: torch.Tensor) -> NonCartesianSubspace:
@@ -140,13 +83,16 @@ class ComplexResCNN(nn.Module):
         self.n_channels, self.n_primal = n_channels, n_primal
         c_in, c_out = 2 * n_channels * (n_primal + 1), 2 * n_channels * n_primal
         self.convs = nn.Sequential(
-            nn.Conv2d(c_in, n_filters, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(n_filters, n_filters, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c_in, n_filters, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(n_filters, n_filters, 3, padding=1),
+            nn.ReLU(),
             nn.Conv2d(n_filters, c_out, 3, padding=1),
         )
         for m in self.convs:
             if isinstance(m, nn.Conv2d):  # Keras defaults, as the reference: Glorot uniform, zero bias
                 nn.init.xavier_uniform_(m.weight)
+                assert m.bias is not None  # every Conv2d above keeps its default bias=True
                 nn.init.zeros_(m.bias)
 
     def forward(self, buf: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -159,22 +105,32 @@ class ComplexResCNN(nn.Module):
 
 
 class NCPDNet(nn.Module):
-    """NC-PDNet over any :class:`ChannelOperator`; ``forward(op, y)`` returns complex buf[0] [B, n_ch, ny, nx]."""
+    """NC-PDNet over any density-compensated operator, in its channel view
+    (:func:`pipelines.recon.operators.channel_operator`); ``forward(op, y)`` returns complex buf[0]
+    [B, n_ch, ny, nx]."""
 
     def __init__(self, config: NCPDNetConfig = NCPDNetConfig()) -> None:
         super().__init__()
         if config.n_channels < 1 or config.n_iter < 1 or config.n_primal < 1 or config.n_filters < 1:
             raise ValueError(f"NC-PDNet sizes must all be >= 1, got {config}")
         self.config = config
-        self.image_nets = nn.ModuleList(ComplexResCNN(config.n_channels, config.n_primal, config.n_filters)
-                                        for _ in range(config.n_iter))
+        self.image_nets = nn.ModuleList(
+            ComplexResCNN(config.n_channels, config.n_primal, config.n_filters) for _ in range(config.n_iter)
+        )
 
-    def forward(self, op: ChannelOperator, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, op: Operator | ChannelOperator, y: torch.Tensor) -> torch.Tensor:
         cfg = self.config
+        op = channel_operator(op)
         if op.n_channels != cfg.n_channels:
-            raise ValueError(f"operator has {op.n_channels} image channel(s), the network was built for "
-                             f"{cfg.n_channels}")
-        rhs = op.adjoint(y)  # A^H D y [B, n_ch, ny, nx]
+            raise ValueError(
+                f"operator has {op.n_channels} image channel(s), the network was built for {cfg.n_channels}"
+            )
+        if not op.density_compensated:
+            raise ValueError(
+                "NC-PDNet needs a density-compensated operator (NonCartesianSense(..., dcf=...), "
+                "NonCartesianSubspace(..., dcf=...))"
+            )
+        rhs = op.adjoint(y, dcf=True)  # A^H D y [B, n_ch, ny, nx]
         scale = torch.ones(rhs.shape[0], 1, 1, 1, device=rhs.device)
         if cfg.normalize:
             scale = rhs.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12).detach()
@@ -186,7 +142,7 @@ class NCPDNet(nn.Module):
             if cfg.toeplitz:
                 residual = op.normal(x) - rhs
             else:
-                residual = op.adjoint(op.forward(x) - y_s)
+                residual = op.adjoint(op.forward(x) - y_s, dcf=True)
             buf = net(buf, residual)
         return buf[:, :, 0] * scale
 
@@ -195,8 +151,13 @@ class NCPDNet(nn.Module):
 
 
 # ---- weights -----------------------------------------------------------------------------------------------------
-def save_ncpdnet(model: NCPDNet, path: str | Path, meta: dict[str, Any] | None = None, half: bool = False,
-                 basis: torch.Tensor | None = None) -> Path:
+def save_ncpdnet(
+    model: NCPDNet,
+    path: str | Path,
+    meta: dict[str, Any] | None = None,
+    half: bool = False,
+    basis: torch.Tensor | None = None,
+) -> Path:
     """Weights + config (+ the MRF subspace basis [frames, K] the coefficients are expressed in)."""
     from pipelines.weights_io import save_weights
 
@@ -204,12 +165,12 @@ def save_ncpdnet(model: NCPDNet, path: str | Path, meta: dict[str, Any] | None =
     if basis is not None:
         tensors["basis_real"] = basis.real.float().contiguous()
         tensors["basis_imag"] = basis.imag.float().contiguous()
-    return save_weights(path, tensors, {"model": "ncpdnet", "config": asdict(model.config), **(meta or {})},
-                        half=half)
+    return save_weights(path, tensors, {"model": "ncpdnet", "config": asdict(model.config), **(meta or {})}, half=half)
 
 
-def load_ncpdnet(path: str | Path, device: torch.device | str = "cpu", toeplitz: bool | None = None
-                 ) -> tuple[NCPDNet, dict[str, Any]]:
+def load_ncpdnet(
+    path: str | Path, device: torch.device | str = "cpu", toeplitz: bool | None = None
+) -> tuple[NCPDNet, dict[str, Any]]:
     """The network stored at ``path`` (eval mode) and its metadata; ``toeplitz`` overrides the residual mode.
 
     MRF weights carry their subspace basis: ``meta["basis"]`` (complex [frames, K] tensor) when present.
@@ -251,8 +212,10 @@ def ncpdnet_noncartesian(op: NonCartesianSense, y: torch.Tensor, weights: str = 
     """Complex images [B, ny, nx] of multi-coil radial / spiral data y [B, C, M] (the operator needs its DCF)."""
     model, meta = cached_ncpdnet(weights, SHIPPED_ANATOMY, op.device)
     if model.config.n_channels != 1:
-        raise ValueError(f"weights {weights or SHIPPED_ANATOMY!r} were trained for {model.config.n_channels} MRF "
-                         "coefficient channels, not for anatomical images (use them with --pipeline mrf)")
+        raise ValueError(
+            f"weights {weights or SHIPPED_ANATOMY!r} were trained for {model.config.n_channels} MRF "
+            "coefficient channels, not for anatomical images (use them with --pipeline mrf)"
+        )
     with torch.no_grad():
         return model(SenseChannels(op), y)[:, 0]
 
@@ -262,4 +225,4 @@ def ncpdnet_subspace(op: NonCartesianSubspace, y: torch.Tensor, model: NCPDNet) 
     if op.rank != model.config.n_channels:
         raise ValueError(f"subspace operator has rank {op.rank}, the network {model.config.n_channels} channels")
     with torch.no_grad():
-        return model(SubspaceChannels([op], toeplitz=model.config.toeplitz), y[None].to(op.device))[0]
+        return model(SubspaceChannels([op]), y[None].to(op.device))[0]

@@ -55,9 +55,16 @@ class FinufftPoints:
     Toeplitz point-spread function (same radians, twice the modes).
     """
 
-    def __init__(self, k: np.ndarray | torch.Tensor, shape: tuple[int, int], eps: float = _EPS,
-                 dtype: Any = np.complex64, modes: tuple[int, int] | None = None, nthreads: int | None = None,
-                 **opts: Any) -> None:
+    def __init__(
+        self,
+        k: np.ndarray | torch.Tensor,
+        shape: tuple[int, int],
+        eps: float = _EPS,
+        dtype: Any = np.complex64,
+        modes: tuple[int, int] | None = None,
+        nthreads: int | None = None,
+        **opts: Any,
+    ) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         self.modes = self.shape if modes is None else (int(modes[0]), int(modes[1]))
         self.dtype = np.dtype(dtype)
@@ -78,8 +85,16 @@ class FinufftPoints:
         plan = self._plans.get(key)
         if plan is None:
             nthreads = torch.get_num_threads() if self.nthreads is None else self.nthreads
-            plan = finufft.Plan(kind, self.modes, n_trans=n_trans, eps=self.eps, isign=-1 if kind == 2 else +1,
-                                dtype=self.dtype.name, nthreads=nthreads, **self.opts)
+            plan = finufft.Plan(
+                kind,
+                self.modes,
+                n_trans=n_trans,
+                eps=self.eps,
+                isign=-1 if kind == 2 else +1,
+                dtype=self.dtype.name,
+                nthreads=nthreads,
+                **self.opts,
+            )
             plan.setpts(self.wy, self.wx)
             self._plans[key] = plan
             while len(self._plans) > 2 * _PLAN_CACHE:
@@ -139,8 +154,14 @@ class _CudaPoints:
     def _plan(self, kind: int, n_trans: int) -> Any:
         key = (kind, n_trans)
         if key not in self._plans:
-            plan = self.lib.Plan(kind, self.host.modes, n_trans=n_trans, eps=self.host.eps,
-                                  isign=-1 if kind == 2 else +1, dtype="complex64")
+            plan = self.lib.Plan(
+                kind,
+                self.host.modes,
+                n_trans=n_trans,
+                eps=self.host.eps,
+                isign=-1 if kind == 2 else +1,
+                dtype="complex64",
+            )
             plan.setpts(self.wy, self.wx)
             self._plans[key] = plan
         return self._plans[key]
@@ -167,24 +188,24 @@ def _apply(op: NUFFT, x: torch.Tensor, forward: bool) -> torch.Tensor:
 
 class _Forward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, op: NUFFT) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, op: NUFFT) -> torch.Tensor:
         ctx.op = op
         return _apply(op, x, forward=True)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         # y = A x is linear: the vector-Jacobian product is A^H grad (PyTorch's conjugate-Wirtinger convention).
         return _Adjoint.apply(grad.contiguous(), ctx.op), None
 
 
 class _Adjoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, y: torch.Tensor, op: NUFFT) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, y: torch.Tensor, op: NUFFT) -> torch.Tensor:
         ctx.op = op
         return _apply(op, y, forward=False)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return _Forward.apply(grad.contiguous(), ctx.op), None
 
 
@@ -200,8 +221,13 @@ class NUFFT:
     but slow: install cufinufft on GPU sites).
     """
 
-    def __init__(self, k: np.ndarray | torch.Tensor, shape: tuple[int, int], device: torch.device | str = "cpu",
-                 eps: float = _EPS) -> None:
+    def __init__(
+        self,
+        k: np.ndarray | torch.Tensor,
+        shape: tuple[int, int],
+        device: torch.device | str = "cpu",
+        eps: float = _EPS,
+    ) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         self.device = torch.device(device)
         self._host = FinufftPoints(k, self.shape, eps=eps, dtype=np.complex64)
@@ -214,7 +240,7 @@ class NUFFT:
                 self._cuda = None
 
     def _check(self, x: torch.Tensor, trailing: tuple[int, ...], what: str) -> torch.Tensor:
-        if tuple(x.shape[x.ndim - len(trailing):]) != trailing or x.ndim < len(trailing):
+        if tuple(x.shape[x.ndim - len(trailing) :]) != trailing or x.ndim < len(trailing):
             raise ValueError(f"NUFFT.{what}: expected [..., {', '.join(map(str, trailing))}], got {tuple(x.shape)}")
         return x.to(torch.complex64)
 
@@ -235,10 +261,15 @@ class NUFFT:
     __call__ = forward
 
 
-def toeplitz_kernel(k: np.ndarray | torch.Tensor, shape: tuple[int, int],
-                    weights: torch.Tensor | np.ndarray | None = None, device: torch.device | str = "cpu"
-                    ) -> torch.Tensor:
-    """FFT-domain kernel(s) [..., 2ny, 2nx] complex64 such that toeplitz_normal(x, kernel) == nufft.adjoint(weights * nufft.forward(x)); weights [..., M] real or complex (leading dims give several kernels).
+def toeplitz_kernel(
+    k: np.ndarray | torch.Tensor,
+    shape: tuple[int, int],
+    weights: torch.Tensor | np.ndarray | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """FFT-domain kernel(s) [..., 2ny, 2nx] complex64 such that
+    toeplitz_normal(x, kernel) == nufft.adjoint(weights * nufft.forward(x)); weights [..., M] real or complex
+    (leading dims give several kernels).
 
     Why it works: ``(A^H W A x)(n) = sum_n' T(n - n') x(n')`` with ``T(d) = 1/N sum_m w_m exp(i k_m . d)``, a
     linear convolution with offsets |d| < N per axis. ``T`` on the 2N grid is one type-1 NUFFT of the weights
@@ -265,10 +296,13 @@ def toeplitz_kernel(k: np.ndarray | torch.Tensor, shape: tuple[int, int],
 
 
 def toeplitz_normal(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """``A^H W A x`` for images x [..., ny, nx] with a kernel from :func:`toeplitz_kernel`; broadcasting over leading dims."""
+    """``A^H W A x`` for images x [..., ny, nx] with a kernel from :func:`toeplitz_kernel`; broadcasting over
+    leading dims."""
     ny, nx = x.shape[-2:]
     if kernel.shape[-2:] != (2 * ny, 2 * nx):
-        raise ValueError(f"toeplitz_normal: kernel grid {tuple(kernel.shape[-2:])} does not fit images "
-                         f"{(ny, nx)} (needs {(2 * ny, 2 * nx)})")
+        raise ValueError(
+            f"toeplitz_normal: kernel grid {tuple(kernel.shape[-2:])} does not fit images "
+            f"{(ny, nx)} (needs {(2 * ny, 2 * nx)})"
+        )
     spec = torch.fft.fft2(x.to(torch.complex64), s=(2 * ny, 2 * nx))  # zero-pads at the end of each axis
     return torch.fft.ifft2(spec * kernel)[..., :ny, :nx]

@@ -13,6 +13,7 @@ FFT'd back, so every operator downstream sees k-space on the grid of the image i
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ def _where(raw: RawStudy) -> str:
     return raw.source_path or "raw data"
 
 
-def _header(raw: RawStudy):  # type: ignore[no-untyped-def]
+def _header(raw: RawStudy) -> Any:  # an ismrmrd.xsd.ismrmrdHeader or None; ismrmrd ships no type information
     """The parsed ISMRMRD header, or None when the study carries none (arrays built in a notebook)."""
     if not raw.header_xml.strip():
         return None
@@ -43,24 +44,33 @@ def validate_raw(raw: RawStudy, kind: str) -> None:
     """Common checks; ``kind`` 'cartesian' or 'noncartesian' is what the calling pipeline reconstructs."""
     where = _where(raw)
     if raw.data.ndim != 3 or raw.data.shape[0] == 0:
-        raise ValueError(f"{where}: the acquisition list is empty (RawStudy.data has shape {raw.data.shape}); "
-                         "nothing to reconstruct")
+        raise ValueError(
+            f"{where}: the acquisition list is empty (RawStudy.data has shape {raw.data.shape}); nothing to reconstruct"
+        )
     if kind == "cartesian" and raw.trajectory_kind != "cartesian":
-        raise ValueError(f"{where}: encoding.trajectory is {raw.trajectory_kind!r} but this pipeline reconstructs "
-                         "Cartesian data; use the noncartesian_recon pipeline")
+        raise ValueError(
+            f"{where}: encoding.trajectory is {raw.trajectory_kind!r} but this pipeline reconstructs "
+            "Cartesian data; use the noncartesian_recon pipeline"
+        )
     if kind == "noncartesian":
         if raw.trajectory_kind == "cartesian":
-            raise ValueError(f"{where}: encoding.trajectory is 'cartesian' but this pipeline reconstructs "
-                             "radial / spiral data; use the cartesian_recon pipeline")
+            raise ValueError(
+                f"{where}: encoding.trajectory is 'cartesian' but this pipeline reconstructs "
+                "radial / spiral data; use the cartesian_recon pipeline"
+            )
         if raw.trajectory is None or raw.trajectory.shape[-1] < 2:
-            raise ValueError(f"{where}: {raw.trajectory_kind} data without k-space coordinates: the acquisitions "
-                             "carry no 'trajectory' (trajectory_dimensions = 0); ask the scanner to send them")
+            raise ValueError(
+                f"{where}: {raw.trajectory_kind} data without k-space coordinates: the acquisitions "
+                "carry no 'trajectory' (trajectory_dimensions = 0); ask the scanner to send them"
+            )
     header = _header(raw)
     sysinfo = None if header is None else header.acquisitionSystemInformation
     expected = None if sysinfo is None else sysinfo.receiverChannels
     if expected is not None and int(expected) != raw.data.shape[1]:
-        raise ValueError(f"{where}: the acquisitions hold {raw.data.shape[1]} coils but the header's "
-                         f"acquisitionSystemInformation.receiverChannels says {int(expected)}")
+        raise ValueError(
+            f"{where}: the acquisitions hold {raw.data.shape[1]} coils but the header's "
+            f"acquisitionSystemInformation.receiverChannels says {int(expected)}"
+        )
 
 
 def _slices(raw: RawStudy) -> np.ndarray:
@@ -74,7 +84,7 @@ def _crop_readout(data: np.ndarray, keep: int) -> np.ndarray:
         return data
     img = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(data, axes=-1), axis=-1, norm="ortho"), axes=-1)
     start = n // 2 - keep // 2
-    img = img[..., start:start + keep]
+    img = img[..., start : start + keep]
     return np.fft.fftshift(np.fft.fft(np.fft.ifftshift(img, axes=-1), axis=-1, norm="ortho"), axes=-1)
 
 
@@ -83,8 +93,10 @@ def readout_keep(raw: RawStudy) -> int:
     n = raw.data.shape[-1]
     enc_x = raw.matrix[1]
     if n not in (enc_x, 2 * enc_x):
-        raise ValueError(f"{_where(raw)}: readouts have {n} samples but encodedSpace.matrixSize.x is {enc_x} "
-                         "(expected equal, or twice for readout oversampling)")
+        raise ValueError(
+            f"{_where(raw)}: readouts have {n} samples but encodedSpace.matrixSize.x is {enc_x} "
+            "(expected equal, or twice for readout oversampling)"
+        )
     spacing = raw.fov_mm[1] / enc_x  # mm per pixel of the readout image, whatever the oversampling
     recon_fov = raw.geometry.pixel_spacing_mm[1] * raw.geometry.matrix[1]
     keep = int(round(recon_fov / spacing)) if recon_fov > 0 else enc_x
@@ -94,7 +106,7 @@ def readout_keep(raw: RawStudy) -> int:
 def _centre_line(raw: RawStudy) -> int:
     header = _header(raw)
     try:
-        c = header.encoding[0].encodingLimits.kspace_encoding_step_1.center  # type: ignore[union-attr]
+        c = header.encoding[0].encodingLimits.kspace_encoding_step_1.center
         return int(c) if c is not None else raw.matrix[0] // 2
     except AttributeError:
         return raw.matrix[0] // 2
@@ -113,12 +125,16 @@ def cartesian_kspace(raw: RawStudy, frame: int | None = None) -> tuple[np.ndarra
     if frame is not None:
         rows = rows[raw.frame == int(frame)]
         if rows.size == 0:
-            raise ValueError(f"{where}: no acquisitions with repetition {frame} (repetitions present: "
-                             f"{', '.join(map(str, np.unique(raw.frame)[:10]))})")
+            raise ValueError(
+                f"{where}: no acquisitions with repetition {frame} (repetitions present: "
+                f"{', '.join(map(str, np.unique(raw.frame)[:10]))})"
+            )
     line = raw.line[rows] - _centre_line(raw) + ny // 2
     if line.min() < 0 or line.max() >= ny:
-        raise ValueError(f"{where}: idx.kspace_encode_step_1 up to {int(raw.line.max())} falls outside the "
-                         f"encoded matrix ({ny} lines, centre {_centre_line(raw)})")
+        raise ValueError(
+            f"{where}: idx.kspace_encode_step_1 up to {int(raw.line.max())} falls outside the "
+            f"encoded matrix ({ny} lines, centre {_centre_line(raw)})"
+        )
     keep = readout_keep(raw)
     data = _crop_readout(raw.data[rows], keep)
     slices = _slices(raw)
@@ -143,11 +159,15 @@ def noncartesian_samples(raw: RawStudy) -> tuple[np.ndarray, np.ndarray]:
     n = max(raw.matrix)
     kmax = float(np.abs(traj).max())
     if kmax <= 0.5 + 1e-6 and n > 2:
-        raise ValueError(f"{where}: trajectory coordinates reach only {kmax:.3g}: they look normalised to "
-                         f"[-0.5, 0.5); ISMRMRD expects cycles/FOV in [-N/2, N/2) (multiply by {n})")
+        raise ValueError(
+            f"{where}: trajectory coordinates reach only {kmax:.3g}: they look normalised to "
+            f"[-0.5, 0.5); ISMRMRD expects cycles/FOV in [-N/2, N/2) (multiply by {n})"
+        )
     if kmax > n / 2 * 1.01:
-        raise ValueError(f"{where}: trajectory coordinates reach {kmax:.4g} cycles/FOV, beyond the encoded "
-                         f"matrix's N/2 = {n / 2:g}; check encodedSpace.matrixSize or the trajectory units")
+        raise ValueError(
+            f"{where}: trajectory coordinates reach {kmax:.4g} cycles/FOV, beyond the encoded "
+            f"matrix's N/2 = {n / 2:g}; check encodedSpace.matrixSize or the trajectory units"
+        )
     slices = _slices(raw)
     rows0 = np.flatnonzero(raw.slice == slices[0])
     k = traj[rows0].reshape(-1, 2).astype(np.float32)
@@ -155,7 +175,9 @@ def noncartesian_samples(raw: RawStudy) -> tuple[np.ndarray, np.ndarray]:
     for s in slices:
         rows = np.flatnonzero(raw.slice == s)
         if rows.size != rows0.size or not np.allclose(traj[rows], traj[rows0], atol=1e-3):
-            raise ValueError(f"{where}: slice {int(s)} has different readouts than slice {int(slices[0])}; "
-                             "every slice must share one trajectory")
+            raise ValueError(
+                f"{where}: slice {int(s)} has different readouts than slice {int(slices[0])}; "
+                "every slice must share one trajectory"
+            )
         data.append(raw.data[rows].transpose(1, 0, 2).reshape(raw.data.shape[1], -1))
     return np.stack(data).astype(np.complex64), k

@@ -27,17 +27,19 @@ The coefficient images go to matching as they are (coefficient-domain matching, 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from pipelines.recon.cartesian import coil_maps_from_mean
+from pipelines.recon.cartesian import ifft2c as ifft2c_np
+from pipelines.recon.coil_maps import lowres_maps
+from pipelines.recon.dcf import pipe_menon_dcf
 from pipelines.recon.nufft import NUFFT, toeplitz_kernel
-from pipelines.recon.operators import fft2c, ifft2c
-
-log = logging.getLogger(__name__)
+from pipelines.recon.operators import fft2c, ifft2c, max_eigenvalue
+from pipelines.types import RawStudy
 
 
 @dataclass
@@ -67,12 +69,18 @@ class NonCartesianSubspace:
     normal operator A^H D A used by the density-compensated solve.
     """
 
-    def __init__(self, maps: np.ndarray | torch.Tensor, k: np.ndarray, frame: np.ndarray,
-                 basis: np.ndarray | torch.Tensor, dcf: np.ndarray | None = None,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        maps: np.ndarray | torch.Tensor,
+        k: np.ndarray,
+        frame: np.ndarray,
+        basis: np.ndarray | torch.Tensor,
+        dcf: np.ndarray | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.device = torch.device(device)
         self.maps = _as_tensor(maps, self.device, torch.complex64)
-        self.shape = tuple(self.maps.shape[-2:])
+        self.shape = (self.maps.shape[-2], self.maps.shape[-1])
         self.basis = _as_tensor(basis, self.device, torch.complex64)
         self.rank = int(self.basis.shape[1])
         points, self.index = _unique_points(k)
@@ -136,8 +144,14 @@ class CartesianSubspace:
     """The same operator for Cartesian MRF: acquisition a samples phase-encode line ``line[a]`` of frame
     ``frame[a]`` (all readout points). The normal operator is a K x K matrix per line in k-space."""
 
-    def __init__(self, maps: np.ndarray | torch.Tensor, line: np.ndarray, frame: np.ndarray,
-                 basis: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        maps: np.ndarray | torch.Tensor,
+        line: np.ndarray,
+        frame: np.ndarray,
+        basis: np.ndarray | torch.Tensor,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.device = torch.device(device)
         self.maps = _as_tensor(maps, self.device, torch.complex64)
         self.shape = tuple(self.maps.shape[-2:])
@@ -170,21 +184,9 @@ class CartesianSubspace:
 SubspaceOperator = NonCartesianSubspace | CartesianSubspace
 
 
-def power_norm(op: SubspaceOperator, iterations: int = 6, seed: int = 0) -> float:
-    """Largest eigenvalue of the normal operator (power iteration): the scale of the Tikhonov weight, so a
-    few iterations do (a 10 % error in it moves lambda by 10 %, well inside its flat optimum)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((op.rank, *op.shape), generator=g, dtype=torch.complex64).to(op.device)
-    lam = 1.0
-    for _ in range(iterations):
-        y = op.normal(x)
-        lam = float(torch.linalg.vector_norm(y))
-        x = y / max(lam, 1e-30)
-    return lam
-
-
-def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iterations: int,
-                       tol: float) -> tuple[torch.Tensor, int]:
+def conjugate_gradient(
+    apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iterations: int, tol: float
+) -> tuple[torch.Tensor, int]:
     """CG for one Hermitian positive definite system over the whole tensor (all K coefficients are coupled,
     unlike the per-slice batches of :func:`pipelines.recon.classical.cg_sense`)."""
     x = torch.zeros_like(b)
@@ -192,8 +194,9 @@ def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.T
     p = r.clone()
     rr = float(torch.vdot(r.flatten(), r.flatten()).real)
     stop = tol**2 * rr
-    n = 0
+    done = 0  # iterations run, returned: the loop may stop early
     for n in range(1, int(iterations) + 1):
+        done = n
         q = apply(p)
         alpha = rr / max(float(torch.vdot(p.flatten(), q.flatten()).real), 1e-30)
         x = x + alpha * p
@@ -203,11 +206,18 @@ def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.T
             break
         p = r + (rr_new / max(rr, 1e-30)) * p
         rr = rr_new
-    return x, n
+    return x, done
 
 
-def reconstruct(op: SubspaceOperator, y: np.ndarray | torch.Tensor, method: str = "cgsense", *,
-                lam: float = 1e-3, iterations: int = 20, tol: float = 1e-4) -> SubspaceResult:
+def reconstruct(
+    op: SubspaceOperator,
+    y: np.ndarray | torch.Tensor,
+    method: str = "cgsense",
+    *,
+    lam: float = 1e-3,
+    iterations: int = 20,
+    tol: float = 1e-4,
+) -> SubspaceResult:
     """Coefficient images [K, ny, nx] from the samples ``y`` (``op.forward``'s layout).
 
     ``adjoint``: A^H D y (density-compensated back-projection onto the subspace: the low-rank analogue of
@@ -220,10 +230,13 @@ def reconstruct(op: SubspaceOperator, y: np.ndarray | torch.Tensor, method: str 
         return SubspaceResult(rhs.cpu().numpy(), 0, ["subspace back-projection (no iterations)"])
     if method != "cgsense":
         raise ValueError(f"subspace reconstruction {method!r} is not one of adjoint, cgsense")
-    reg = lam * power_norm(op)
+    # The Tikhonov scale needs only a few power iterations: a 10 % error in it moves lambda by 10 %, well inside
+    # its flat optimum.
+    reg = lam * float(max_eigenvalue(op, rhs, iterations=6, coupled=True))
     x, n_iter = conjugate_gradient(lambda v: op.normal(v) + reg * v, rhs, iterations, tol)
-    return SubspaceResult(x.cpu().numpy(), n_iter, [f"low-rank CG-SENSE: rank {op.rank}, {n_iter} iterations, "
-                                                    f"lambda {lam:g} x ||A^H A||"])
+    return SubspaceResult(
+        x.cpu().numpy(), n_iter, [f"low-rank CG-SENSE: rank {op.rank}, {n_iter} iterations, lambda {lam:g} x ||A^H A||"]
+    )
 
 
 def kspace_filter(images: np.ndarray, window: str = "hann") -> np.ndarray:
@@ -251,3 +264,62 @@ def expand(coefficients: np.ndarray, basis: np.ndarray | torch.Tensor) -> np.nda
     v = np.asarray(basis.cpu().numpy() if isinstance(basis, torch.Tensor) else basis)
     c = coefficients.reshape(coefficients.shape[0], -1)
     return (np.conj(v) @ c).reshape((v.shape[0], *coefficients.shape[1:])).astype(np.complex64)
+
+
+# ---- one slice of a raw MRF study -----------------------------------------------------------------------------
+def compress_coils(data: np.ndarray, energy: float, min_coils: int = 4) -> tuple[np.ndarray, int]:
+    """Virtual coils by SVD of the coil covariance (Huang et al., MRI 2008): data [C, ...] -> [V, ...] keeping
+    the fewest virtual coils that retain ``energy`` of the signal (all of them with energy >= 1)."""
+    c = data.shape[0]
+    if energy >= 1 or c <= min_coils:
+        return data, c
+    flat = data.reshape(c, -1)
+    cov = flat @ flat.conj().T
+    evals, evecs = np.linalg.eigh(cov)
+    evals, evecs = evals[::-1].clip(min=0), evecs[:, ::-1]
+    cum = np.cumsum(evals) / max(float(evals.sum()), 1e-30)
+    v = int(min(c, max(min_coils, np.searchsorted(cum, energy) + 1)))
+    return (evecs[:, :v].conj().T @ flat).reshape(v, *data.shape[1:]).astype(data.dtype), v
+
+
+def union_dcf(k: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Density weights [M] of all samples k [M, 2] of an MRF slice: Pipe-Menon on the distinct positions of the
+    union of all frames (arms repeat), shared among the samples that hit the same position."""
+    points, index = _unique_points(k)
+    dcf_u = pipe_menon_dcf(points, shape)
+    multiplicity = np.bincount(index, minlength=points.shape[0])
+    return (dcf_u[index] / multiplicity[index]).astype(np.float32)
+
+
+def slice_operator(
+    raw: RawStudy, rows: np.ndarray, basis: torch.Tensor, device: torch.device, weighted: bool, coil_energy: float = 1.0
+) -> tuple[SubspaceOperator, np.ndarray]:
+    """The subspace operator of the acquisitions ``rows`` (one slice) and its samples in the operator's layout
+    (virtual coils when ``coil_energy`` < 1); ``weighted``: with the density weights of :func:`union_dcf`."""
+    ny, nx = raw.matrix
+    frame = raw.frame[rows]
+    if raw.trajectory_kind == "cartesian":
+        data = raw.data[rows]  # [A, C, nx]
+        if coil_energy < 1:
+            comp, _ = compress_coils(data.transpose(1, 0, 2), coil_energy)
+            data = np.ascontiguousarray(comp.transpose(1, 0, 2))
+        mean_k = np.zeros((data.shape[1], ny, nx), dtype=np.complex128)
+        counts = np.zeros(ny)
+        np.add.at(mean_k.transpose(1, 0, 2), raw.line[rows], data)
+        np.add.at(counts, raw.line[rows], 1)
+        mean_k /= np.maximum(counts, 1)[None, :, None]
+        # Time-averaged image per coil: every line sampled at least once gives a full-resolution reference.
+        maps = coil_maps_from_mean(ifft2c_np(mean_k)[None])
+        return CartesianSubspace(maps, raw.line[rows], frame, basis, device=device), data
+    if raw.trajectory is None:
+        raise ValueError(f"{raw.source_path or 'raw data'}: {raw.trajectory_kind} readouts without trajectory")
+    traj = raw.trajectory[rows][..., :2]  # [A, samples, 2] cycles/FOV
+    n_s = traj.shape[1]
+    k = traj.reshape(-1, 2)
+    frame_of_sample = np.repeat(frame, n_s)
+    data = raw.data[rows].transpose(1, 0, 2).reshape(raw.data.shape[1], -1)  # [C, M]
+    data, _ = compress_coils(data, coil_energy)
+    dcf = union_dcf(k, (ny, nx))
+    maps = lowres_maps(data, k, (ny, nx), dcf)
+    op = NonCartesianSubspace(maps, k, frame_of_sample, basis, dcf=dcf if weighted else None, device=device)
+    return op, data

@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.compute import select_device, set_threads
 from pipelines.recon.coil_maps import lowres_maps
 from pipelines.recon.dcf import pipe_menon_dcf
-from pipelines.recon.ncpdnet import (NCPDNet, NCPDNetConfig, SenseChannels, SubspaceChannels, save_ncpdnet,
-                                     with_maps)
-from pipelines.recon.operators import NonCartesianSense
-from pipelines.recon.subspace import NonCartesianSubspace, _unique_points
-from pipelines.recon.training import TrainConfig, pick_device, ssim_l1_loss, train
+from pipelines.recon.ncpdnet import NCPDNet, NCPDNetConfig, save_ncpdnet, with_maps
+from pipelines.recon.operators import NonCartesianSense, SenseChannels, SubspaceChannels
+from pipelines.recon.subspace import NonCartesianSubspace, union_dcf
+from pipelines.recon.training import TrainConfig, ssim_l1_loss, train
 from pipelines.sim.anatomy import heldout_image, random_coil_maps, random_image
 from pipelines.sim.trajectories import mrf_spiral_trajectory, radial_trajectory, spiral_full
 from pipelines.weights_io import load_weights
@@ -60,8 +61,9 @@ def anatomical_trajectory(kind: str, matrix: int, spokes: int | None = None, arm
     raise ValueError(f"anatomical trajectory must be radial or spiral, not {kind!r}")
 
 
-def sense_operator(k: np.ndarray, maps: np.ndarray | torch.Tensor, device: torch.device | str = "cpu",
-                   toeplitz: bool = True) -> SenseChannels:
+def sense_operator(
+    k: np.ndarray, maps: np.ndarray | torch.Tensor, device: torch.device | str = "cpu", toeplitz: bool = True
+) -> SenseChannels:
     """NC-PDNet's one-channel operator with the Pipe-Menon DCF of ``k`` (computed once, no gradient)."""
     shape = tuple(np.asarray(maps.shape[-2:]).tolist())
     dcf = pipe_menon_dcf(k, shape)
@@ -92,8 +94,9 @@ class AnatomyBatch:
 class AnatomySampler:
     """Random image x coil maps x noise on the fixed trajectory of each kind."""
 
-    def __init__(self, kinds: tuple[str, ...], matrix: int, coils: int, snr: tuple[float, float],
-                 device: torch.device) -> None:
+    def __init__(
+        self, kinds: tuple[str, ...], matrix: int, coils: int, snr: tuple[float, float], device: torch.device
+    ) -> None:
         self.matrix, self.coils, self.snr, self.device = matrix, coils, snr, device
         ones = np.ones((coils, matrix, matrix), np.complex64) / np.sqrt(coils)
         self.k = {kind: anatomical_trajectory(kind, matrix) for kind in kinds}
@@ -135,16 +138,17 @@ def run_anatomy(model: NCPDNet, batch: AnatomyBatch, device: torch.device) -> tu
 
 
 # ---- MRF data -----------------------------------------------------------------------------------------------------
-def mrf_slice_operator(k: np.ndarray, frame: np.ndarray, maps: np.ndarray | torch.Tensor, basis: torch.Tensor,
-                       device: torch.device | str = "cpu") -> NonCartesianSubspace:
+def mrf_slice_operator(
+    k: np.ndarray,
+    frame: np.ndarray,
+    maps: np.ndarray | torch.Tensor,
+    basis: torch.Tensor,
+    device: torch.device | str = "cpu",
+) -> NonCartesianSubspace:
     """The ``mrf`` pipeline's density-compensated subspace operator (same DCF: Pipe-Menon on the distinct
     positions of the union of all frames, shared among the samples that repeat a position)."""
-    shape = tuple(np.asarray(maps.shape[-2:]).tolist())
-    points, index = _unique_points(k)
-    dcf_u = pipe_menon_dcf(points, shape)
-    multiplicity = np.bincount(index, minlength=points.shape[0])
-    dcf = (dcf_u[index] / multiplicity[index]).astype(np.float32)
-    return NonCartesianSubspace(maps, k, frame, basis, dcf=dcf, device=device)
+    ny, nx = (int(n) for n in maps.shape[-2:])
+    return NonCartesianSubspace(maps, k, frame, basis, dcf=union_dcf(k, (ny, nx)), device=device)
 
 
 def mrf_spiral_samples(n_frames: int, matrix: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,14 +168,23 @@ class MRFBatch:
 class MRFSampler:
     """Random phantom (from a pool of randomised brain / thigh fingerprint images) x flips x coils x noise."""
 
-    def __init__(self, fingerprints: list[np.ndarray], basis_sim: torch.Tensor, rank: int, matrix: int,
-                 coils: int, snr: tuple[float, float], device: torch.device) -> None:
+    def __init__(
+        self,
+        fingerprints: list[np.ndarray],
+        basis_sim: torch.Tensor,
+        rank: int,
+        matrix: int,
+        coils: int,
+        snr: tuple[float, float],
+        device: torch.device,
+    ) -> None:
         self.rank, self.matrix, self.coils, self.snr, self.device = rank, matrix, coils, snr, device
         n_frames = basis_sim.shape[0]
         k, frame = mrf_spiral_samples(n_frames, matrix)
         ones = np.ones((coils, matrix, matrix), np.complex64) / np.sqrt(coils)
         self.sim_op = NonCartesianSubspace(ones, k, frame, basis_sim, device=device)  # forward only
         self.op = mrf_slice_operator(k, frame, ones, basis_sim[:, :rank], device)
+        assert self.op.dcf is not None  # mrf_slice_operator always gives the operator its union DCF
         self.k, self.dcf = k, self.op.dcf.cpu().numpy()
         self.op.kernels()
         v = basis_sim.cpu().numpy()
@@ -179,8 +192,9 @@ class MRFSampler:
         self.coefs = [np.einsum("tyx,tk->kyx", fp, v).astype(np.complex64) for fp in fingerprints]
         self.signal = [float(np.abs(fp).mean(axis=0)[np.abs(fp).mean(axis=0) > 0].mean()) for fp in fingerprints]
 
-    def make(self, index: int, flip: int, maps: np.ndarray, snr: float, seed: int) -> tuple[NonCartesianSubspace,
-                                                                                             torch.Tensor, torch.Tensor]:
+    def make(
+        self, index: int, flip: int, maps: np.ndarray, snr: float, seed: int
+    ) -> tuple[NonCartesianSubspace, torch.Tensor, torch.Tensor]:
         c = self.coefs[index]
         c = np.rot90(c, k=flip % 4, axes=(-2, -1))
         if flip >= 4:
@@ -201,11 +215,21 @@ class MRFSampler:
         return with_maps(self.op, est), y, c[: self.rank] * seen
 
     def __call__(self, rng: np.random.Generator, batch_size: int) -> MRFBatch:
-        items = [self.make(int(rng.integers(len(self.coefs))), int(rng.integers(8)),
-                           random_coil_maps(rng, self.matrix, self.coils), float(rng.uniform(*self.snr)),
-                           int(rng.integers(2**31))) for _ in range(batch_size)]
-        return MRFBatch(SubspaceChannels([i[0] for i in items]), torch.stack([i[1] for i in items]),
-                        torch.stack([i[2] for i in items]))
+        items = [
+            self.make(
+                int(rng.integers(len(self.coefs))),
+                int(rng.integers(8)),
+                random_coil_maps(rng, self.matrix, self.coils),
+                float(rng.uniform(*self.snr)),
+                int(rng.integers(2**31)),
+            )
+            for _ in range(batch_size)
+        ]
+        return MRFBatch(
+            SubspaceChannels([i[0] for i in items]),
+            torch.stack([i[1] for i in items]),
+            torch.stack([i[2] for i in items]),
+        )
 
 
 def _stack_channels(c: torch.Tensor) -> torch.Tensor:
@@ -254,8 +278,9 @@ def mrf_fingerprint_pool(seq: Any, n: int, matrix: int, seed: int, log: Any = pr
     pool = []
     t0 = time.perf_counter()
     for i in range(n):
-        ph = make_phantom(("brain", "thigh")[i % 2], matrix, field_strength_T=3.0,
-                          seed=int(rng.integers(0, 2**31)), randomize=True)
+        ph = make_phantom(
+            ("brain", "thigh")[i % 2], matrix, field_strength_T=3.0, seed=int(rng.integers(0, 2**31)), randomize=True
+        )
         pool.append(fingerprint_images(ph, seq))
         log(f"MRF training phantom {i + 1}/{n} ({time.perf_counter() - t0:.0f} s)")
     return pool
@@ -267,17 +292,26 @@ def mrf_basis(seq: Any, cache_dir: str | None, device: torch.device | str = "cpu
     from pipelines.mapping.maps import default_spec, resolve_model
 
     model = resolve_model(seq, "auto")
-    d = build_dictionary(seq, default_spec(seq, model, 3.0, complex_data=True), device="cpu",
-                         cache_dir=Path(cache_dir) if cache_dir else None)
+    d = build_dictionary(
+        seq,
+        default_spec(seq, model, 3.0, complex_data=True),
+        device="cpu",
+        cache_dir=Path(cache_dir) if cache_dir else None,
+    )
     return d.complex.basis.to(device)
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="recon-node train ncpdnet",
-                                 description="Train NC-PDNet on simulated radial / spiral or MRF subspace data.")
-    ap.add_argument("--task", choices=TASKS, default="mixed",
-                    help="radial, spiral, mixed (radial and spiral batches) or mrf (subspace coefficients)")
+    ap = argparse.ArgumentParser(
+        prog="recon-node train ncpdnet", description="Train NC-PDNet on simulated radial / spiral or MRF subspace data."
+    )
+    ap.add_argument(
+        "--task",
+        choices=TASKS,
+        default="mixed",
+        help="radial, spiral, mixed (radial and spiral batches) or mrf (subspace coefficients)",
+    )
     ap.add_argument("--out", type=Path, required=True, help="weights file to write (.safetensors)")
     ap.add_argument("--run-dir", type=Path, default=None, help="checkpoints and logs (default: next to --out)")
     ap.add_argument("--matrix", type=int, default=None, help="image size (default 128 anatomical, 64 MRF)")
@@ -304,24 +338,37 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pool", type=int, default=24, help="MRF: randomised phantoms simulated before training")
     ap.add_argument("--cache", default=None, help="MRF: dictionary cache folder")
     ap.add_argument("--half", action="store_true", help="store the weights in fp16")
-    ap.add_argument("--loss", choices=("l1", "direction"), default="direction",
-                    help="MRF loss: l1 (coefficients relative to the maximum) or direction (l1 plus the per-voxel "
-                    "relative coefficient error that matching depends on)")
+    ap.add_argument(
+        "--loss",
+        choices=("l1", "direction"),
+        default="direction",
+        help="MRF loss: l1 (coefficients relative to the maximum) or direction (l1 plus the per-voxel "
+        "relative coefficient error that matching depends on)",
+    )
     ap.add_argument("--init", type=Path, default=None, help="start from these weights (same architecture)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    device = pick_device(args.device)
+    device = select_device(args.device)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     run_dir = args.run_dir or args.out.with_suffix("").with_name(args.out.stem + "_run")
     mrf = args.task == "mrf"
     matrix = args.matrix or (64 if mrf else 128)
     torch.manual_seed(args.seed)
-    meta: dict[str, Any] = {"task": args.task, "matrix": matrix, "coils": args.coils, "snr": list(args.snr),
-                            "seed": args.seed, "argv": list(argv) if argv is not None else None}
+    meta: dict[str, Any] = {
+        "task": args.task,
+        "matrix": matrix,
+        "coils": args.coils,
+        "snr": list(args.snr),
+        "seed": args.seed,
+        "argv": list(argv) if argv is not None else None,
+    }
+    sampler: MRFSampler | AnatomySampler
+    val: list[MRFBatch | AnatomyBatch]
+    run: Callable[[NCPDNet, Any, torch.device], tuple[torch.Tensor, torch.Tensor]]
     if mrf:
         from pipelines.physics.sequences import fisp_sequence
 
@@ -331,9 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= args.rank <= sim_rank:
             raise ValueError(f"--rank {args.rank} must be between 1 and the simulation rank {sim_rank}")
         pool = mrf_fingerprint_pool(seq, args.pool + args.val, matrix, args.seed)
-        val_sampler = MRFSampler(pool[args.pool:], basis[:, :sim_rank], args.rank, matrix, args.coils,
-                                 args.snr, device)
-        sampler = MRFSampler(pool[:args.pool], basis[:, :sim_rank], args.rank, matrix, args.coils, args.snr, device)
+        val_sampler = MRFSampler(
+            pool[args.pool :], basis[:, :sim_rank], args.rank, matrix, args.coils, args.snr, device
+        )
+        sampler = MRFSampler(pool[: args.pool], basis[:, :sim_rank], args.rank, matrix, args.coils, args.snr, device)
         vrng = np.random.default_rng(10_000)
         val = []
         for i in range(args.val):
@@ -341,12 +389,19 @@ def main(argv: list[str] | None = None) -> int:
             val.append(MRFBatch(SubspaceChannels([op]), y[None], c[None]))
         run, loss = run_mrf, (coefficient_direction_loss(args.rank) if args.loss == "direction" else coefficient_l1)
         n_ch = args.rank
-        basis_out = basis[:, :args.rank].cpu()
-        meta.update({"sequence": seq.name, "n_frames": seq.n_frames, "rank": args.rank, "sim_rank": sim_rank,
-                     "pool": args.pool, "trajectory": f"spiral, one of {MRF_INTERLEAVES} interleaves per frame",
-                     "loss": "L1 on coefficient real/imag parts, relative to the target max" + (
-                         " + mean per-voxel relative coefficient error in the object" if args.loss == "direction"
-                         else "")})
+        basis_out = basis[:, : args.rank].cpu()
+        meta.update(
+            {
+                "sequence": seq.name,
+                "n_frames": seq.n_frames,
+                "rank": args.rank,
+                "sim_rank": sim_rank,
+                "pool": args.pool,
+                "trajectory": f"spiral, one of {MRF_INTERLEAVES} interleaves per frame",
+                "loss": "L1 on coefficient real/imag parts, relative to the target max"
+                + (" + mean per-voxel relative coefficient error in the object" if args.loss == "direction" else ""),
+            }
+        )
     else:
         kinds = ("radial", "spiral") if args.task == "mixed" else (args.task,)
         sampler = AnatomySampler(kinds, matrix, args.coils, tuple(args.snr), device)
@@ -355,29 +410,64 @@ def main(argv: list[str] | None = None) -> int:
         run, loss = run_anatomy, ssim_l1_loss
         n_ch = 1
         basis_out = None
-        meta.update({"kinds": list(kinds), "loss": "0.98 (1 - SSIM) + 0.02 L1 on |buf[0]|",
-                     "trajectories": {kind: {"points": int(sampler.ops[kind].op.nufft.n_points)} for kind in kinds}})
-    model = NCPDNet(NCPDNetConfig(n_channels=n_ch, n_iter=args.n_iter, n_primal=args.n_primal,
-                                  n_filters=args.n_filters, toeplitz=not args.explicit))
+        meta.update(
+            {
+                "kinds": list(kinds),
+                "loss": "0.98 (1 - SSIM) + 0.02 L1 on |buf[0]|",
+                "trajectories": {kind: {"points": int(sampler.ops[kind].op.nufft.n_points)} for kind in kinds},
+            }
+        )
+    model = NCPDNet(
+        NCPDNetConfig(
+            n_channels=n_ch,
+            n_iter=args.n_iter,
+            n_primal=args.n_primal,
+            n_filters=args.n_filters,
+            toeplitz=not args.explicit,
+        )
+    )
     if args.init is not None:
         tensors, _ = load_weights(args.init)
         model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("basis_")})
         meta["init"] = str(args.init)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                      seed=args.seed, out_dir=run_dir, val_every=args.val_every,
-                      checkpoint_every=args.checkpoint_every, device=str(device), threads=args.threads,
-                      resume=args.resume, progress=not args.no_progress)
-    print(f"NC-PDNet ({args.task}): {model.n_parameters()} parameters, {matrix}x{matrix}, {args.coils} coils, "
-          f"device {device}", flush=True)
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        seed=args.seed,
+        out_dir=run_dir,
+        val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every,
+        device=str(device),
+        threads=args.threads,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    print(
+        f"NC-PDNet ({args.task}): {model.n_parameters()} parameters, {matrix}x{matrix}, {args.coils} coils, "
+        f"device {device}",
+        flush=True,
+    )
     result = train(model, sampler, run, val, cfg, loss_fn=loss)
-    meta.update({"steps": result.steps, "val_psnr": result.val_psnr, "val_ssim": result.val_ssim,
-                 "train_seconds": round(result.seconds, 1), "device": str(device),
-                 "threads": torch.get_num_threads(), "train_config": json.loads(json.dumps(asdict(cfg), default=str))})
+    meta.update(
+        {
+            "steps": result.steps,
+            "val_psnr": result.val_psnr,
+            "val_ssim": result.val_ssim,
+            "train_seconds": round(result.seconds, 1),
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "train_config": json.loads(json.dumps(asdict(cfg), default=str)),
+        }
+    )
     model.cpu()
     # The MRF basis travels with the network: coefficients only mean something in their own basis.
     path = save_ncpdnet(model, args.out, meta, half=args.half, basis=basis_out)
-    print(f"wrote {path}: validation PSNR {result.val_psnr:.2f} dB, SSIM {result.val_ssim:.4f}, "
-          f"{result.seconds:.0f} s", flush=True)
+    print(
+        f"wrote {path}: validation PSNR {result.val_psnr:.2f} dB, SSIM {result.val_ssim:.4f}, {result.seconds:.0f} s",
+        flush=True,
+    )
     return 0
 
 

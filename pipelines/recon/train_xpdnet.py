@@ -52,8 +52,9 @@ def cartesian_mask(rng: np.random.Generator, n: int, r: int, kind: str) -> np.nd
     return m
 
 
-def simulate_slice(rng: np.random.Generator, image: np.ndarray, n_coils: int, r: int, kind: str,
-                   noise: float) -> tuple[np.ndarray, np.ndarray]:
+def simulate_slice(
+    rng: np.random.Generator, image: np.ndarray, n_coils: int, r: int, kind: str, noise: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(k-space [C, n, n] complex64 masked, mask [n, n]) of ``image`` with random coils and complex noise."""
     n = image.shape[-1]
     maps = random_coil_maps(rng, n, n_coils)
@@ -75,16 +76,29 @@ def make_sampler(matrix: int, coils: tuple[int, int] = (4, 16), noise: tuple[flo
         ys, masks, targets = [], [], []
         for _ in range(batch_size):
             img = _augment(rng, random_image(rng, matrix))
-            y, m = simulate_slice(rng, img, n_coils, int(rng.choice(ACCELERATIONS)),
-                                  str(rng.choice(MASK_KINDS)), float(rng.uniform(*noise)))
-            ys.append(y), masks.append(m), targets.append(np.abs(img))
-        return Batch(torch.from_numpy(np.stack(ys)), torch.from_numpy(np.stack(masks)),
-                     torch.from_numpy(np.stack(targets).astype(np.float32)))
+            y, m = simulate_slice(
+                rng,
+                img,
+                n_coils,
+                int(rng.choice(ACCELERATIONS)),
+                str(rng.choice(MASK_KINDS)),
+                float(rng.uniform(*noise)),
+            )
+            ys.append(y)
+            masks.append(m)
+            targets.append(np.abs(img))
+        return Batch(
+            torch.from_numpy(np.stack(ys)),
+            torch.from_numpy(np.stack(masks)),
+            torch.from_numpy(np.stack(targets).astype(np.float32)),
+        )
+
     return sample
 
 
-def validation_set(matrix: int, n_batches: int = 2, batch_size: int = 4, n_coils: int = 8,
-                   seed: int = 12345) -> list[Batch]:
+def validation_set(
+    matrix: int, n_batches: int = 2, batch_size: int = 4, n_coils: int = 8, seed: int = 12345
+) -> list[Batch]:
     """Held-out phantoms (indices from VALIDATION_OFFSET), R = 4 and 8, both mask kinds, 2 % noise."""
     rng = np.random.default_rng(seed)
     out, idx = [], VALIDATION_OFFSET
@@ -94,9 +108,16 @@ def validation_set(matrix: int, n_batches: int = 2, batch_size: int = 4, n_coils
             img = heldout_image(idx, matrix)
             idx += 1
             y, m = simulate_slice(rng, img, n_coils, ACCELERATIONS[j % 2], MASK_KINDS[(j // 2) % 2], 0.02)
-            ys.append(y), masks.append(m), targets.append(np.abs(img))
-        out.append(Batch(torch.from_numpy(np.stack(ys)), torch.from_numpy(np.stack(masks)),
-                         torch.from_numpy(np.stack(targets).astype(np.float32))))
+            ys.append(y)
+            masks.append(m)
+            targets.append(np.abs(img))
+        out.append(
+            Batch(
+                torch.from_numpy(np.stack(ys)),
+                torch.from_numpy(np.stack(masks)),
+                torch.from_numpy(np.stack(targets).astype(np.float32)),
+            )
+        )
     return out
 
 
@@ -106,8 +127,9 @@ def run_model(model: torch.nn.Module, batch: Batch, device: torch.device) -> tup
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="recon-node train xpdnet",
-                                 description="Train XPDNet on simulated Cartesian multi-coil data.")
+    ap = argparse.ArgumentParser(
+        prog="recon-node train xpdnet", description="Train XPDNet on simulated Cartesian multi-coil data."
+    )
     ap.add_argument("--size", default="small", choices=("small", "medium", "big"), help="MWCNN size")
     ap.add_argument("--n-iter", type=int, default=10, help="unrolled iterations (challenge: 25)")
     ap.add_argument("--n-primal", type=int, default=5)
@@ -126,45 +148,77 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     ap.add_argument("--out-dir", type=Path, default=Path("runs/xpdnet"))
     ap.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
-    ap.add_argument("--weights", type=Path, default=None,
-                    help=f"where to write the trained weights (default OUT_DIR/{SHIPPED_NAME}.safetensors)")
+    ap.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help=f"where to write the trained weights (default OUT_DIR/{SHIPPED_NAME}.safetensors)",
+    )
     ap.add_argument("--fp32", action="store_true", help="store float32 weights (default float16)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.recon.training import TrainConfig, pick_device, train
+    from pipelines.compute import select_device
+    from pipelines.recon.training import TrainConfig, train
 
     args = _parser().parse_args(argv)
     if args.matrix % 4:
         raise ValueError(f"--matrix must be a multiple of 4 (MWCNN pooling), got {args.matrix}")
-    cfg = XPDNetConfig(n_iter=args.n_iter, n_primal=args.n_primal, size=args.size,
-                       refine_smaps=not args.no_refine_smaps, checkpoint=args.grad_checkpoint)
+    cfg = XPDNetConfig(
+        n_iter=args.n_iter,
+        n_primal=args.n_primal,
+        size=args.size,
+        refine_smaps=not args.no_refine_smaps,
+        checkpoint=args.grad_checkpoint,
+    )
     torch.manual_seed(args.seed)
     model = XPDNet(cfg)
-    tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                       seed=args.seed, out_dir=args.out_dir, val_every=args.val_every,
-                       checkpoint_every=args.checkpoint_every, device=args.device, threads=args.threads,
-                       resume=args.resume, progress=not args.no_progress)
-    device = pick_device(args.device)
+    tcfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        seed=args.seed,
+        out_dir=args.out_dir,
+        val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every,
+        device=args.device,
+        threads=args.threads,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    device = select_device(args.device)
     t0 = time.time()
-    result = train(model, make_sampler(args.matrix, tuple(args.coils)), run_model, validation_set(args.matrix),
-                   tcfg)
+    result = train(model, make_sampler(args.matrix, tuple(args.coils)), run_model, validation_set(args.matrix), tcfg)
     weights = args.weights or args.out_dir / f"{SHIPPED_NAME}.safetensors"
-    command = "recon-node train xpdnet " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                             else sys.argv[1:]))
+    command = "recon-node train xpdnet " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     meta: dict[str, Any] = {
-        "training": {"command": command, "seed": args.seed, "steps": result.steps, "batch_size": args.batch_size,
-                     "lr": args.lr, "optimizer": args.optimizer, "matrix": args.matrix, "coils": list(args.coils),
-                     "device": str(device), "torch_threads": torch.get_num_threads(),
-                     "seconds": round(time.time() - t0, 1),
-                     "val_psnr_db": round(result.val_psnr, 3), "val_ssim": round(result.val_ssim, 4),
-                     "data": "pipelines.sim.anatomy random brain/thigh phantoms, R 4/8 equidistant+random masks"},
+        "training": {
+            "command": command,
+            "seed": args.seed,
+            "steps": result.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "optimizer": args.optimizer,
+            "matrix": args.matrix,
+            "coils": list(args.coils),
+            "device": str(device),
+            "torch_threads": torch.get_num_threads(),
+            "seconds": round(time.time() - t0, 1),
+            "val_psnr_db": round(result.val_psnr, 3),
+            "val_ssim": round(result.val_ssim, 4),
+            "data": "pipelines.sim.anatomy random brain/thigh phantoms, R 4/8 equidistant+random masks",
+        },
     }
     save_xpdnet(model.cpu(), weights, meta, half=not args.fp32)
-    print(f"weights: {weights} ({weights.stat().st_size / 1e6:.1f} MB); validation PSNR {result.val_psnr:.2f} dB, "
-          f"SSIM {result.val_ssim:.4f}; {dataclasses.asdict(cfg)}")
+    print(
+        f"weights: {weights} ({weights.stat().st_size / 1e6:.1f} MB); validation PSNR {result.val_psnr:.2f} dB, "
+        f"SSIM {result.val_ssim:.4f}; {dataclasses.asdict(cfg)}"
+    )
     return 0
 
 

@@ -17,12 +17,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipelines.compute import select_device, set_threads
 
 SSIM_WIN = 7
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -104,19 +106,13 @@ class TrainResult:
 
 
 SampleFn = Callable[[np.random.Generator, int], Any]
-RunFn = Callable[[nn.Module, Any, torch.device], tuple[torch.Tensor, torch.Tensor]]
+# Generic in the model so that a run function written for one network (NCPDNet, XPDNet) types against it.
+ModelT = TypeVar("ModelT", bound=nn.Module)
+RunFn = Callable[[ModelT, Any, torch.device], tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def evaluate(model: nn.Module, run_model: RunFn, batches: Sequence[Any], device: torch.device) -> dict[str, float]:
+def evaluate(model: ModelT, run_model: RunFn[ModelT], batches: Sequence[Any], device: torch.device) -> dict[str, float]:
     """Mean PSNR / SSIM over every image of ``batches`` (no gradients; the model is put back in train mode)."""
     was_training = model.training
     model.eval()
@@ -138,23 +134,44 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer must be adam or radam, not {cfg.optimizer!r}")
 
 
-def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int,
-                     rng: np.random.Generator, history: list[dict[str, float]]) -> None:
+def _save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    step: int,
+    rng: np.random.Generator,
+    history: list[dict[str, float]],
+) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                "history": history}, tmp)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "numpy_rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+        },
+        tmp,
+    )
     tmp.replace(path)
 
 
-def train(model: nn.Module, sample_batch: SampleFn, run_model: RunFn, val_set: Sequence[Any], cfg: TrainConfig,
-          log: Callable[[str], None] = print, loss_fn: LossFn = ssim_l1_loss) -> TrainResult:
+def train(
+    model: ModelT,
+    sample_batch: SampleFn,
+    run_model: RunFn[ModelT],
+    val_set: Sequence[Any],
+    cfg: TrainConfig,
+    log: Callable[[str], None] = print,
+    loss_fn: LossFn = ssim_l1_loss,
+) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimiser steps; returns the final validation metrics."""
     from tqdm import tqdm
 
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
+        set_threads(cfg.threads)
+    device = select_device(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -172,8 +189,9 @@ def train(model: nn.Module, sample_batch: SampleFn, run_model: RunFn, val_set: S
         torch.set_rng_state(state["torch_rng"])
         start, history = int(state["step"]), list(state["history"])
         log(f"resumed from {ckpt} at step {start}")
-    (out / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                                 for k, v in asdict(cfg).items()}, indent=1))
+    (out / "config.json").write_text(
+        json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, indent=1)
+    )
     logf = (out / "train.log").open("a")
 
     def note(line: str) -> None:
@@ -183,8 +201,14 @@ def train(model: nn.Module, sample_batch: SampleFn, run_model: RunFn, val_set: S
 
     t0 = time.perf_counter()
     running = math.nan
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress,
-               desc="train", dynamic_ncols=True)
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        disable=not cfg.progress,
+        desc="train",
+        dynamic_ncols=True,
+    )
     for step in bar:
         batch = sample_batch(rng, cfg.batch_size)
         pred, target = run_model(model, batch, device)
@@ -204,12 +228,18 @@ def train(model: nn.Module, sample_batch: SampleFn, run_model: RunFn, val_set: S
             metrics = evaluate(model, run_model, val_set, device)
             history.append({"step": done, "loss": running, **metrics, "seconds": time.perf_counter() - t0})
             (out / "history.json").write_text(json.dumps(history, indent=1))
-            note(f"step {done}: loss {running:.4f}, validation PSNR {metrics['psnr']:.2f} dB, "
-                 f"SSIM {metrics['ssim']:.4f}")
+            note(
+                f"step {done}: loss {running:.4f}, validation PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}"
+            )
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _save_checkpoint(ckpt, model, opt, done, rng, history)
     bar.close()
     logf.close()
     last = history[-1] if history else {}
-    return TrainResult(steps=cfg.steps, history=history, val_psnr=last.get("psnr", math.nan),
-                       val_ssim=last.get("ssim", math.nan), seconds=time.perf_counter() - t0)
+    return TrainResult(
+        steps=cfg.steps,
+        history=history,
+        val_psnr=last.get("psnr", math.nan),
+        val_ssim=last.get("ssim", math.nan),
+        seconds=time.perf_counter() - t0,
+    )

@@ -14,10 +14,10 @@ central k-space (``32 // R`` % of the lines and columns, as the reference's ``ex
 their root-sum-of-squares, refined by a small per-coil complex U-net (3 levels, 4/8/16 channels, leaky ReLU,
 residual) and renormalised.
 
-Operator-pluggable: :meth:`XPDNet.unroll` takes any :class:`ChannelOperator`, i.e. ``forward`` / ``adjoint``
-on a complex buffer [B, n_ch, ny, nx]. Cartesian SENSE has one channel (:class:`SenseChannels`); the Cartesian
-MRF subspace operator has its K coefficient images as channels of one slice (:class:`SubspaceChannels`). The
-network is built for a fixed ``n_channels``.
+Operator-pluggable: :meth:`XPDNet.unroll` takes any operator in the channel view of
+:mod:`pipelines.recon.operators` (complex buffers [B, n_ch, ny, nx]): Cartesian SENSE has one channel; the
+Cartesian MRF subspace operator has its K coefficient images as channels of one slice. The network is built for
+a fixed ``n_channels``.
 
 k-space scaling: the reference multiplies fastMRI k-space by 1e6 so that images are O(1) for a network whose
 output layer has a bias. Here every slice is divided by ``max |A^H y|`` before the network and the output is
@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,53 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipelines.recon.mwcnn import MWCNN, MWCNN_SIZES
-from pipelines.recon.operators import CartesianSense, ifft2c
-
-
-# ---- operators on channel buffers ------------------------------------------------------------------------------
-class ChannelOperator(Protocol):
-    def forward(self, x: torch.Tensor) -> torch.Tensor: ...  # [B, n_ch, ny, nx] -> data
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor: ...  # data -> [B, n_ch, ny, nx]
-
-
-class SenseChannels:
-    """A SENSE operator (images [B, ny, nx]) seen as a one-channel buffer operator."""
-
-    n_channels = 1
-
-    def __init__(self, op: Any) -> None:
-        self.op = op
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op.forward(x[:, 0])
-
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        return self.op.adjoint(y)[:, None]
-
-
-class SubspaceChannels:
-    """An MRF subspace operator (coefficients [K, ny, nx] of one slice): batch 1, K channels."""
-
-    def __init__(self, op: Any) -> None:
-        self.op = op
-        self.n_channels = int(op.rank)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] != 1:
-            raise ValueError(f"a subspace operator describes one slice; got a batch of {x.shape[0]}")
-        return self.op.forward(x[0])[None]
-
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        return self.op.adjoint(y[0])[None]
-
-
-def as_channel_operator(op: Any) -> ChannelOperator:
-    """Wrap a SENSE or subspace operator; an object that already works on buffers is returned as is."""
-    if hasattr(op, "rank") and hasattr(op, "basis"):
-        return SubspaceChannels(op)
-    if isinstance(op, (SenseChannels, SubspaceChannels)):
-        return op
-    return SenseChannels(op)
+from pipelines.recon.operators import CartesianSense, ChannelOperator, channel_operator, ifft2c
 
 
 # ---- sensitivity maps ------------------------------------------------------------------------------------------
@@ -106,8 +60,9 @@ def central_kspace_maps(y: torch.Tensor, percent: int | list[int], min_lines: in
     low = torch.zeros_like(y)
     for i, p in enumerate(pcts):
         hy, hx = max(int(p * ny / 100), min_lines, 2) // 2, max(int(p * nx / 100), min_lines, 2) // 2
-        low[i, :, ny // 2 - hy: ny // 2 + hy, nx // 2 - hx: nx // 2 + hx] = \
-            y[i, :, ny // 2 - hy: ny // 2 + hy, nx // 2 - hx: nx // 2 + hx]
+        low[i, :, ny // 2 - hy : ny // 2 + hy, nx // 2 - hx : nx // 2 + hx] = y[
+            i, :, ny // 2 - hy : ny // 2 + hy, nx // 2 - hx : nx // 2 + hx
+        ]
     return rss_normalise(ifft2c(low))
 
 
@@ -132,8 +87,8 @@ def _pad_to_multiple(x: torch.Tensor, m: int) -> tuple[torch.Tensor, tuple[int, 
 
 
 def _crop(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
-    l, r, t, b = pad
-    return x[..., t: x.shape[-2] - b, l: x.shape[-1] - r]
+    left, right, top, bottom = pad
+    return x[..., top : x.shape[-2] - bottom, left : x.shape[-1] - right]
 
 
 class SensitivityRefiner(nn.Module):
@@ -146,8 +101,12 @@ class SensitivityRefiner(nn.Module):
         self.levels = len(channels)
 
         def block(c_in: int, c_out: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.LeakyReLU(0.1),
-                                 nn.Conv2d(c_out, c_out, 3, padding=1), nn.LeakyReLU(0.1))
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+                nn.LeakyReLU(0.1),
+                nn.Conv2d(c_out, c_out, 3, padding=1),
+                nn.LeakyReLU(0.1),
+            )
 
         self.down = nn.ModuleList()
         c_in = 2
@@ -155,9 +114,12 @@ class SensitivityRefiner(nn.Module):
             self.down.append(block(c_in, c))
             c_in = c
         # 2x2 "same" up-convolution as Keras pads it: one zero row/column after the image
-        self.upconv = nn.ModuleList([nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)),
-                                                   nn.Conv2d(channels[i + 1], channels[i], 2), nn.LeakyReLU(0.1))
-                                     for i in range(self.levels - 1)])
+        self.upconv = nn.ModuleList(
+            [
+                nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(channels[i + 1], channels[i], 2), nn.LeakyReLU(0.1))
+                for i in range(self.levels - 1)
+            ]
+        )
         self.up = nn.ModuleList([block(2 * channels[i], channels[i]) for i in range(self.levels - 1)])
         self.out = nn.Sequential(nn.Conv2d(channels[0], 4, 1), nn.LeakyReLU(0.1), nn.Conv2d(4, 2, 1))
 
@@ -207,8 +169,9 @@ class XPDNetConfig:
         if self.size not in MWCNN_SIZES:
             raise ValueError(f"XPDNet size {self.size!r} is not one of {', '.join(MWCNN_SIZES)}")
         if self.n_iter < 1 or self.n_primal < 1 or self.n_channels < 1:
-            raise ValueError(f"n_iter, n_primal and n_channels must be >= 1, got {self.n_iter}, "
-                             f"{self.n_primal}, {self.n_channels}")
+            raise ValueError(
+                f"n_iter, n_primal and n_channels must be >= 1, got {self.n_iter}, {self.n_primal}, {self.n_channels}"
+            )
 
 
 class XPDNet(nn.Module):
@@ -216,8 +179,9 @@ class XPDNet(nn.Module):
         super().__init__()
         self.config = config or XPDNetConfig(**kw)
         c = self.config
-        self.image_nets = nn.ModuleList([ComplexMWCNN((c.n_primal + 1) * c.n_channels, c.n_primal * c.n_channels,
-                                                      c.size) for _ in range(c.n_iter)])
+        self.image_nets = nn.ModuleList(
+            [ComplexMWCNN((c.n_primal + 1) * c.n_channels, c.n_primal * c.n_channels, c.size) for _ in range(c.n_iter)]
+        )
         self.refiner = SensitivityRefiner() if c.refine_smaps else None
 
     # -- core: any operator -----------------------------------------------------------------------------------
@@ -229,10 +193,11 @@ class XPDNet(nn.Module):
 
     def unroll(self, op: Any, y: torch.Tensor) -> torch.Tensor:
         """Complex buffer[0] [B, n_ch, ny, nx] after ``n_iter`` iterations on (already scaled) data y."""
-        op = as_channel_operator(op)
-        if getattr(op, "n_channels", self.config.n_channels) != self.config.n_channels:
-            raise ValueError(f"this XPDNet was built for {self.config.n_channels} image channel(s), the operator "
-                             f"has {op.n_channels}")
+        op = channel_operator(op)
+        if op.n_channels != self.config.n_channels:
+            raise ValueError(
+                f"this XPDNet was built for {self.config.n_channels} image channel(s), the operator has {op.n_channels}"
+            )
         x0 = op.adjoint(y)
         buf = x0[:, None].expand(-1, self.config.n_primal, -1, -1, -1).contiguous()
         for i in range(self.config.n_iter):
@@ -244,7 +209,7 @@ class XPDNet(nn.Module):
 
     def reconstruct(self, op: Any, y: torch.Tensor) -> torch.Tensor:
         """Complex images [B, n_ch, ny, nx] from data y in any unit: scaled by max |A^H y| per slice and back."""
-        cop = as_channel_operator(op)
+        cop = channel_operator(op)
         scale = cop.adjoint(y).abs().flatten(1).amax(dim=1).clamp_min(1e-30)
         shape = (-1,) + (1,) * (y.ndim - 1)
         return self.unroll(cop, y / scale.reshape(shape)) * scale[:, None, None, None]
@@ -314,13 +279,17 @@ def xpdnet_cartesian(op: Any, y: torch.Tensor, weights: str | Path | None = None
     through ``chunk`` at a time to bound memory.
     """
     if not isinstance(op, CartesianSense):
-        raise ValueError(f"XPDNet reconstructs Cartesian SENSE data; got a {type(op).__name__} operator "
-                         "(use ncpdnet for non-Cartesian data)")
+        raise ValueError(
+            f"XPDNet reconstructs Cartesian SENSE data; got a {type(op).__name__} operator "
+            "(use ncpdnet for non-Cartesian data)"
+        )
     model = cached_xpdnet(weights, op.device)
     if model.config.n_channels != 1:
-        raise ValueError(f"weights {weights or SHIPPED_NAME!r} are for {model.config.n_channels} image channels "
-                         "(an MRF subspace network), not single-image SENSE")
+        raise ValueError(
+            f"weights {weights or SHIPPED_NAME!r} are for {model.config.n_channels} image channels "
+            "(an MRF subspace network), not single-image SENSE"
+        )
     mask = op.mask if op.mask.ndim == 3 else op.mask.expand(y.shape[0], *op.shape)
     with torch.no_grad():
-        out = [model.cartesian_complex(y[i: i + chunk], mask[i: i + chunk]) for i in range(0, y.shape[0], chunk)]
+        out = [model.cartesian_complex(y[i : i + chunk], mask[i : i + chunk]) for i in range(0, y.shape[0], chunk)]
     return torch.cat(out)

@@ -15,8 +15,8 @@ from typing import Literal, overload
 import numpy as np
 import torch
 
-from pipelines.physics.epg import epg_chunked, epg_fat, epg_fisp
 from pipelines.io.dicom_uids import deterministic_uid
+from pipelines.physics.epg import epg_chunked, epg_fat, epg_fisp
 from pipelines.physics.sequences import MRFSequence
 from pipelines.recon.nufft import nufft_forward
 from pipelines.sim.coils import birdcage_maps
@@ -68,28 +68,46 @@ def fingerprint_images(
 
     ff, b1, df = vox(phantom.ff), vox(phantom.b1), vox(phantom.df_hz)
     with torch.no_grad():
-        water = _chunked_fisp(sequence, vox(phantom.t1_water_ms), vox(phantom.t2_water_ms), b1, df,
-                              chunk, progress)
+        water = _chunked_fisp(sequence, vox(phantom.t1_water_ms), vox(phantom.t2_water_ms), b1, df, chunk, progress)
         sig = (1 - ff)[:, None].to(water.dtype) * water
         fatty = torch.nonzero(ff > 0).flatten()
         if fatty.numel():
-            fat = _chunked_fat(sequence, vox(phantom.t1_fat_ms)[fatty], vox(phantom.t2_fat_ms)[fatty],
-                               b1[fatty], df[fatty], phantom.field_strength_T, chunk, progress)
+            fat = _chunked_fat(
+                sequence,
+                vox(phantom.t1_fat_ms)[fatty],
+                vox(phantom.t2_fat_ms)[fatty],
+                b1[fatty],
+                df[fatty],
+                phantom.field_strength_T,
+                chunk,
+                progress,
+            )
             sig[fatty] += ff[fatty, None].to(fat.dtype) * fat
         sig = sig * vox(phantom.pd)[:, None].to(sig.dtype)
     out[:, idx] = sig.T.cpu().numpy()
     return out.reshape(sequence.n_frames, *mask.shape)
 
 
-def _chunked_fisp(seq, t1, t2, b1, df, chunk, progress):  # type: ignore[no-untyped-def]
-    def fn(t1c, t2c, b1c, dfc):  # type: ignore[no-untyped-def]
+def _chunked_fisp(
+    seq: MRFSequence, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, df: torch.Tensor, chunk: int, progress: bool
+) -> torch.Tensor:
+    def fn(t1c: torch.Tensor, t2c: torch.Tensor, b1c: torch.Tensor, dfc: torch.Tensor) -> torch.Tensor:
         return epg_fisp(seq, t1c, t2c, b1c, dfc)
 
     return epg_chunked(fn, t1, t2, b1, df, chunk=chunk, progress=progress, desc="water EPG")
 
 
-def _chunked_fat(seq, t1, t2, b1, df, field, chunk, progress):  # type: ignore[no-untyped-def]
-    def fn(t1c, t2c, b1c, dfc):  # type: ignore[no-untyped-def]
+def _chunked_fat(
+    seq: MRFSequence,
+    t1: torch.Tensor,
+    t2: torch.Tensor,
+    b1: torch.Tensor,
+    df: torch.Tensor,
+    field: float,
+    chunk: int,
+    progress: bool,
+) -> torch.Tensor:
+    def fn(t1c: torch.Tensor, t2c: torch.Tensor, b1c: torch.Tensor, dfc: torch.Tensor) -> torch.Tensor:
         return epg_fat(seq, t1c, t2c, b1c, dfc, field_strength_T=field)
 
     # Six peaks per voxel: keep each call's working set the size of a water chunk.
@@ -97,7 +115,10 @@ def _chunked_fat(seq, t1, t2, b1, df, field, chunk, progress):  # type: ignore[n
 
 
 def _study_info(
-    phantom_name: str, sequence: MRFSequence, field_T: float, seed: int,
+    phantom_name: str,
+    sequence: MRFSequence,
+    field_T: float,
+    seed: int,
     stack: tuple[int, float, float] | None = None,
 ) -> StudyInfo:
     """Deterministic identifiers, so the same simulation gives the same study (idempotent tests).
@@ -206,15 +227,29 @@ def _check_settings(settings: AcquisitionSettings) -> None:
 
 @overload
 def simulate_study(
-    phantom: Phantom | str, sequence: MRFSequence, settings: AcquisitionSettings = ..., *, matrix: int = ...,
-    field_strength_T: float = ..., n_slices: Literal[1] = ..., device: str | torch.device = ..., progress: bool = ...,
+    phantom: Phantom | str,
+    sequence: MRFSequence,
+    settings: AcquisitionSettings = ...,
+    *,
+    matrix: int = ...,
+    field_strength_T: float = ...,
+    n_slices: Literal[1] = ...,
+    device: str | torch.device = ...,
+    progress: bool = ...,
 ) -> SimulatedStudy: ...
 
 
 @overload
 def simulate_study(
-    phantom: Phantom | str, sequence: MRFSequence, settings: AcquisitionSettings = ..., *, matrix: int = ...,
-    field_strength_T: float = ..., n_slices: int, device: str | torch.device = ..., progress: bool = ...,
+    phantom: Phantom | str,
+    sequence: MRFSequence,
+    settings: AcquisitionSettings = ...,
+    *,
+    matrix: int = ...,
+    field_strength_T: float = ...,
+    n_slices: int,
+    device: str | torch.device = ...,
+    progress: bool = ...,
 ) -> SimulatedStudy | MultiSliceStudy: ...
 
 
@@ -241,10 +276,20 @@ def simulate_study(
         raise ValueError(f"n_slices must be >= 1, got {n_slices}")
     if n_slices > 1:
         if not isinstance(phantom, str):
-            raise ValueError("a multi-slice study needs the phantom's name (each slice cuts the anatomy at its "
-                             "own position), not one 2D Phantom")
-        return simulate_multislice(phantom, sequence, settings, n_slices=n_slices, matrix=matrix,
-                                   field_strength_T=field_strength_T, device=device, progress=progress)
+            raise ValueError(
+                "a multi-slice study needs the phantom's name (each slice cuts the anatomy at its "
+                "own position), not one 2D Phantom"
+            )
+        return simulate_multislice(
+            phantom,
+            sequence,
+            settings,
+            n_slices=n_slices,
+            matrix=matrix,
+            field_strength_T=field_strength_T,
+            device=device,
+            progress=progress,
+        )
     if isinstance(phantom, str):
         phantom = make_phantom(phantom, matrix, field_strength_T=field_strength_T, seed=settings.seed)
     ny, nx = phantom.pd.shape
@@ -259,8 +304,9 @@ def simulate_study(
     noise_std = 0.0 if np.isinf(settings.snr) else signal / settings.snr
     _add_noise(kspace, noise_std, rng)
 
-    geometry = Geometry.centred((ny, nx), (settings.fov_mm * ny / max(ny, nx), settings.fov_mm * nx / max(ny, nx)),
-                                settings.slice_thickness_mm)
+    geometry = Geometry.centred(
+        (ny, nx), (settings.fov_mm * ny / max(ny, nx), settings.fov_mm * nx / max(ny, nx)), settings.slice_thickness_mm
+    )
     study = _study_info(phantom.name, sequence, phantom.field_strength_T, settings.seed)
     geometry.frame_of_reference_uid = study.frame_of_reference_uid
     truth = phantom.truth()
@@ -315,14 +361,17 @@ def simulate_multislice(
         raise ValueError("slice thickness must be > 0 mm and the slice gap >= 0 mm")
     ny = nx = int(matrix)
     fov = (settings.fov_mm * ny / max(ny, nx), settings.fov_mm * nx / max(ny, nx))
-    geometry = Geometry.centred((ny, nx), fov, settings.slice_thickness_mm, n_slices=n_slices,
-                                slice_gap_mm=settings.slice_gap_mm)
+    geometry = Geometry.centred(
+        (ny, nx), fov, settings.slice_thickness_mm, n_slices=n_slices, slice_gap_mm=settings.slice_gap_mm
+    )
     z_mm = geometry.slice_locations_mm
     # The phantom's unit length is half the shorter side of the FOV; the coils' is half the FOV along each axis.
     z_phantom = z_mm / (min(fov) / 2.0)
     z_coils = z_mm / (max(fov) / 2.0)
-    phantoms = [make_phantom(phantom_name, matrix, field_strength_T=field_strength_T, seed=settings.seed,
-                             z=float(z)) for z in z_phantom]
+    phantoms = [
+        make_phantom(phantom_name, matrix, field_strength_T=field_strength_T, seed=settings.seed, z=float(z))
+        for z in z_phantom
+    ]
     maps = np.stack([birdcage_maps(settings.coils, (ny, nx), z=float(z)) for z in z_coils]).astype(np.complex64)
     trajectory, lines, acceleration = _sampling(settings, sequence.n_frames, ny, nx)
     lines = np.asarray(lines, dtype=np.int32)
@@ -339,8 +388,13 @@ def simulate_multislice(
     noise_std = 0.0 if np.isinf(settings.snr) else signal / settings.snr
 
     phantom0 = phantoms[0]
-    info = _study_info(phantom_name, sequence, phantom0.field_strength_T, settings.seed,
-                       stack=(n_slices, settings.slice_thickness_mm, settings.slice_gap_mm))
+    info = _study_info(
+        phantom_name,
+        sequence,
+        phantom0.field_strength_T,
+        settings.seed,
+        stack=(n_slices, settings.slice_thickness_mm, settings.slice_gap_mm),
+    )
     geometry.frame_of_reference_uid = info.frame_of_reference_uid
     truths = []
     for ph in phantoms:

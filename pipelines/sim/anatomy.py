@@ -44,14 +44,16 @@ def random_image(rng: np.random.Generator, matrix: int, seed: int | None = None)
     """A complex64 [matrix, matrix] image with max |x| = 1; ``seed`` fixes the phantom (else drawn for training)."""
     phantom_seed = int(rng.integers(0, HELDOUT_START)) if seed is None else int(seed)
     anatomy = ANATOMIES[int(rng.integers(len(ANATOMIES)))]
-    ph = make_phantom(anatomy, matrix, field_strength_T=float(rng.choice([1.5, 3.0])), seed=phantom_seed,
-                      randomize=True)
+    ph = make_phantom(
+        anatomy, matrix, field_strength_T=float(rng.choice([1.5, 3.0])), seed=phantom_seed, randomize=True
+    )
     water = _contrast(rng, ph.t1_water_ms, ph.t2_water_ms)
     fat = _contrast(rng, ph.t1_fat_ms, ph.t2_fat_ms)
     mag = ph.pd * ((1 - ph.ff) * water + ph.ff * fat)
     mag = np.where(ph.mask, mag, 0.0)
-    phase = np.pi * rng.uniform(0.2, 1.0) * _smooth_noise(_pixel_grid((matrix, matrix)), rng, max_freq=1.0) \
-        + rng.uniform(-np.pi, np.pi)
+    phase = np.pi * rng.uniform(0.2, 1.0) * _smooth_noise(
+        _pixel_grid((matrix, matrix)), rng, max_freq=1.0
+    ) + rng.uniform(-np.pi, np.pi)
     img = mag * np.exp(1j * phase)
     peak = float(np.abs(img).max())
     return (img / peak if peak > 0 else img).astype(np.complex64)
@@ -65,7 +67,8 @@ def heldout_image(index: int, matrix: int) -> np.ndarray:
 
 def random_coil_maps(rng: np.random.Generator, matrix: int, n_coils: int) -> np.ndarray:
     """Complex64 [C, matrix, matrix] birdcage sensitivities, jittered ring, RSS-normalised over the FOV."""
-    maps = birdcage_maps(n_coils, (matrix, matrix), radius=float(rng.uniform(1.2, 2.0)),
-                         seed=int(rng.integers(0, 2**31)))
+    maps = birdcage_maps(
+        n_coils, (matrix, matrix), radius=float(rng.uniform(1.2, 2.0)), seed=int(rng.integers(0, 2**31))
+    )
     rss = np.sqrt((np.abs(maps) ** 2).sum(axis=0, keepdims=True))
     return (maps / np.maximum(rss, 1e-12)).astype(np.complex64)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, UID, MRImageStorage
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, MRImageStorage
 from pydicom.valuerep import format_number_as_ds
 
 from pipelines.io.dicom_modules import set_patient_and_study
@@ -46,6 +46,8 @@ from pipelines.sim.study import MultiSliceStudy, SimulatedStudy
 
 # Largest stored value: leaves headroom below 4095 so a 12-bit display pipeline never clips.
 MAX_STORED_VALUE = 4000
+
+
 def _ds(value: float) -> str:
     # DS holds at most 16 characters; format_number_as_ds keeps the most digits that fit.
     return format_number_as_ds(float(value))
@@ -132,7 +134,7 @@ def write_dicom_frames(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
+    paths = []
     multi = n_slices > 1
     for f in range(n_frames):
         # Single slice: the UIDs and names of before; a stack: the slice is part of both.
@@ -185,9 +187,8 @@ def write_dicom_frames(
         ds.ContentDate = date
         ds.ContentTime = times[f]
         ds.ImageComments = (
-            (f"MRF slice {s_idx + 1}/{n_slices} " if multi else "MRF ")
-            + f"frame {f + 1}/{n_frames}; pixel = |signal| x {scale:.6g} (one scale for the whole series)"
-        )
+            f"MRF slice {s_idx + 1}/{n_slices} " if multi else "MRF "
+        ) + f"frame {f + 1}/{n_frames}; pixel = |signal| x {scale:.6g} (one scale for the whole series)"
         # Image plane
         ds.PixelSpacing = [_ds(g.pixel_spacing_mm[0]), _ds(g.pixel_spacing_mm[1])]
         ds.ImageOrientationPatient = [_ds(v) for v in g.orientation]
@@ -212,7 +213,7 @@ def write_dicom_frames(
         ds.SequenceName = f"mrf_{seq.readout}"
         ds.RepetitionTime = _ds(seq.tr_ms[f])
         ds.EchoTime = _ds(seq.te_ms[f])
-        if inversion:
+        if seq.ti_ms is not None:
             ds.InversionTime = _ds(seq.ti_ms)
         ds.EchoTrainLength = 1
         ds.FlipAngle = _ds(seq.flip_angles_deg[f])

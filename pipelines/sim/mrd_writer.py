@@ -1,14 +1,15 @@
 """Write a :class:`SimulatedStudy` the way a scanner would send it: ISMRMRD header + one Acquisition per readout.
 
-Three outputs share one header builder and one acquisition-header builder, so a study looks the same whether it
-goes to an ISMRMRD HDF5 file, to an in-memory MRD stream or over TCP to an MRD server:
+Its outputs share one header builder and one acquisition-header builder, so a study looks the same whether it
+goes to an ISMRMRD HDF5 file, to an in-memory MRD stream or (through the node's client,
+``node.ingest.mrd_client.send_study``, which uses :func:`stream_objects`) over TCP to an MRD server:
 
 * :func:`build_header` -- the ``ismrmrdHeader`` (validates against the ISMRMRD 1.8 schema
   shipped by Debian, ``/usr/share/ismrmrd/schema/ismrmrd.xsd``: we emit no element that only newer schemas know,
   such as ``patientHeight_m``, ``sequenceName`` or ``trajectoryDescription/userParameterString``), and it
   round-trips through the C++ library (no ``version`` element: see the comment in :func:`build_header`).
 * :func:`iter_acquisitions` -- ``ismrmrd.Acquisition`` objects, frame-major (frame 0 readout 0, frame 0 readout 1, ...).
-* :func:`write_ismrmrd`, :func:`serialize_study`, :func:`send_study`.
+* :func:`write_ismrmrd`, :func:`serialize_study`.
 
 Conventions (the readers in ``pipelines.io.mrd_reader`` invert them):
 
@@ -25,9 +26,9 @@ Conventions (the readers in ``pipelines.io.mrd_reader`` invert them):
   ``slice_dir`` are direction cosines, all in the DICOM patient coordinate system (LPS, mm) -- the convention of the
   Siemens converter and of Gadgetron's DICOM writer. ``read_dir`` is the DICOM row direction (first triplet of
   ImageOrientationPatient, increasing column index = x), ``phase_dir`` the column direction (increasing row
-  index = y), ``slice_dir = read_dir x phase_dir``. The centre (the acquisition ``position``) is the encoding centre, pixel
-  (N//2) of the centred FFT: ImagePositionPatient (centre of the first pixel) plus (N//2) pixels along each in-plane
-  direction, which is how :meth:`Geometry.centred` places the first pixel.
+  index = y), ``slice_dir = read_dir x phase_dir``. The centre (the acquisition ``position``) is the encoding centre,
+  pixel (N//2) of the centred FFT: ImagePositionPatient (centre of the first pixel) plus (N//2) pixels along each
+  in-plane direction, which is how :meth:`Geometry.centred` places the first pixel.
 * Non-Cartesian trajectories are stored as given by the simulator: ISMRMRD units (cycles/FOV, in [-N/2, N/2)),
   ``trajectory_dimensions = 2`` as (kx, ky).
 * Header XML is rendered with a UTF-8 declaration (see ``pipelines.io.mrd_reader.header_xml`` for why).
@@ -37,28 +38,22 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
-import socket
-import threading
-import time
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import h5py
 import ismrmrd
 import ismrmrd.xsd as x
 import numpy as np
 from ismrmrd.hdf5 import acquisition_dtype, acquisition_header_dtype
-from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolDeserializer, ProtocolSerializer
+from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolSerializer
 from xsdata.models.datatype import XmlDate, XmlTime
 
 from pipelines.io.mrd_reader import header_xml, iter_hdf5_acquisitions, read_hdf5_header
 from pipelines.physics.sequences import sequence_to_ismrmrd
 from pipelines.sim.study import MultiSliceStudy, SimulatedStudy
-
-log = logging.getLogger(__name__)
 
 GAMMA_BAR_HZ_PER_T = 42.577478e6
 SYSTEM_VENDOR = "recon-node simulator"
@@ -113,7 +108,7 @@ def _or_none(s: str) -> str | None:
     return s if s else None
 
 
-def measurement_uid(study: SimulatedStudy) -> int:
+def measurement_uid(study: SimulatedStudy | MultiSliceStudy) -> int:
     """A stable 32-bit measurement id (the acquisition header field is uint32)."""
     key = f"{study.study.study_instance_uid}|{study.study.series_number}|{study.seed}"
     return zlib.crc32(key.encode()) & 0xFFFFFFFF
@@ -137,7 +132,8 @@ def _shape(study: SimulatedStudy | MultiSliceStudy) -> tuple[int, int, int, int]
     """(frames, readouts, coils, samples) per slice."""
     if isinstance(study, MultiSliceStudy):
         return study.n_frames, study.n_readouts, study.n_coils, study.n_samples
-    return tuple(int(v) for v in study.kspace.shape)  # type: ignore[return-value]
+    n_f, n_r, n_c, n_s = study.kspace.shape
+    return int(n_f), int(n_r), int(n_c), int(n_s)
 
 
 def _check_study(study: SimulatedStudy | MultiSliceStudy) -> None:
@@ -145,8 +141,9 @@ def _check_study(study: SimulatedStudy | MultiSliceStudy) -> None:
         if study.kspace.ndim != 4:
             raise ValueError(f"kspace must be [frames, readouts, coils, samples], got shape {study.kspace.shape}")
         if not 0 <= study.slice_index < study.geometry.n_slices:
-            raise ValueError(f"slice_index {study.slice_index} is outside the geometry's "
-                             f"{study.geometry.n_slices} slice positions")
+            raise ValueError(
+                f"slice_index {study.slice_index} is outside the geometry's {study.geometry.n_slices} slice positions"
+            )
     n_f, n_r, _, n_s = _shape(study)
     if study.lines.shape != (n_f, n_r):
         raise ValueError(f"lines must be [frames, readouts] = {(n_f, n_r)}, got {study.lines.shape}")
@@ -204,9 +201,7 @@ def build_header(study: SimulatedStudy | MultiSliceStudy) -> x.ismrmrdHeader:
     frame_of_ref = info.frame_of_reference_uid or study.geometry.frame_of_reference_uid or None
     measurement = x.measurementInformationType(
         # Siemens-style "<device>_<patient>_<study>_<measurement>" id; only needs to be unique per measurement.
-        measurementID="_".join(
-            s for s in (info.station_name or "SIM", info.patient_id, info.study_id, str(muid)) if s
-        ),
+        measurementID="_".join(s for s in (info.station_name or "SIM", info.patient_id, info.study_id, str(muid)) if s),
         seriesDate=_xml_date(info.study_date),
         seriesTime=_xml_time(info.study_time),
         patientPosition=x.patientPositionType.HFS,
@@ -242,7 +237,8 @@ def build_header(study: SimulatedStudy | MultiSliceStudy) -> x.ismrmrdHeader:
         kspace_encoding_step_0=x.limitType(minimum=0, maximum=n_s - 1, center=n_s // 2 if cartesian else 0),
         kspace_encoding_step_1=(
             x.limitType(minimum=0, maximum=max(my - 1, max_line), center=my // 2)
-            if cartesian else x.limitType(minimum=0, maximum=max_line, center=0)
+            if cartesian
+            else x.limitType(minimum=0, maximum=max_line, center=0)
         ),
         kspace_encoding_step_2=x.limitType(minimum=0, maximum=0, center=0),
         slice=x.limitType(minimum=0, maximum=study.geometry.n_slices - 1, center=0),
@@ -306,7 +302,7 @@ def utf8_header(header: x.ismrmrdHeader) -> x.ismrmrdHeader:
     """A copy of ``header`` whose ``toXML()`` renders ``header_xml`` (UTF-8), for ``ProtocolSerializer.serialize``."""
     h = copy.copy(header)
     # ProtocolSerializer calls obj.toXML(); an instance attribute takes precedence over the class method.
-    h.toXML = functools.partial(header_xml, h)  # type: ignore[method-assign]
+    h.toXML = functools.partial(header_xml, h)
     return h
 
 
@@ -332,7 +328,11 @@ def acquisition_headers(study: SimulatedStudy) -> np.ndarray:
     for c in range(n_c):
         heads["channel_mask"][:, c // 64] |= np.uint64(1) << np.uint64(c % 64)
     heads["center_sample"] = n_s // 2 if study.trajectory_kind in ("cartesian", "radial") else 0
-    heads["trajectory_dimensions"] = 0 if study.trajectory_kind == "cartesian" else study.trajectory.shape[-1]
+    if study.trajectory_kind == "cartesian":
+        heads["trajectory_dimensions"] = 0
+    else:
+        assert study.trajectory is not None  # _check_study: a non-Cartesian study carries its trajectory
+        heads["trajectory_dimensions"] = study.trajectory.shape[-1]
     heads["sample_time_us"] = DWELL_TIME_US
     centre, row, col, normal = slice_centre(study)
     heads["position"] = centre.astype(np.float32)
@@ -426,8 +426,9 @@ class IsmrmrdFileWriter:
     :meth:`append` extends the ``data`` table by one slice's readouts, so memory holds one slice at a time.
     """
 
-    def __init__(self, path: str | Path, header: x.ismrmrdHeader, dataset: str = "dataset",
-                 chunk_rows: int = 1024) -> None:
+    def __init__(
+        self, path: str | Path, header: x.ismrmrdHeader, dataset: str = "dataset", chunk_rows: int = 1024
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(self.path.name + ".partial")
@@ -435,8 +436,9 @@ class IsmrmrdFileWriter:
         grp = self._file.create_group(dataset)
         xml_ds = grp.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
         xml_ds[0] = header_xml(header).encode("utf-8")
-        self._data = grp.create_dataset("data", shape=(0,), dtype=acquisition_dtype, maxshape=(None,),
-                                        chunks=(max(1, chunk_rows),))
+        self._data = grp.create_dataset(
+            "data", shape=(0,), dtype=acquisition_dtype, maxshape=(None,), chunks=(max(1, chunk_rows),)
+        )
         self.n_written = 0
 
     def append(self, study: SimulatedStudy) -> int:
@@ -468,8 +470,9 @@ def write_ismrmrd(study: SimulatedStudy | MultiSliceStudy, path: str | Path, dat
 
     The acquisitions go in with one bulk write of the compound dtype that ``ismrmrd.Dataset`` uses
     (``ismrmrd.hdf5.acquisition_dtype``): ``Dataset.append_acquisition`` resizes the dataset for every readout and
-    took 4.8 s against 0.27 s for 1000 frames x 2 readouts x 8 coils x 1024 samples (150 MB) on the 2-core CI box. The result reads back with ``ismrmrd.Dataset`` and with the C
-    library (e.g. Debian's ``ismrmrd_recon_cartesian_2d``), and stays appendable (unlimited max shape).
+    took 4.8 s against 0.27 s for 1000 frames x 2 readouts x 8 coils x 1024 samples (150 MB) on the 2-core CI box.
+    The result reads back with ``ismrmrd.Dataset`` and with the C library (e.g. Debian's
+    ``ismrmrd_recon_cartesian_2d``), and stays appendable (unlimited max shape).
     An existing file at ``path`` is replaced. A multi-slice study is simulated and appended one slice at a time
     (:class:`IsmrmrdFileWriter`).
     """
@@ -500,15 +503,16 @@ def write_ismrmrd(study: SimulatedStudy | MultiSliceStudy, path: str | Path, dat
 
 
 # ---- MRD stream --------------------------------------------------------------------------------------------------
-def _config_message(config: str) -> ConfigFile | ConfigText:
+def config_message(config: str) -> ConfigFile | ConfigText:
     """A config name (e.g. "default") becomes CONFIG_FILE; an XML/JSON document becomes CONFIG_TEXT."""
     text = config.strip()
     return ConfigText(config) if text.startswith(("<", "{")) else ConfigFile(config)
 
 
-def _stream_objects(
+def stream_objects(
     study_or_path: SimulatedStudy | MultiSliceStudy | str | Path,
 ) -> tuple[x.ismrmrdHeader, Iterable[ismrmrd.Acquisition]]:
+    """The header and the acquisitions (lazily) of a study in memory or of an ISMRMRD .h5 file."""
     if isinstance(study_or_path, (SimulatedStudy, MultiSliceStudy)):
         return build_header(study_or_path), iter_acquisitions(study_or_path)
     path = Path(study_or_path)
@@ -527,10 +531,10 @@ def serialize_study(
 
     Returns the number of acquisitions written.
     """
-    header, acqs = _stream_objects(study)
+    header, acqs = stream_objects(study)
     ser = ProtocolSerializer(stream)
     if config is not None:
-        ser.serialize(_config_message(config))
+        ser.serialize(config_message(config))
     ser.serialize(utf8_header(header))
     n = 0
     for acq in acqs:
@@ -538,142 +542,3 @@ def serialize_study(
         n += 1
     ser.close()
     return n
-
-
-class _SocketReader:
-    """A read(n) file for ProtocolDeserializer over a socket, with an inactivity timeout.
-
-    The timeout counts from the last byte received *or sent*: a server is allowed to stay silent while the client
-    is still streaming to it, but not for more than ``timeout`` seconds after the client has finished. Polling with
-    select() keeps the socket usable after a quiet period (socket.makefile() objects are dead after one timeout).
-    """
-
-    def __init__(self, sock: socket.socket, timeout: float, activity: list[float]) -> None:
-        self._sock = sock
-        self._timeout = timeout
-        self._activity = activity  # [monotonic time of the last send], shared with the sending thread
-        self._last = time.monotonic()
-        self.bytes_read = 0
-        self.cancelled = threading.Event()
-
-    def read(self, n: int) -> bytes:
-        import select
-
-        chunks: list[bytes] = []
-        remaining = n
-        while remaining > 0:
-            if self.cancelled.is_set():
-                raise ConnectionAbortedError("reply reading cancelled")
-            ready, _, _ = select.select([self._sock], [], [], 0.1)
-            if not ready:
-                idle = time.monotonic() - max(self._last, self._activity[0])
-                if idle > self._timeout:
-                    raise TimeoutError(f"no data from the server for {idle:.1f} s")
-                continue
-            chunk = self._sock.recv(min(remaining, 1 << 20))
-            if not chunk:
-                break  # EOF: return short, as a file would; the deserializer raises EOFError
-            chunks.append(chunk)
-            remaining -= len(chunk)
-            self._last = time.monotonic()
-        data = b"".join(chunks)
-        self.bytes_read += len(data)
-        return data
-
-
-def send_study(
-    study_or_path: SimulatedStudy | MultiSliceStudy | str | Path,
-    host: str,
-    port: int,
-    config: str | None = "default",
-    timeout: float = 30.0,
-) -> list[Any]:
-    """Stream a study (in memory, or an ISMRMRD .h5 file) to an MRD server and return what it sends back.
-
-    The reply (images, TEXT messages, ndarrays ...) is read on a second thread while the study is being sent, so a
-    server that answers during the stream cannot dead-lock against us. Returns the objects received before the
-    server's CLOSE (or a clean end of connection). ``timeout`` bounds connecting, every send, and the server's
-    silence after the last byte we sent.
-
-    Raises ``ConnectionError`` when the server is unreachable, drops the connection while we send, or closes it in
-    the middle of a message, and ``TimeoutError`` when it does not answer in time; messages name host, port and
-    what had been sent and received.
-    """
-    where = f"MRD server {host}:{port}"
-    header, acqs = _stream_objects(study_or_path)
-    try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError as e:
-        raise ConnectionError(f"cannot connect to {where}: {e}") from e
-
-    received: list[Any] = []
-    errors: list[BaseException] = []
-    closed_by_server = threading.Event()
-    activity = [time.monotonic()]
-    reader = _SocketReader(sock, timeout, activity)
-
-    def read_replies() -> None:
-        de = ProtocolDeserializer(reader)  # type: ignore[arg-type]
-        boundary = 0
-        try:
-            for obj in de.deserialize():
-                received.append(obj)
-                boundary = reader.bytes_read
-            closed_by_server.set()  # CLOSE received
-        except EOFError as e:
-            if reader.bytes_read == boundary:
-                log.warning("%s closed the connection without CLOSE after %d objects", where, len(received))
-                closed_by_server.set()
-            else:
-                errors.append(ConnectionError(f"{where} closed the connection in the middle of a message ({e})"))
-        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
-            errors.append(e)
-
-    thread = threading.Thread(target=read_replies, name=f"mrd-reply-{host}:{port}", daemon=True)
-    thread.start()
-    n_sent = 0
-    out = sock.makefile("wb", buffering=1 << 20)
-    try:
-        try:
-            ser = ProtocolSerializer(out)
-            if config is not None:
-                ser.serialize(_config_message(config))
-            ser.serialize(utf8_header(header))
-            for acq in acqs:
-                ser.serialize(acq)
-                n_sent += 1
-                activity[0] = time.monotonic()
-            ser.close()  # CLOSE + flush
-            activity[0] = time.monotonic()
-        except OSError as e:
-            # The server may have answered (e.g. an ERR text) before dropping us: give its reply a moment.
-            thread.join(timeout=min(timeout, 2.0))
-            texts = [o for o in received if isinstance(o, str)]
-            raise ConnectionError(
-                f"{where} dropped the connection after {n_sent} acquisitions were sent ({e})"
-                + (f"; server said: {' | '.join(texts)}" if texts else "")
-            ) from e
-        # The reader enforces the inactivity timeout itself; this join bound is only a safety net.
-        thread.join(timeout=timeout + 5.0)
-        if thread.is_alive():
-            raise TimeoutError(f"{where} did not finish its reply within {timeout} s of inactivity")
-    finally:
-        # Stop the reader before its socket goes away, then close both ends of our side.
-        reader.cancelled.set()
-        thread.join(timeout=1.0)
-        for closable in (out, sock):
-            try:
-                closable.close()
-            except OSError:
-                pass
-    if errors:
-        e = errors[0]
-        if isinstance(e, TimeoutError):
-            raise TimeoutError(
-                f"{where} sent no reply within {timeout} s after {n_sent} acquisitions "
-                f"({len(received)} objects received)"
-            ) from e
-        if isinstance(e, ConnectionError):
-            raise e
-        raise ConnectionError(f"could not read the reply of {where}: {e}") from e
-    return received

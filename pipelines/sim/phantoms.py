@@ -349,8 +349,13 @@ def _z_scale(z: float, centre: float, half: float) -> float:
 
 
 def _section(
-    g: Grid, z: float, z_extent: tuple[float, float], centre: tuple[float, float], semi_axes: tuple[float, float],
-    angle_deg: float = 0.0, wobble: tuple[float, int, float] | None = None,
+    g: Grid,
+    z: float,
+    z_extent: tuple[float, float],
+    centre: tuple[float, float],
+    semi_axes: tuple[float, float],
+    angle_deg: float = 0.0,
+    wobble: tuple[float, int, float] | None = None,
 ) -> np.ndarray:
     """The cross-section at ``z`` of an ellipsoid whose z = 0 section (or, if z = 0 misses it, its central
     section) is the given 2D ellipse; empty where the slice misses it."""
@@ -384,20 +389,27 @@ def _paint_brain(painter: _Painter, opts: _AnatomyOptions) -> None:
     painter.paint("scalp", _section(g, z, _BRAIN_Z["scalp"], (0.0, 0.0), (0.74, 0.92)))
     painter.paint("skull", _section(g, z, _BRAIN_Z["skull"], (0.0, 0.0), (0.68, 0.86)))
     painter.paint("csf", _section(g, z, _BRAIN_Z["csf"], (0.0, 0.0), (0.645, 0.825)))
-    painter.paint("grey_matter", _section(g, z, _BRAIN_Z["grey_matter"], (0.0, 0.0), (0.62, 0.80),
-                                          wobble=(0.015, 13, 0.4)))
-    painter.paint("white_matter", _section(g, z, _BRAIN_Z["white_matter"], (0.0, 0.01), (0.50, 0.67),
-                                           wobble=(0.05, 9, 0.0)))
+    painter.paint(
+        "grey_matter", _section(g, z, _BRAIN_Z["grey_matter"], (0.0, 0.0), (0.62, 0.80), wobble=(0.015, 13, 0.4))
+    )
+    painter.paint(
+        "white_matter", _section(g, z, _BRAIN_Z["white_matter"], (0.0, 0.01), (0.50, 0.67), wobble=(0.05, 9, 0.0))
+    )
     vs = opts.ventricle_scale
     # Painted (possibly empty) in every slice, so label ids are the same in every slice of a stack.
-    painter.paint("lateral_ventricle_left", _section(g, z, _BRAIN_Z["ventricles"], (-0.11, -0.06),
-                                                     (0.065 * vs, 0.24 * vs), angle_deg=-12.0))
-    painter.paint("lateral_ventricle_right", _section(g, z, _BRAIN_Z["ventricles"], (0.11, -0.06),
-                                                      (0.065 * vs, 0.24 * vs), angle_deg=12.0))
+    painter.paint(
+        "lateral_ventricle_left",
+        _section(g, z, _BRAIN_Z["ventricles"], (-0.11, -0.06), (0.065 * vs, 0.24 * vs), angle_deg=-12.0),
+    )
+    painter.paint(
+        "lateral_ventricle_right",
+        _section(g, z, _BRAIN_Z["ventricles"], (0.11, -0.06), (0.065 * vs, 0.24 * vs), angle_deg=12.0),
+    )
     painter.paint("lesion", _section(g, z, _BRAIN_Z["lesion"], (0.30, -0.30), (0.06, 0.048), angle_deg=30.0))
     if z != 0.0:  # absent from the canonical slice
-        painter.paint("lesion", _section(g, z, _BRAIN_Z["lesion_superior"], (-0.22, 0.18), (0.07, 0.055),
-                                         angle_deg=-20.0))
+        painter.paint(
+            "lesion", _section(g, z, _BRAIN_Z["lesion_superior"], (-0.22, 0.18), (0.07, 0.055), angle_deg=-20.0)
+        )
 
 
 # Muscle sectors about the femur (degrees; 0 = image right, 90 = down/posterior, -90 = up/anterior).
@@ -465,9 +477,7 @@ def _gaussian(grid: Grid, centre: tuple[float, float], sigma: tuple[float, float
     return np.exp(-0.5 * (((x - centre[0]) / sigma[0]) ** 2 + ((y - centre[1]) / sigma[1]) ** 2))
 
 
-def _smooth_noise(
-    grid: Grid, rng: np.random.Generator, n_terms: int = 6, max_freq: float = 2.5
-) -> np.ndarray:
+def _smooth_noise(grid: Grid, rng: np.random.Generator, n_terms: int = 6, max_freq: float = 2.5) -> np.ndarray:
     """A random low-frequency field scaled to [-1, 1]: texture and random field patterns."""
     x, y = grid
     out = np.zeros_like(x)
@@ -540,8 +550,11 @@ _DF_Z_GRADIENT_HZ = 10.0
 
 def _fields_off_centre(b1: np.ndarray, df: np.ndarray, z: float, b0: float) -> tuple[np.ndarray, np.ndarray]:
     """B1 and off-resonance of a slice at ``z`` from those of the z = 0 slice."""
-    b1 = 1.0 + (b1 - 1.0) * np.exp(-0.5 * (z / _B1_Z_SIGMA) ** 2) - 0.05 * _b1_field_scale(b0) * (
-        1.0 - np.exp(-0.5 * (z / _B1_Z_SIGMA) ** 2))
+    b1 = (
+        1.0
+        + (b1 - 1.0) * np.exp(-0.5 * (z / _B1_Z_SIGMA) ** 2)
+        - 0.05 * _b1_field_scale(b0) * (1.0 - np.exp(-0.5 * (z / _B1_Z_SIGMA) ** 2))
+    )
     df = df + _DF_Z_GRADIENT_HZ * z * (b0 / 3.0)
     return b1, df
 
@@ -590,7 +603,10 @@ def _random_pose(grid: Grid, rng: np.random.Generator) -> Grid:
 
 
 def _as_shape(matrix: int | tuple[int, int]) -> tuple[int, int]:
-    shape = (int(matrix), int(matrix)) if np.isscalar(matrix) else (int(matrix[0]), int(matrix[1]))
+    if isinstance(matrix, tuple | list | np.ndarray):
+        shape = (int(matrix[0]), int(matrix[1]))
+    else:
+        shape = (int(matrix), int(matrix))
     if min(shape) < 8:
         raise ValueError(f"phantom matrix {shape} is too small; use at least 8 x 8 pixels")
     return shape
@@ -626,7 +642,8 @@ def make_phantom(
 
     object_grid = _random_pose(pixel_grid, rng) if rng is not None else pixel_grid
     opts = _AnatomyOptions(
-        pixel_size=pixel_size, ventricle_scale=float(rng.uniform(0.8, 1.4)) if rng is not None else 1.0,
+        pixel_size=pixel_size,
+        ventricle_scale=float(rng.uniform(0.8, 1.4)) if rng is not None else 1.0,
         z=float(z),
     )
     painter = _Painter(object_grid)
@@ -672,8 +689,10 @@ def make_phantom(
 def _tissue_maps(labels: np.ndarray, tissues: dict[int, Tissue]) -> dict[str, np.ndarray]:
     """Look every label up in its tissue's values; label 0 (background) maps to zeros."""
     n = int(max(tissues, default=0)) + 1
-    lut = {key: np.zeros(n, dtype=np.float64) for key in
-           ("t1_water_ms", "t2_water_ms", "t1_fat_ms", "t2_fat_ms", "ff", "pd")}
+    lut = {
+        key: np.zeros(n, dtype=np.float64)
+        for key in ("t1_water_ms", "t2_water_ms", "t1_fat_ms", "t2_fat_ms", "ff", "pd")
+    }
     for label, t in tissues.items():
         for key in lut:
             lut[key][label] = getattr(t, key)

@@ -70,9 +70,7 @@ def _keep_central(rows: np.ndarray, count: int, calib: np.ndarray, n_lines: int)
     return np.sort(np.concatenate([keep, np.intersect1d(rows, calib)]))
 
 
-def _variable_density_weights(
-    rows: np.ndarray, n_lines: int, sigma: float = 0.35, floor: float = 0.05
-) -> np.ndarray:
+def _variable_density_weights(rows: np.ndarray, n_lines: int, sigma: float = 0.35, floor: float = 0.05) -> np.ndarray:
     # Gaussian in the normalised distance from the centre, with a floor so the periphery is never empty.
     distance = (rows - n_lines // 2) / (n_lines / 2.0)
     weights = np.exp(-0.5 * (distance / sigma) ** 2) + floor
@@ -165,9 +163,7 @@ def radial_trajectory(
     n_spokes`` (uniform). Sample ``n_samples // 2`` is the k-space centre.
     """
     if n_spokes < 1 or n_samples < 2 or matrix < 2:
-        raise ValueError(
-            f"need n_spokes >= 1, n_samples >= 2, matrix >= 2; got {n_spokes}, {n_samples}, {matrix}"
-        )
+        raise ValueError(f"need n_spokes >= 1, n_samples >= 2, matrix >= 2; got {n_spokes}, {n_samples}, {matrix}")
     theta = radial_angles(n_spokes, golden, start_index)
     r = _spoke_positions(n_samples, matrix)
     k = np.stack([np.cos(theta)[:, None] * r, np.sin(theta)[:, None] * r], axis=-1)

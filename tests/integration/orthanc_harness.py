@@ -2,6 +2,7 @@
 
     orthanc = start_orthanc(tmp_path)            # skips the test when Orthanc is not installed
     orthanc.instances(); orthanc.stop(); orthanc.start()   # restart keeps the stored data
+    orthanc = start_orthanc(tmp_path, dicomweb=True)   # + the DICOMweb plugin: orthanc.dicomweb_url
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import base64
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +23,9 @@ from typing import Any
 import pytest
 
 ORTHANC = os.environ.get("ORTHANC_BINARY", "/usr/sbin/Orthanc")
+# Debian package orthanc-dicomweb
+DICOMWEB_PLUGIN = os.environ.get("ORTHANC_DICOMWEB_PLUGIN", "/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+DICOMWEB_ROOT = "/dicom-web/"
 
 
 def free_port() -> int:
@@ -41,11 +46,24 @@ class OrthancProcess:
     aet: str
     log_path: Path
     startup_timeout_s: float = 60.0
+    user: tuple[str, str] | None = None  # (name, password) when the REST API wants authentication
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root (with ``dicomweb=True``)."""
+        return self.url + DICOMWEB_ROOT.rstrip("/")
+
+    @property
+    def basic_auth(self) -> str | None:
+        """The Authorization header value for ``user``."""
+        if self.user is None:
+            return None
+        return "Basic " + base64.b64encode(f"{self.user[0]}:{self.user[1]}".encode()).decode()
 
     def start(self) -> OrthancProcess:
         if self.proc is not None and self.proc.poll() is None:
@@ -100,8 +118,12 @@ class OrthancProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def rest(self, path: str, timeout: float = 30.0) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+    def rest(self, path: str, timeout: float = 30.0, data: bytes | None = None) -> Any:
+        """GET (or POST ``data``) the REST API; JSON answer."""
+        request = urllib.request.Request(self.url + path, data=data)
+        if self.basic_auth:
+            request.add_header("Authorization", self.basic_auth)
+        with urllib.request.urlopen(request, timeout=timeout) as r:
             return json.loads(r.read().decode("utf-8"))
 
     def instances(self) -> list[str]:
@@ -123,12 +145,26 @@ class OrthancProcess:
         """``/instances/{id}/simplified-tags``: keyword -> value (sequences as lists of dicts)."""
         return dict(self.rest(f"/instances/{instance_id}/simplified-tags"))
 
+    def sop_instance_uids(self) -> list[str]:
+        """The SOP Instance UID of every stored instance, one entry per instance (a duplicate would show twice)."""
+        return [i["MainDicomTags"]["SOPInstanceUID"] for i in self.rest("/instances?expand")]
+
+    def store(self, path: Path) -> None:
+        """Store a DICOM file through the REST API (not through the node)."""
+        self.rest("/instances", data=Path(path).read_bytes())
+
 
 def start_orthanc(tmp_path: Path, dicom_port: int | None = None, http_port: int | None = None,
-                  aet: str = "ORTHANC", modalities: dict[str, tuple[str, str, int]] | None = None) -> OrthancProcess:
-    """Configure and start Orthanc under ``tmp_path/orthanc``; skips the calling test when it is not installed."""
+                  aet: str = "ORTHANC", modalities: dict[str, tuple[str, str, int]] | None = None, *,
+                  dicomweb: bool = False, user: tuple[str, str] | None = None) -> OrthancProcess:
+    """Configure and start Orthanc under ``tmp_path/orthanc``; skips the calling test when it is not installed.
+
+    ``dicomweb``: load the DICOMweb plugin (QIDO-RS, STOW-RS under ``/dicom-web/``; skips without it).
+    ``user``: the HTTP API (DICOMweb included) wants this (name, password) with HTTP basic authentication."""
     if not orthanc_available():
         pytest.skip(f"Orthanc is not installed ({ORTHANC}); apt-get install orthanc")
+    if dicomweb and not Path(DICOMWEB_PLUGIN).is_file():
+        pytest.skip(f"Orthanc's DICOMweb plugin is not installed ({DICOMWEB_PLUGIN}); apt-get install orthanc-dicomweb")
     root = Path(tmp_path) / "orthanc"
     (root / "storage").mkdir(parents=True, exist_ok=True)
     (root / "index").mkdir(parents=True, exist_ok=True)
@@ -143,7 +179,8 @@ def start_orthanc(tmp_path: Path, dicom_port: int | None = None, http_port: int 
         "HttpServerEnabled": True,
         "HttpPort": http_port,
         "RemoteAccessAllowed": False,  # loopback only
-        "AuthenticationEnabled": False,
+        "AuthenticationEnabled": user is not None,
+        "RegisteredUsers": {user[0]: user[1]} if user else {},
         "DicomServerEnabled": True,
         "DicomAet": aet,
         "DicomPort": dicom_port,
@@ -151,10 +188,11 @@ def start_orthanc(tmp_path: Path, dicom_port: int | None = None, http_port: int 
         "DicomAlwaysAllowEcho": True,
         "DicomAlwaysAllowStore": True,
         "DicomModalities": {name: list(v) for name, v in modalities.items()},
-        "Plugins": [],
+        "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [],
+        **({"DicomWeb": {"Enable": True, "Root": DICOMWEB_ROOT}} if dicomweb else {}),
         "ConcurrentJobs": 1,
         "HttpThreadsCount": 4,
     }
     config_path = root / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=1))
-    return OrthancProcess(config_path, dicom_port, http_port, aet, root / "orthanc.log").start()
+    return OrthancProcess(config_path, dicom_port, http_port, aet, root / "orthanc.log", user=user).start()

@@ -23,13 +23,10 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RawDataStorage
 from pynetdicom import AE
 
 from node.config import parse_config
-from node.ingest.dicom_scp import (
-    DicomSCP,
-    embedded_ismrmrd,
-    wrap_ismrmrd_in_raw_data,
-)
-from node.ingest.units import IngestUnit
+from node.ingest.dicom_scp import DicomSCP
+from node.ingest.units import Admission, IngestUnit, unit_from_disk
 from pipelines.io.dicom_reader import image_study_from_dicom
+from pipelines.io.ismrmrd_dicom import embedded_ismrmrd, wrap_ismrmrd_in_raw_data
 from pipelines.io.mrd_reader import raw_study_from_hdf5
 from pipelines.physics.sequences import MRFSequence, fisp_sequence
 from pipelines.sim.acquisition import AcquisitionSettings, simulate_study
@@ -85,12 +82,12 @@ class Recorder:
         self.fail = fail
         self._lock = threading.Lock()
 
-    def __call__(self, unit: IngestUnit) -> str:
+    def __call__(self, unit: IngestUnit) -> Admission:
         with self._lock:
             self.units.append(unit)
         if self.fail:
             raise RuntimeError("job store is down")
-        return f"job-{len(self.units)}"
+        return Admission(f"job-{len(self.units)}", "queued", "test")
 
 
 @pytest.fixture
@@ -358,8 +355,6 @@ def test_restart_releases_groups_left_in_incoming(make_scp, frames, tmp_path, ca
 
 
 def test_handler_failure_keeps_the_unit_with_its_sidecar(make_scp, frames, study, tmp_path, caplog):
-    from node.service import unit_from_disk
-
     spool = tmp_path / "spool"
     failing = Recorder(fail=True)
     scp, _ = make_scp(spool=spool, handler=failing)

@@ -19,7 +19,6 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -30,7 +29,7 @@ from orthanc_harness import free_port, start_orthanc
 from pipelines.physics.sequences import fisp_sequence
 from pipelines.sim.acquisition import AcquisitionSettings, simulate_study
 from pipelines.sim.dicom_frames import write_dicom_frames
-from pipelines.sim.mrd_writer import send_study
+from node.ingest.mrd_client import send_study
 from tests.integration.node_harness import start_node
 
 pytestmark = pytest.mark.integration
@@ -41,12 +40,6 @@ N_RESTART_FRAMES = 300
 MAP_SERIES = {"T1 map [ms]", "T2 map [ms]", "Proton density [a.u.]", "B1 relative flip angle [1]",
               "Fit residual [%]"}
 TISSUES = ("white_matter", "grey_matter", "csf")
-
-
-def _has_mrf_pipeline() -> bool:
-    from pipelines.registry import list_pipelines
-
-    return any(s.name == "mrf" for s in list_pipelines())
 
 
 @contextlib.contextmanager
@@ -80,9 +73,8 @@ def loop(tmp_path_factory):
         {"name": "raw-cartesian", "match": {"input": "mrd", "protocol_name": "restart"},
          "pipeline": "cartesian_frames", "params": {"frames": ",".join(map(str, range(N_RESTART_FRAMES)))},
          "send_to": ["orthanc"]},
+        {"name": "raw-mrf", "match": {"input": "mrd"}, "pipeline": "mrf", "send_to": ["orthanc"]},
     ]
-    if _has_mrf_pipeline():
-        routes.append({"name": "raw-mrf", "match": {"input": "mrd"}, "pipeline": "mrf", "send_to": ["orthanc"]})
     node = start_node(tmp, {
         "node": {"ae_title": NODE_AE, "dicom_port": node_port, "parametric_map": True},
         "destinations": [{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
@@ -169,9 +161,6 @@ def test_dicom_frames_to_maps_in_orthanc(loop, study, tmp_path):
 
 
 def test_raw_mrf_over_mrd_to_maps_in_orthanc(loop, tmp_path):
-    if not _has_mrf_pipeline():
-        pytest.skip("the raw MRF pipeline 'mrf' is not registered yet (pipelines/mrf_pipeline.py); "
-                    "`recon-node pipelines` does not list it")
     node, orthanc = loop
     from dataclasses import replace
 
@@ -233,7 +222,9 @@ def test_orthanc_outage_every_instance_arrives_once(loop, study):
 def test_folder_path_for_the_readme(tmp_path):
     """The README's claim about folder destinations: <path>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm, durable."""
     from node.egress.dicom_writer import write_outputs
-    from node.egress.sender import FolderDestination, Outbox, Sender
+    from node.config import FolderDestination
+    from node.egress.outbox import Outbox
+    from node.egress.sender import Sender
     from pipelines.types import Geometry, QuantitativeMap, StudyInfo
 
     g = Geometry.centred((8, 8), (80.0, 80.0))
@@ -242,12 +233,12 @@ def test_folder_path_for_the_readme(tmp_path):
                           tmp_path / "out", "job-folder")
     outbox = Outbox(tmp_path / "outbox.sqlite")
     outbox.enqueue(files, "share", "job-folder")
-    sender = Sender(outbox, [FolderDestination("share", tmp_path / "share")])
+    sender = Sender(outbox, [FolderDestination(name="share", path=tmp_path / "share")])
     assert sender.verify("share") is True
     assert sender.send_due() == 1 and sender.send_due() == 0
-    ds = pydicom.dcmread(files[0])
+    ds = pydicom.dcmread(files[0].path)
     target = tmp_path / "share" / info.study_instance_uid / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
-    assert target.read_bytes() == Path(files[0]).read_bytes()
+    assert target.read_bytes() == files[0].path.read_bytes()
     assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]  # no temp files left
     assert sender.destination_status()[0] | {"last_success_at": None} == {
         "name": "share", "kind": "folder", "target": str(tmp_path / "share"), "pending": 0, "sent": 1, "failed": 0,

@@ -16,7 +16,8 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, MRImageStorage
 
-from node.ingest.dicom_scp import DicomSCP, decodable_transfer_syntaxes, wrap_ismrmrd_in_raw_data
+from node.ingest.dicom_scp import DicomSCP, decodable_transfer_syntaxes
+from pipelines.io.ismrmrd_dicom import wrap_ismrmrd_in_raw_data
 from pipelines.io.mrd_reader import raw_study_from_hdf5
 from pipelines.sim.mrd_writer import write_ismrmrd
 from tests.integration.test_dicom_scp import (  # noqa: F401 - fixtures
@@ -303,7 +304,9 @@ def test_sender_delivers_over_tls(frames, pki, tmp_path):
     """C-STORE to a destination with ``tls: true`` (our CA): delivered; with the wrong CA: not delivered,
     retried, the error says why."""
     from node.config import parse_config
-    from node.egress.sender import Outbox, Sender
+    from node.egress.instances import read_instance_records
+    from node.egress.outbox import Outbox
+    from node.egress.sender import Sender
 
     pacs_rec = Recorder()
     pacs = DicomSCP(make_config(tmp_path / "pacs", node=_tls_node(pki, require_client_cert=True),
@@ -322,8 +325,8 @@ def test_sender_delivers_over_tls(frames, pki, tmp_path):
             ]}, check_pipelines=False)
         outbox = Outbox(tmp_path / "outbox.sqlite")
         sender = Sender(outbox, cfg.destinations, calling_ae="RECONNODE", timeout_s=10)
-        outbox.enqueue(frames[:2], "pacs", "job-1")
-        outbox.enqueue(frames[2:3], "wrongca", "job-2")
+        outbox.enqueue(read_instance_records(frames[:2]), "pacs", "job-1")
+        outbox.enqueue(read_instance_records(frames[2:3]), "wrongca", "job-2")
         assert sender.send_due() == 2
         rows = {it.destination: it for it in outbox.items()}
         assert [it.state for it in outbox.items(destination="pacs")] == ["sent", "sent"]
@@ -411,7 +414,10 @@ def test_audit_lines_for_associations_instances_and_delivery(make_scp, frames, t
     import json
 
     from node import audit
-    from node.egress.sender import FolderDestination, Outbox, Sender
+    from node.config import FolderDestination
+    from node.egress.instances import read_instance_records
+    from node.egress.outbox import Outbox
+    from node.egress.sender import Sender
 
     log_path = tmp_path / "audit.jsonl"
     audit.configure(log_path)
@@ -426,9 +432,9 @@ def test_audit_lines_for_associations_instances_and_delivery(make_scp, frames, t
         assoc.release()
         assert wait_for(lambda: len(rec.units) == 1)
         outbox = Outbox(tmp_path / "outbox.sqlite")
-        outbox.enqueue(frames[:1], "share", "job-1")
-        outbox.enqueue(frames[1:2], "gone", "job-2")  # a destination no longer configured: failed, audited
-        Sender(outbox, {"share": FolderDestination("share", tmp_path / "share")}).send_due()
+        outbox.enqueue(read_instance_records(frames[:1]), "share", "job-1")
+        outbox.enqueue(read_instance_records(frames[1:2]), "gone", "job-2")  # a destination no longer configured: failed, audited
+        Sender(outbox, [FolderDestination(name="share", path=tmp_path / "share")]).send_due()
         outbox.close()
     finally:
         audit.configure(None)

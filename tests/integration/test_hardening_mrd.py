@@ -23,6 +23,7 @@ from ismrmrd.serialization import ConfigFile, ProtocolDeserializer, ProtocolSeri
 from node.config import parse_config
 from node.ingest import mrd_server as mrd_mod
 from node.ingest.mrd_server import MRDServer
+from node.ingest.units import Admission
 from pipelines.sim.mrd_writer import build_header, iter_acquisitions, utf8_header, write_ismrmrd
 from tests.integration.node_harness import free_port, start_node
 
@@ -279,7 +280,7 @@ def test_free_disk_is_rechecked_during_the_stream(tmp_path, study, monkeypatch):
 
     monkeypatch.setattr(mrd_mod, "spool_space_problem", space)
     units: list = []
-    server = MRDServer(cfg, lambda unit: units.append(unit) or "j-x").start()
+    server = MRDServer(cfg, lambda unit: units.append(unit) or Admission("j-x", "queued", "r")).start()
     try:
         said = exchange(server.port, stream_bytes(study, repeat=8))
     finally:

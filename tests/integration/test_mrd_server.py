@@ -14,10 +14,11 @@ import pytest
 from ismrmrd.serialization import ConfigFile, ProtocolDeserializer, ProtocolSerializer
 
 from node.config import parse_config
+from node.ingest.mrd_client import send_study
 from node.ingest.mrd_server import MRDServer
+from node.ingest.units import Admission
 from pipelines.sim.acquisition import AcquisitionSettings, simulate_study
-from pipelines.sim.mrd_writer import build_header, iter_acquisitions, send_study, serialize_study, utf8_header, \
-    write_ismrmrd
+from pipelines.sim.mrd_writer import build_header, iter_acquisitions, serialize_study, utf8_header, write_ismrmrd
 from tests.integration.node_harness import start_node
 
 pytestmark = pytest.mark.integration
@@ -170,7 +171,7 @@ def test_unknown_source_is_refused_without_reading(tmp_path, study):
                         "sources": [{"name": "scanner", "hosts": ["10.9.9.9"], "protocols": ["mrd"]}],
                         "routes": [{"name": "r", "pipeline": "cartesian_frames"}]})
     calls = []
-    server = MRDServer(cfg, lambda unit: calls.append(unit) or "j-x").start()
+    server = MRDServer(cfg, lambda unit: calls.append(unit) or Admission("j-x", "queued", "r")).start()
     try:
         try:
             said = texts(send_study(study, "127.0.0.1", server.port, timeout=30))

@@ -12,7 +12,8 @@ import pytest
 
 from pipelines.io.mrd_reader import raw_study_from_hdf5
 from pipelines.physics.sequences import fisp_sequence
-from pipelines.registry import RunContext, get_pipeline
+from pipelines.definitions import get_pipeline
+from pipelines.registry import RunContext
 from pipelines.sim.acquisition import AcquisitionSettings, simulate_study
 from pipelines.sim.mrd_writer import write_ismrmrd
 

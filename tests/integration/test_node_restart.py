@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from pipelines.sim.acquisition import AcquisitionSettings, simulate_study
-from pipelines.sim.mrd_writer import send_study
+from node.ingest.mrd_client import send_study
 from tests.integration.node_harness import start_node
 
 pytestmark = pytest.mark.integration
@@ -18,7 +18,8 @@ SLOW_PLUGIN = '''
 """Test plugin: cartesian_frames after a pause, so a test can kill the node in the middle of a job."""
 import time
 
-from pipelines.registry import Param, PipelineSpec, get_pipeline, register
+from pipelines.definitions import get_pipeline
+from pipelines.registry import Param, PipelineSpec, register
 
 
 def _run(raw, params, ctx):

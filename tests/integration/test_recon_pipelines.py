@@ -20,7 +20,7 @@ import pytest
 from pipelines.io.mrd_reader import raw_study_from_hdf5
 from pipelines.recon.nufft import nufft_forward
 from pipelines.recon.raw_prep import cartesian_kspace, noncartesian_samples
-from pipelines.registry import get_pipeline
+from pipelines.definitions import get_pipeline
 from pipelines.sim.coils import birdcage_maps
 from pipelines.sim.phantoms import make_phantom
 from pipelines.sim.trajectories import radial_trajectory

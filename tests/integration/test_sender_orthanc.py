@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from node.config import DicomDestination
 from node.egress.dicom_writer import write_outputs
-from node.egress.sender import Destination, Outbox, Sender
+from node.egress.instances import read_instance_records
+from node.egress.outbox import Outbox
+from node.egress.sender import Sender
 from orthanc_harness import free_port, start_orthanc
 from pipelines.types import Geometry, QuantitativeMap, ReconImage, StudyInfo
 
@@ -41,7 +43,8 @@ def _sender(outbox: Outbox, port: int, **kw) -> Sender:
     kw.setdefault("backoff_base_s", 0.25)
     kw.setdefault("poll_interval_s", 0.2)
     kw.setdefault("timeout_s", 10.0)
-    return Sender(outbox, {"pacs": Destination("pacs", "ORTHANC", "127.0.0.1", port)}, calling_ae="RECONNODE", **kw)
+    return Sender(outbox, [DicomDestination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=port)],
+                  calling_ae="RECONNODE", **kw)
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
@@ -173,7 +176,7 @@ def test_missing_files_and_unknown_destinations_fail_with_a_reason(tmp_path):
     outbox = Outbox(tmp_path / "outbox.sqlite")
     outbox.enqueue(files[:1], "pacs", "job-bad")
     outbox.enqueue(files[1:], "elsewhere", "job-bad")
-    Path(files[0]).unlink()
+    files[0].path.unlink()
     sender = _sender(outbox, free_port())
     assert sender.send_due() == 0
     errors = {it.destination: (it.state, it.last_error) for it in outbox.items()}
@@ -181,4 +184,4 @@ def test_missing_files_and_unknown_destinations_fail_with_a_reason(tmp_path):
     assert errors["elsewhere"][0] == "failed" and "not configured" in errors["elsewhere"][1]
     with pytest.raises(ValueError, match="not a readable DICOM"):
         (tmp_path / "junk.dcm").write_text("junk")
-        outbox.enqueue([tmp_path / "junk.dcm"], "pacs", "job-bad")
+        read_instance_records([tmp_path / "junk.dcm"])

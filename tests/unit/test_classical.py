@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.recon.classical import adjoint_recon, cg_sense, haar2, ihaar2, l1_wavelet, max_eigenvalue
+from pipelines.recon.classical import adjoint_recon, cg_sense, haar2, ihaar2, l1_wavelet
+from pipelines.recon.operators import max_eigenvalue
 from pipelines.recon.operators import CartesianSense, fft2c
 from pipelines.sim.coils import birdcage_maps
 from pipelines.sim.phantoms import make_phantom

@@ -62,8 +62,8 @@ REFS = [(MR_IMAGE, f"1.2.826.0.1.3680043.8.498.200.{i}") for i in range(6)]
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("maps")
     outputs = _outputs()
-    files = write_outputs(outputs, _study(), out, "job-42", references=REFS, parametric_map=True)
-    return out, outputs, files
+    records = write_outputs(outputs, _study(), out, "job-42", references=REFS, parametric_map=True)
+    return out, outputs, [r.path for r in records]
 
 
 def _by_kind(files: list[Path]) -> dict[str, list[Path]]:
@@ -192,7 +192,7 @@ def test_study_patient_and_geometry_are_copied(written):
 def test_uids_are_deterministic_per_job(tmp_path):
     def uids(job: str, where: Path) -> list[tuple[str, str]]:
         files = write_outputs(_outputs()[:2], _study(), where, job)
-        return [(pydicom.dcmread(f).SeriesInstanceUID, pydicom.dcmread(f).SOPInstanceUID) for f in files]
+        return [(pydicom.dcmread(f.path).SeriesInstanceUID, pydicom.dcmread(f.path).SOPInstanceUID) for f in files]
 
     first, again, other = uids("job-a", tmp_path / "a1"), uids("job-a", tmp_path / "a2"), uids("job-b", tmp_path / "b")
     assert first == again
@@ -208,10 +208,10 @@ def test_nan_and_out_of_range_values_are_zeroed_clipped_and_noted(tmp_path):
     data[2, 0, 0] = -5.0
     m = QuantitativeMap("t1", data, "ms", "T1 map", g)
     files = write_outputs([m], _study(), tmp_path, "job-clip")
-    pixels = [pydicom.dcmread(f).pixel_array for f in files]
+    pixels = [pydicom.dcmread(f.path).pixel_array for f in files]
     assert pixels[0][0, 0] == 0 and pixels[1][0, 0] == 65535 and pixels[2][0, 0] == 0
     assert any("NaN" in n for n in m.notes) and any("clipped" in n for n in m.notes)
-    assert "clipped" in pydicom.dcmread(files[0]).ImageComments
+    assert "clipped" in pydicom.dcmread(files[0].path).ImageComments
 
 
 def test_frames_of_one_slice_share_its_position(tmp_path):
@@ -219,7 +219,7 @@ def test_frames_of_one_slice_share_its_position(tmp_path):
     g.positions = g.positions[:1]
     img = ReconImage("image", np.ones((5, 16, 20), np.float32), "frames", g)
     files = write_outputs([img], _study(), tmp_path, "job-frames")
-    datasets = [pydicom.dcmread(f) for f in files]
+    datasets = [pydicom.dcmread(f.path) for f in files]
     assert [ds.TemporalPositionIdentifier for ds in datasets] == [1, 2, 3, 4, 5]
     assert all(np.allclose([float(v) for v in ds.ImagePositionPatient], g.positions[0]) for ds in datasets)
 
@@ -247,7 +247,7 @@ def test_site_templates_override_the_shipped_ones(tmp_path):
     (site / "t2.yaml").write_text(text)
     m = QuantitativeMap("t2", np.full((3, 16, 20), 80.0), "ms", "T2 map", _geometry())
     files = write_outputs([m], _study(), tmp_path / "out", "job-site", templates_dir=site)
-    assert pydicom.dcmread(files[0]).SeriesDescription == "T2 relaxometry [ms]"
+    assert pydicom.dcmread(files[0].path).SeriesDescription == "T2 relaxometry [ms]"
 
 
 def test_the_project_reader_reads_a_map_series_back_in_real_units(written):

@@ -31,18 +31,18 @@ def _done_job(store: JobStore, tmp_path, name: str, send_to: list[str]):
     result = tmp_path / "spool" / "results" / job.id
     g = Geometry.centred((4, 4), (40.0, 40.0))
     g.positions = np.array([[-18.0, -18.0, 0.0], [-18.0, -18.0, 5.0]])
-    write_outputs([QuantitativeMap("t1", np.full((2, 4, 4), 900.0), "ms", "T1", g)],
-                  StudyInfo(study_instance_uid=STUDY), result / "dicom", job.id)
+    records = write_outputs([QuantitativeMap("t1", np.full((2, 4, 4), 900.0), "ms", "T1", g)],
+                            StudyInfo(study_instance_uid=STUDY), result / "dicom", job.id)
     store.finish(job.id, result)
-    return store.get(job.id)
+    return store.get(job.id), records
 
 
 def test_done_job_reaches_the_folder_and_becomes_sent(tmp_path):
     cfg = _cfg(tmp_path)
     store = JobStore(cfg.node.database_path)
-    job = _done_job(store, tmp_path, "a", ["share"])
+    job, records = _done_job(store, tmp_path, "a", ["share"])
     egress = Egress(cfg, store)
-    egress.on_done(job, [], tmp_path / "spool" / "results" / job.id)
+    egress.on_done(job, [], tmp_path / "spool" / "results" / job.id, records)
     assert egress.sender.send_due() == 2
     assert store.get(job.id).state == "sent"
     assert len(list((tmp_path / "share" / STUDY).rglob("*.dcm"))) == 2
@@ -56,7 +56,7 @@ def test_done_job_reaches_the_folder_and_becomes_sent(tmp_path):
 def test_start_up_queues_done_jobs_a_stopped_node_never_queued(tmp_path):
     cfg = _cfg(tmp_path)
     store = JobStore(cfg.node.database_path)
-    job = _done_job(store, tmp_path, "b", ["share"])  # done, then the node died before the on_done hook
+    job, _ = _done_job(store, tmp_path, "b", ["share"])  # done, then the node died before the on_done hook
     egress = Egress(cfg, store)
     egress.reconcile()
     assert [it.state for it in egress.outbox.items(job_id=job.id)] == ["pending", "pending"]
@@ -68,7 +68,7 @@ def test_start_up_queues_done_jobs_a_stopped_node_never_queued(tmp_path):
 def test_unreachable_destination_keeps_the_job_done_with_pending_rows(tmp_path):
     cfg = _cfg(tmp_path, send_to=("share", "pacs"))
     store = JobStore(cfg.node.database_path)
-    job = _done_job(store, tmp_path, "c", ["share", "pacs"])
+    job, _ = _done_job(store, tmp_path, "c", ["share", "pacs"])
     egress = Egress(cfg, store)
     egress.enqueue_job(job)
     egress.sender.send_due()  # the folder gets its copies; nothing listens on port 1

@@ -196,7 +196,7 @@ def test_bad_inputs_raise_clear_errors(trained, seq60):
 
 
 def test_estimators_run_inside_mrf_maps_from_images(trained, seq60, tmp_path):
-    from pipelines.registry import get_pipeline
+    from pipelines.definitions import get_pipeline
     from pipelines.sim.acquisition import fingerprint_images
     from pipelines.sim.phantoms import make_phantom
     from pipelines.types import Geometry, ImageStudy, StudyInfo

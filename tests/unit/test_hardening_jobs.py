@@ -196,7 +196,7 @@ def test_unreadable_input_fails_at_once(tmp_path):
 
 
 def test_transient_failure_is_retried(tmp_path, small_study, monkeypatch):
-    from node import worker as worker_mod
+    from node import run as run_mod
 
     cfg = _site(tmp_path, [{"name": "r", "pipeline": "cartesian_frames"}])
     store = JobStore(cfg.node.database_path, max_attempts=3)
@@ -205,7 +205,7 @@ def test_transient_failure_is_retried(tmp_path, small_study, monkeypatch):
     def disk_gone(*a, **k):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(worker_mod, "write_results", disk_gone)
+    monkeypatch.setattr(run_mod, "_publish", disk_gone)  # the results' rename into place
     result, job = _run_job(cfg, store, unit, "r", "cartesian_frames", {"frames": "0"})
     assert result.state == "queued" and job.state == "queued" and job.attempts == 1
 
@@ -250,7 +250,7 @@ def test_completeness_counts_frames_slices_and_short_frames(small_study):
 def test_unknown_trajectory_is_a_header_error(small_study):
     import ismrmrd.xsd as x
 
-    from node.ingest.mrd_server import HeaderError, mrd_unit_attributes
+    from node.ingest.attributes import HeaderError, from_mrd_header
     from pipelines.sim.mrd_writer import build_header
 
     xml = build_header(small_study).toXML()
@@ -258,7 +258,7 @@ def test_unknown_trajectory_is_a_header_error(small_study):
     bad = xml.replace("<trajectory>cartesian</trajectory>", "<trajectory>zigzag</trajectory>")
     header = x.CreateFromDocument(bad.encode())
     with pytest.raises(HeaderError, match="'zigzag', not one of the ISMRMRD trajectory types"):
-        mrd_unit_attributes(header)
+        from_mrd_header(header)
 
 
 def test_restart_rearmed_group_keeps_collecting_the_same_study():
@@ -332,7 +332,8 @@ def test_cli_resend_requeues_delivered_outputs(tmp_path, capsys):
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
     from node.cli import main
-    from node.egress.sender import PENDING, Outbox
+    from node.egress.instances import read_instance_records
+    from node.egress.outbox import PENDING, Outbox
 
     site = _write_site(tmp_path, [{"name": "r", "pipeline": "cartesian_frames", "send_to": ["share"]}],
                        [{"name": "share", "kind": "folder", "path": str(tmp_path / "share")}])
@@ -355,7 +356,7 @@ def test_cli_resend_requeues_delivered_outputs(tmp_path, capsys):
     store.mark_sent(job.id)
     store.close()
     outbox = Outbox(spool / "outbox.sqlite")
-    outbox.enqueue(sorted(result.glob("*.dcm")), "share", job.id)
+    outbox.enqueue(read_instance_records(sorted(result.glob("*.dcm"))), "share", job.id)
     outbox.mark_sent([it.id for it in outbox.items(job_id=job.id)])
     outbox.close()
     assert main(["resend", job.id, "--config", str(site)]) == 0, capsys.readouterr().err

@@ -18,9 +18,10 @@ import pytest
 from conftest_sim import make_study
 from ismrmrd.serialization import ConfigFile, ProtocolDeserializer, ProtocolSerializer
 
+from node.ingest.mrd_client import send_study
 from pipelines.io.mrd_reader import header_xml, raw_study_from_hdf5, raw_study_from_stream
 from pipelines.physics.sequences import sequence_from_ismrmrd
-from pipelines.sim.mrd_writer import build_header, iter_acquisitions, send_study, serialize_study, write_ismrmrd
+from pipelines.sim.mrd_writer import build_header, iter_acquisitions, serialize_study, write_ismrmrd
 from pipelines.types import RawStudy
 
 SCHEMA = Path("/usr/share/ismrmrd/schema/ismrmrd.xsd")

@@ -239,7 +239,7 @@ def test_map_series_positions_follow_the_raw_geometry(ms, raw, tmp_path):
     """Maps [slices, y, x] with the reader's geometry -> the node's DICOM writer: each slice's instance at its place."""
     t1 = QuantitativeMap("t1", ms.truth["t1_ms"], "ms", "T1 map", raw.geometry)
     files = write_outputs([t1], raw.study, tmp_path, "job-ms")
-    dss = [pydicom.dcmread(f) for f in files if f.parent.name == "t1"]
+    dss = [pydicom.dcmread(r.path) for r in files if r.path.parent.name == "t1"]
     assert len(dss) == N_SLICES
     by_number = sorted(dss, key=lambda d: int(d.InstanceNumber))
     for s, ds in enumerate(by_number):

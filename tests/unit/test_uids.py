@@ -18,8 +18,11 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 
 from node import uids
+from node.config import FolderDestination
 from node.egress.dicom_writer import write_outputs
-from node.egress.sender import FolderDestination, Outbox, Sender
+from node.egress.instances import InstanceRecord, read_instance_records
+from node.egress.outbox import Outbox
+from node.egress.sender import Sender
 from pipelines.types import Geometry, QuantitativeMap, StudyInfo
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
@@ -74,13 +77,13 @@ def test_hostile_study_uid_is_replaced_and_never_becomes_a_path(tmp_path, caplog
     caplog.set_level(logging.WARNING)
     study = StudyInfo(patient_id="P1", study_instance_uid=bad)
     files = write_outputs([_map()], study, tmp_path / "out", job_id="1", uid_root="2.25.1234")
-    ds = pydicom.dcmread(files[0])
+    ds = pydicom.dcmread(files[0].path)
     assert uids.is_valid_uid(ds.StudyInstanceUID) and ds.StudyInstanceUID != bad
     assert "job 1" in caplog.text and "StudyInstanceUID" in caplog.text and "generated UID" in caplog.text
     share = tmp_path / "deep" / "share"
     share.mkdir(parents=True)
     outbox = Outbox(tmp_path / "outbox.sqlite")
-    sender = Sender(outbox, {"share": FolderDestination("share", share)})
+    sender = Sender(outbox, [FolderDestination(name="share", path=share)])
     outbox.enqueue(files, "share", "1")
     assert sender.send_due() == 1
     written = [p for p in tmp_path.rglob("*.dcm") if p.is_file() and "out" not in p.parts]
@@ -109,8 +112,8 @@ def test_folder_destination_refuses_files_with_hostile_uids(tmp_path):
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     outbox = Outbox(tmp_path / "outbox.sqlite")
-    sender = Sender(outbox, {"share": FolderDestination("share", share)})
-    outbox.enqueue(files, "share", "7")
+    sender = Sender(outbox, [FolderDestination(name="share", path=share)])
+    outbox.enqueue(read_instance_records(files), "share", "7")
     assert sender.send_due() == 0
     items = outbox.items()
     assert [it.state for it in items] == ["failed"] * 3
@@ -135,8 +138,8 @@ def test_node_root_is_random_persisted_and_reused(tmp_path):
         uids.load_or_create_root(tmp_path / "d", "1.2.03")
 
 
-def _series_uids(files: list[Path]) -> tuple[set[str], set[str]]:
-    dss = [pydicom.dcmread(f) for f in files]
+def _series_uids(files: list[InstanceRecord]) -> tuple[set[str], set[str]]:
+    dss = [pydicom.dcmread(r.path) for r in files]
     return {d.SeriesInstanceUID for d in dss}, {d.SOPInstanceUID for d in dss}
 
 
@@ -156,7 +159,7 @@ def test_two_spools_with_the_same_job_ids_give_different_uids(tmp_path):
     assert not s2 & s0 and not i2 & i0  # same node, same job id (reset spool), other input: other UIDs
     org = write_outputs([_map("t1")], study, tmp_path / "org", job_id="1", uid_root="1.2.826.0.1.3680043.10.999")
     for f in org:
-        d = pydicom.dcmread(f)
+        d = pydicom.dcmread(f.path)
         assert d.SOPInstanceUID.startswith("1.2.826.0.1.3680043.10.999.") and uids.is_valid_uid(d.SOPInstanceUID)
 
 
@@ -166,7 +169,7 @@ CHILD = textwrap.dedent('''
     from pathlib import Path
     from node.durable import restrict_permissions, write_durably, copy_durably
     from node.jobs import JobStore
-    from node.egress.sender import Outbox
+    from node.egress.outbox import Outbox
     spool = Path(sys.argv[1])
     restrict_permissions([spool], sys.argv[2] or None)
     (spool / "units" / "u1").mkdir(parents=True)

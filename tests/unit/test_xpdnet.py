@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from pipelines.recon.mwcnn import MWCNN, dwt, iwt, parameter_count
-from pipelines.recon.operators import CartesianSense
+from pipelines.recon.operators import CartesianSense, SenseChannels, SubspaceChannels
 from pipelines.recon.subspace import CartesianSubspace
 from pipelines.recon.train_xpdnet import simulate_slice
-from pipelines.recon.xpdnet import (SenseChannels, SubspaceChannels, XPDNet, XPDNetConfig, central_kspace_maps,
-                                    load_xpdnet, low_freq_percent, save_xpdnet)
+from pipelines.recon.xpdnet import (XPDNet, XPDNetConfig, central_kspace_maps, load_xpdnet, low_freq_percent,
+                                    save_xpdnet)
 from pipelines.sim.anatomy import heldout_image, random_coil_maps
 
 RNG = np.random.default_rng(3)
@@ -113,7 +113,7 @@ def test_channel_operators_are_adjoint():
     assert abs(lhs - rhs) / abs(lhs) < 1e-5
     ss = SubspaceChannels(subspace_op())
     xs = crandn(1, 3, 32, 32)
-    ys = crandn(1, *ss.op.forward(xs[0]).shape)
+    ys = crandn(1, *ss.ops[0].forward(xs[0]).shape)
     lhs, rhs = inner(ss.forward(xs), ys), inner(xs, ss.adjoint(ys))
     assert abs(lhs - rhs) / abs(lhs) < 1e-5
 
@@ -287,7 +287,7 @@ def test_cli_process_cartesian_recon_xpdnet(heldout_slices, tmp_path):
 
 def test_pipeline_site_weights_and_errors(heldout_slices, tmp_path):
     from pipelines.io.mrd_reader import raw_study_from_hdf5
-    from pipelines.registry import get_pipeline
+    from pipelines.definitions import get_pipeline
 
     y, m, truth = heldout_slices[0]
     raw = raw_study_from_hdf5(_raw_file(tmp_path, y, m))

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pipelines.mapping.estimators.base import Estimator, FitConfig, FitResult, load_estimator
 from pipelines.mapping.estimators.blochnet import BlochNetEstimator
 from pipelines.mapping.estimators.fc import FCEstimator
@@ -17,17 +19,19 @@ from pipelines.mapping.estimators.inn import INNEstimator
 from pipelines.mapping.estimators.mle import MLEEstimator
 
 MODEL_CLASSES: dict[str, type[Estimator]] = {
-    "fc": FCEstimator, "inn": INNEstimator, "blochnet": BlochNetEstimator, "hybrid": HybridEstimator,
+    "fc": FCEstimator,
+    "inn": INNEstimator,
+    "blochnet": BlochNetEstimator,
+    "hybrid": HybridEstimator,
     "mle": MLEEstimator,
 }
 TRAINABLE = ("fc", "inn", "blochnet", "hybrid")
 
 
-def create_estimator(model: str, *args, **kwargs) -> Estimator:  # noqa: ANN002, ANN003
+def create_estimator(model: str, *args: Any, **kwargs: Any) -> Estimator:
     if model not in MODEL_CLASSES:
         raise ValueError(f"unknown estimator {model!r}: use one of {', '.join(MODEL_CLASSES)}")
     return MODEL_CLASSES[model](*args, **kwargs)
 
 
-__all__ = ["Estimator", "FitConfig", "FitResult", "MODEL_CLASSES", "TRAINABLE", "create_estimator",
-           "load_estimator"]
+__all__ = ["Estimator", "FitConfig", "FitResult", "MODEL_CLASSES", "TRAINABLE", "create_estimator", "load_estimator"]

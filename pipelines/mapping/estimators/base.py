@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.compute import select_device
 from pipelines.mapping.estimators.data import ParameterSpace, add_noise, simulate
 from pipelines.mapping.estimators.labels import TrainingLabels, label_loss
 from pipelines.physics.sequences import MRFSequence
@@ -45,6 +46,11 @@ class FingerprintEncoder(nn.Module):
         super().__init__()
         self.n_frames = int(n_frames)
         self.complex_data = bool(complex_data)
+        # Buffers, declared so the type checker knows them (nn.Module.__getattr__ is typed Tensor | Module).
+        self.basis: torch.Tensor | None
+        self.ref: torch.Tensor
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         if basis is not None:
             if basis.shape[0] != n_frames:
                 raise ValueError(f"basis has {basis.shape[0]} frames, the sequence {n_frames}")
@@ -75,8 +81,10 @@ class FingerprintEncoder(nn.Module):
             raise ValueError(f"fingerprints must be [N, frames], got shape {tuple(x.shape)}")
         if self.complex_data:
             if not x.is_complex():
-                raise ValueError("this estimator was trained on complex fingerprints; the input is real "
-                                 "(magnitude data need magnitude-trained weights)")
+                raise ValueError(
+                    "this estimator was trained on complex fingerprints; the input is real "
+                    "(magnitude data need magnitude-trained weights)"
+                )
             x = x.to(torch.complex64)
         else:
             x = (x.abs() if x.is_complex() else x).float()
@@ -84,8 +92,10 @@ class FingerprintEncoder(nn.Module):
             return x @ self.basis if self.basis is not None else x
         if self.basis is not None and x.shape[1] == self.basis.shape[1]:
             return x
-        raise ValueError(f"fingerprints have {x.shape[1]} samples; this estimator expects {self.n_frames} frames"
-                         + (f" or {self.basis.shape[1]} subspace coefficients" if self.basis is not None else ""))
+        raise ValueError(
+            f"fingerprints have {x.shape[1]} samples; this estimator expects {self.n_frames} frames"
+            + (f" or {self.basis.shape[1]} subspace coefficients" if self.basis is not None else "")
+        )
 
     def normalise(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected vectors -> (unit-norm phase-aligned vectors, norms). Differentiable."""
@@ -168,23 +178,22 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
-    return d
-
-
 class Estimator(nn.Module, ABC):
     """Base class: an encoder, a network predicting normalised parameters, and the sequence it was trained for."""
 
     model_name: ClassVar[str] = "base"
     cache_features: ClassVar[bool] = False  # features are costly (hybrid NNLS): computed once per sample
 
-    def __init__(self, sequence: MRFSequence, space: ParameterSpace, *, input: str = "svd",  # noqa: A002
-                 complex_data: bool = True, basis: torch.Tensor | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        sequence: MRFSequence,
+        space: ParameterSpace,
+        *,
+        input: str = "svd",  # noqa: A002
+        complex_data: bool = True,
+        basis: torch.Tensor | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__()
         if input not in ("svd", "full"):
             raise ValueError(f"input must be 'svd' or 'full', not {input!r}")
@@ -211,7 +220,9 @@ class Estimator(nn.Module, ABC):
         """What the network reads, from unit-norm aligned vectors (default: the standardised encoder features)."""
         return self.encoder.features(z)
 
-    def batch_loss(self, batch: dict[str, torch.Tensor], labels: TrainingLabels) -> tuple[torch.Tensor, dict[str, float]]:
+    def batch_loss(
+        self, batch: dict[str, torch.Tensor], labels: TrainingLabels
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         pred = self.forward_unit(batch["features"])
         loss = label_loss(pred, batch["gt_u"], batch.get("mle_u"), labels.alpha, labels.weights, batch.get("mle_valid"))
         return loss, {"label": float(loss.detach())}
@@ -228,16 +239,24 @@ class Estimator(nn.Module, ABC):
     def device(self) -> torch.device:
         return self.encoder.mean.device
 
-    def fit(self, params: dict[str, np.ndarray] | np.ndarray | torch.Tensor, fingerprints: torch.Tensor | np.ndarray,
-            *, labels: TrainingLabels | None = None, config: FitConfig = FitConfig(),
-            sequence_ids: torch.Tensor | None = None, log_fn: Any = None) -> FitResult:
+    def fit(
+        self,
+        params: dict[str, np.ndarray] | np.ndarray | torch.Tensor,
+        fingerprints: torch.Tensor | np.ndarray,
+        *,
+        labels: TrainingLabels | None = None,
+        config: FitConfig | None = None,
+        sequence_ids: torch.Tensor | None = None,
+        log_fn: Any = None,
+    ) -> FitResult:
         """Train on ``fingerprints`` [N, frames or rank] simulated from ``params`` (physical units).
 
         ``labels``: the targets (default ground truth). With MLE labels the fingerprints must be the noisy samples
-        that were fitted, and no noise is added (config.snr is ignored).
+        that were fitted, and no noise is added (config.snr is ignored). ``config``: default :class:`FitConfig`.
         """
+        config = config if config is not None else FitConfig()
         say = log_fn or log.info
-        device = resolve_device(config.device)
+        device = select_device(config.device)
         self.to(device)
         gt = self.space.stack(params)
         x = torch.as_tensor(np.asarray(fingerprints) if not isinstance(fingerprints, torch.Tensor) else fingerprints)
@@ -265,6 +284,7 @@ class Estimator(nn.Module, ABC):
 
         def noisy(rows: np.ndarray | slice, g: torch.Generator, clean_frac: float) -> torch.Tensor:
             xx = x[rows]
+            assert config.snr is not None  # only called when augmenting, which needs an SNR range
             lo, hi = config.snr
             snr = torch.exp(torch.empty(xx.shape[0]).uniform_(math.log(lo), math.log(hi), generator=g))
             snr[torch.rand(xx.shape[0], generator=g) < clean_frac] = float("inf")
@@ -298,9 +318,11 @@ class Estimator(nn.Module, ABC):
                 say(f"computed input features of {src.shape[0]} samples in {time.perf_counter() - t0:.1f} s")
         opt = torch.optim.Adam(self.trainable_parameters(), lr=config.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
+            opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps))
+        )
         out_dir = Path(config.out_dir) if config.out_dir else None
-        start, history, best = 0, [], (float("inf"), None)
+        start, history = 0, []
+        best: tuple[float, dict[str, torch.Tensor] | None] = (float("inf"), None)  # (val loss, state dict)
         ckpt = out_dir / "checkpoint.pt" if out_dir else None
         if ckpt is not None and config.resume and ckpt.exists():
             st = torch.load(ckpt, weights_only=False, map_location=device)
@@ -336,8 +358,7 @@ class Estimator(nn.Module, ABC):
                 else:
                     z = z_clean_all[it]
                     feats = self.input_features(z)
-            batch = {"features": feats, "z": z, "z_clean": z_clean_all[it], "gt_u": gt_u[it],
-                     "gt": gt[idx].to(device)}
+            batch = {"features": feats, "z": z, "z_clean": z_clean_all[it], "gt_u": gt_u[it], "gt": gt[idx].to(device)}
             if mle_u is not None:
                 batch["mle_u"] = mle_u[it]
                 if mle_valid is not None:
@@ -354,10 +375,19 @@ class Estimator(nn.Module, ABC):
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss.detach()):.3g}")
             if step % config.val_every == 0 or step == config.steps:
-                val = self._val_loss(f_val, gt_u[torch.as_tensor(val_idx, device=device)], labels,
-                                     None if mle_u is None else mle_u[torch.as_tensor(val_idx, device=device)])
-                rec = {"step": step, "train_loss": float(loss.detach()), "val_loss": val,
-                       "seconds": time.perf_counter() - t0, **{f"train_{k}": v for k, v in parts.items()}}
+                val = self._val_loss(
+                    f_val,
+                    gt_u[torch.as_tensor(val_idx, device=device)],
+                    labels,
+                    None if mle_u is None else mle_u[torch.as_tensor(val_idx, device=device)],
+                )
+                rec = {
+                    "step": step,
+                    "train_loss": float(loss.detach()),
+                    "val_loss": val,
+                    "seconds": time.perf_counter() - t0,
+                    **{f"train_{k}": v for k, v in parts.items()},
+                }
                 history.append(rec)
                 say(json.dumps(rec))
                 if val < best[0]:
@@ -365,20 +395,38 @@ class Estimator(nn.Module, ABC):
                 self.train()
             if ckpt is not None and (step % config.checkpoint_every == 0 or step == config.steps):
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"model": self.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "step": step, "history": history, "best_loss": best[0], "best_state": best[1],
-                            "rng": rng, "gen": gen.get_state()}, ckpt.with_suffix(".tmp"))
+                torch.save(
+                    {
+                        "model": self.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "step": step,
+                        "history": history,
+                        "best_loss": best[0],
+                        "best_state": best[1],
+                        "rng": rng,
+                        "gen": gen.get_state(),
+                    },
+                    ckpt.with_suffix(".tmp"),
+                )
                 ckpt.with_suffix(".tmp").replace(ckpt)
-                (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+                (ckpt.parent / "history.json").write_text(json.dumps(history, indent=1))
         if bar is not None:
             bar.close()
         if best[1] is not None:
             self.load_state_dict(best[1])
         self.eval()
         seconds = time.perf_counter() - t0
-        self.train_info = {"steps": step, "seconds": round(seconds, 1), "best_val_loss": best[0],
-                           "n_train": int(tr_idx.size), "n_val": int(n_val), "labels": labels.kind,
-                           "alpha": labels.alpha, "config": {k: v for k, v in asdict(config).items() if k != "out_dir"}}
+        self.train_info = {
+            "steps": step,
+            "seconds": round(seconds, 1),
+            "best_val_loss": best[0],
+            "n_train": int(tr_idx.size),
+            "n_val": int(n_val),
+            "labels": labels.kind,
+            "alpha": labels.alpha,
+            "config": {k: v for k, v in asdict(config).items() if k != "out_dir"},
+        }
         return FitResult(step, seconds, best[0], history)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -390,16 +438,18 @@ class Estimator(nn.Module, ABC):
             from tqdm import tqdm
 
             starts = tqdm(starts, desc="features", unit="chunk")
-        return torch.cat([self.input_features(z[i:i + chunk]) for i in starts]) if z.shape[0] else \
-            self.input_features(z)
+        return (
+            torch.cat([self.input_features(z[i : i + chunk]) for i in starts]) if z.shape[0] else self.input_features(z)
+        )
 
     @torch.no_grad()
-    def _val_loss(self, f_val: torch.Tensor, gt_u: torch.Tensor, labels: TrainingLabels,
-                  mle_u: torch.Tensor | None) -> float:
+    def _val_loss(
+        self, f_val: torch.Tensor, gt_u: torch.Tensor, labels: TrainingLabels, mle_u: torch.Tensor | None
+    ) -> float:
         self.eval()
         if f_val.shape[0] == 0:
             return float("nan")
-        pred = torch.cat([self.forward_unit(f_val[i:i + 8192]) for i in range(0, f_val.shape[0], 8192)])
+        pred = torch.cat([self.forward_unit(f_val[i : i + 8192]) for i in range(0, f_val.shape[0], 8192)])
         return float(label_loss(pred, gt_u, mle_u, labels.alpha, labels.weights))
 
     @torch.no_grad()
@@ -410,7 +460,7 @@ class Estimator(nn.Module, ABC):
             raise ValueError(f"{int((~torch.isfinite(x)).sum())} fingerprint values are NaN or infinite")
         out = []
         for i in range(0, x.shape[0], batch_size):
-            z, _ = self.encoder.normalise(self.encoder.project(x[i:i + batch_size].to(self.device)))
+            z, _ = self.encoder.normalise(self.encoder.project(x[i : i + batch_size].to(self.device)))
             out.append(self.forward_unit(self.input_features(z)).clamp(0, 1))
         return torch.cat(out) if out else torch.zeros(0, len(self.space.names), device=self.device)
 
@@ -419,8 +469,9 @@ class Estimator(nn.Module, ABC):
         return self.space.as_dict(self.space.from_unit(self.predict_unit(fingerprints, batch_size)))
 
     @torch.no_grad()
-    def consistency(self, fingerprints: torch.Tensor | np.ndarray, params: dict[str, np.ndarray],
-                    chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    def consistency(
+        self, fingerprints: torch.Tensor | np.ndarray, params: dict[str, np.ndarray], chunk: int = 4096
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(relative residual, proton-density scale) of each fingerprint against the EPG re-simulation of its estimate.
 
         residual = ||x - c s|| / ||x|| with the best complex (or real) scale c, in the estimator's input subspace;
@@ -430,8 +481,8 @@ class Estimator(nn.Module, ABC):
         p = self.space.stack(params)
         res, pd = [], []
         for i in range(0, x.shape[0], chunk):
-            cx = self.encoder.project(x[i:i + chunk].to(self.device))
-            s = simulate(self.sequence, self.space, p[i:i + chunk].to(self.device))
+            cx = self.encoder.project(x[i : i + chunk].to(self.device))
+            s = simulate(self.sequence, self.space, p[i : i + chunk].to(self.device))
             cs = self.encoder.project(s if self.encoder.complex_data else s.abs())
             r, scale = _fit_residual(cx, cs)
             res.append(r)
@@ -448,10 +499,18 @@ class Estimator(nn.Module, ABC):
             r = tensors.pop("encoder.ref")
             tensors["encoder.ref.real"], tensors["encoder.ref.imag"] = r.real, r.imag
         tensors.update({f"extra.{k}": v for k, v in self.extra_tensors().items()})
-        meta = {"format": FORMAT_VERSION, "kind": "mapping_estimator", "model": self.model_name,
-                "sequence": self.sequence.to_dict(), "space": self.space.to_dict(), "input": self.input,
-                "complex_data": self.encoder.complex_data, "options": self.options, "train": self.train_info,
-                **(extra_meta or {})}
+        meta = {
+            "format": FORMAT_VERSION,
+            "kind": "mapping_estimator",
+            "model": self.model_name,
+            "sequence": self.sequence.to_dict(),
+            "space": self.space.to_dict(),
+            "input": self.input,
+            "complex_data": self.encoder.complex_data,
+            "options": self.options,
+            "train": self.train_info,
+            **(extra_meta or {}),
+        }
         return save_weights(path, tensors, meta, half=half)
 
     @classmethod
@@ -461,23 +520,35 @@ class Estimator(nn.Module, ABC):
             basis = torch.complex(tensors["encoder.basis.real"], tensors["encoder.basis.imag"])
         elif "encoder.basis" in tensors:
             basis = tensors["encoder.basis"]
-        extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
-        est = cls(MRFSequence.from_dict(meta["sequence"]), ParameterSpace.from_dict(meta["space"]),
-                  input=meta["input"], complex_data=bool(meta["complex_data"]), basis=basis,
-                  **meta.get("options", {}), **cls.options_from_extra(extra))
-        state = {k: v for k, v in tensors.items() if not k.startswith("extra.") and not k.startswith("encoder.basis")
-                 and not k.startswith("encoder.ref")}
+        extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
+        est = cls(
+            MRFSequence.from_dict(meta["sequence"]),
+            ParameterSpace.from_dict(meta["space"]),
+            input=meta["input"],
+            complex_data=bool(meta["complex_data"]),
+            basis=basis,
+            **meta.get("options", {}),
+            **cls.options_from_extra(extra),
+        )
+        state = {
+            k: v
+            for k, v in tensors.items()
+            if not k.startswith("extra.") and not k.startswith("encoder.basis") and not k.startswith("encoder.ref")
+        }
         if "encoder.ref.real" in tensors:
             state["encoder.ref"] = torch.complex(tensors["encoder.ref.real"], tensors["encoder.ref.imag"])
         else:
             state["encoder.ref"] = tensors["encoder.ref"]
         if basis is not None:
+            # Only an 'svd' estimator saves a basis, and the constructor has just registered it as a buffer.
+            assert est.encoder.basis is not None
             state["encoder.basis"] = est.encoder.basis
         missing, unexpected = est.load_state_dict(state, strict=False)
         missing = [m for m in missing if m != "encoder.basis"]
         if missing or unexpected:
-            raise ValueError(f"weights do not match the {meta['model']} architecture (missing {missing}, "
-                             f"unexpected {unexpected})")
+            raise ValueError(
+                f"weights do not match the {meta['model']} architecture (missing {missing}, unexpected {unexpected})"
+            )
         est.train_info = dict(meta.get("train", {}))
         est.eval()
         return est

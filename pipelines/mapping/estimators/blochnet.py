@@ -53,9 +53,13 @@ class BlochNetEstimator(Estimator):
         z, _ = self.encoder.normalise(self.encoder.project(s))
         return z
 
-    def batch_loss(self, batch: dict[str, torch.Tensor], labels: TrainingLabels) -> tuple[torch.Tensor, dict[str, float]]:
+    def batch_loss(
+        self, batch: dict[str, torch.Tensor], labels: TrainingLabels
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         pred = self.forward_unit(batch["features"])
-        l_emb = label_loss(pred, batch["gt_u"], batch.get("mle_u"), labels.alpha, labels.weights, batch.get("mle_valid"))
+        l_emb = label_loss(
+            pred, batch["gt_u"], batch.get("mle_u"), labels.alpha, labels.weights, batch.get("mle_valid")
+        )
         self._step += 1
         if self._step % int(self.options["decoder_every"]):
             return 0.5 * l_emb, {"embedding": float(l_emb.detach())}

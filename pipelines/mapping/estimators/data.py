@@ -11,10 +11,12 @@ E|n|^2 = sigma^2 and sigma = mean |s| / SNR per fingerprint (magnitude data: the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,8 +56,11 @@ class ParameterSpace:
         return tuple(r.name for r in self.ranges)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "field_strength_T": self.field_strength_T,
-                "ranges": [r.to_dict() for r in self.ranges]}
+        return {
+            "kind": self.kind,
+            "field_strength_T": self.field_strength_T,
+            "ranges": [r.to_dict() for r in self.ranges],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> ParameterSpace:
@@ -90,12 +95,14 @@ class ParameterSpace:
             missing = [n for n in self.names if n not in params]
             if missing:
                 raise ValueError(f"parameters lack {', '.join(missing)} (this estimator predicts {self.names})")
-            return torch.stack([torch.as_tensor(np.asarray(params[n]), dtype=torch.float32).reshape(-1)
-                                for n in self.names], 1)
-        p = torch.as_tensor(np.asarray(params) if not isinstance(params, torch.Tensor) else params,
-                            dtype=torch.float32)
+            return torch.stack(
+                [torch.as_tensor(np.asarray(params[n]), dtype=torch.float32).reshape(-1) for n in self.names], 1
+            )
+        p = torch.as_tensor(np.asarray(params) if not isinstance(params, torch.Tensor) else params, dtype=torch.float32)
         if p.ndim != 2 or p.shape[1] != len(self.names):
-            raise ValueError(f"parameters must be [N, {len(self.names)}] ({', '.join(self.names)}), got {tuple(p.shape)}")
+            raise ValueError(
+                f"parameters must be [N, {len(self.names)}] ({', '.join(self.names)}), got {tuple(p.shape)}"
+            )
         return p
 
     def sample(self, n: int, rng: np.random.Generator) -> torch.Tensor:
@@ -112,16 +119,27 @@ class ParameterSpace:
 
 def fisp_space(field_strength_T: float = 3.0) -> ParameterSpace:
     """T1, T2, B1 over the ranges of the FISP dictionary (fisp_spec)."""
-    return ParameterSpace("single", (ParamRange("t1_ms", 100.0, 5000.0, True), ParamRange("t2_ms", 10.0, 2500.0, True),
-                                     ParamRange("b1", 0.7, 1.3)), field_strength_T)
+    return ParameterSpace(
+        "single",
+        (ParamRange("t1_ms", 100.0, 5000.0, True), ParamRange("t2_ms", 10.0, 2500.0, True), ParamRange("b1", 0.7, 1.3)),
+        field_strength_T,
+    )
 
 
 def t1ff_space(field_strength_T: float = 3.0) -> ParameterSpace:
     """FF, T1 water, T1 fat, field offset, B1 (+ water T2, a nuisance) over the ranges of t1ff_spec."""
-    return ParameterSpace("water_fat", (
-        ParamRange("ff", 0.0, 1.0), ParamRange("t1_ms", 300.0, 3000.0, True), ParamRange("t1_fat_ms", 250.0, 450.0),
-        ParamRange("df_hz", -40.0, 40.0), ParamRange("b1", 0.75, 1.25), ParamRange("t2_ms", 20.0, 80.0, True),
-    ), field_strength_T)
+    return ParameterSpace(
+        "water_fat",
+        (
+            ParamRange("ff", 0.0, 1.0),
+            ParamRange("t1_ms", 300.0, 3000.0, True),
+            ParamRange("t1_fat_ms", 250.0, 450.0),
+            ParamRange("df_hz", -40.0, 40.0),
+            ParamRange("b1", 0.75, 1.25),
+            ParamRange("t2_ms", 20.0, 80.0, True),
+        ),
+        field_strength_T,
+    )
 
 
 def default_space(seq: MRFSequence, kind: str | None = None, field_strength_T: float = 3.0) -> ParameterSpace:
@@ -139,31 +157,44 @@ def fat_t2_ms(field_strength_T: float) -> float:
     return FAT_T2_MS[1.5] if field_strength_T < 2.25 else FAT_T2_MS[3.0]
 
 
-def simulate(seq: MRFSequence, space: ParameterSpace, params: torch.Tensor, *, chunk: int = 2048,
-             progress: bool = False) -> torch.Tensor:
+def simulate(
+    seq: MRFSequence, space: ParameterSpace, params: torch.Tensor, *, chunk: int = 2048, progress: bool = False
+) -> torch.Tensor:
     """Fingerprints [N, frames] complex64 (unit proton density) of parameters [N, P] (no gradient, chunked)."""
     with torch.no_grad():
         return simulate_differentiable(seq, space, params, chunk=chunk, progress=progress)
 
 
-def simulate_differentiable(seq: MRFSequence, space: ParameterSpace, params: torch.Tensor, *,
-                            chunk: int | None = None, progress: bool = False,
-                            n_states: int | None = None) -> torch.Tensor:
+def simulate_differentiable(
+    seq: MRFSequence,
+    space: ParameterSpace,
+    params: torch.Tensor,
+    *,
+    chunk: int | None = None,
+    progress: bool = False,
+    n_states: int | None = None,
+) -> torch.Tensor:
     """The same signal model, differentiable in ``params`` (the BlochNet decoder and the MLE fit use this)."""
     names = space.names
     col = {n: params[:, i] for i, n in enumerate(names)}
+    fn: Callable[..., torch.Tensor]  # the signal model, called with the tensors of ``args``
+    args: tuple[torch.Tensor, ...]
     if space.kind == "single":
         b1 = col.get("b1")
-        fn = lambda t1, t2, b: epg_fisp(seq, t1, t2, b, n_states=n_states)  # noqa: E731
+        fn = functools.partial(epg_fisp, seq, n_states=n_states)
         args = (col["t1_ms"], col["t2_ms"], b1 if b1 is not None else torch.ones_like(col["t1_ms"]))
     elif space.kind == "water_fat":
         t2f = torch.full_like(col["ff"], fat_t2_ms(space.field_strength_T))
-        fs = space.field_strength_T
-
-        def fn(ff, t1w, t2w, t1f, t2f_, b1, df):  # noqa: ANN001, ANN202
-            return epg_water_fat(seq, ff, t1w, t2w, t1f, t2f_, b1, df, field_strength_T=fs, n_states=n_states)
-        args = (col["ff"], col["t1_ms"], col.get("t2_ms", torch.full_like(col["ff"], 35.0)), col["t1_fat_ms"], t2f,
-                col.get("b1", torch.ones_like(col["ff"])), col.get("df_hz", torch.zeros_like(col["ff"])))
+        fn = functools.partial(epg_water_fat, seq, field_strength_T=space.field_strength_T, n_states=n_states)
+        args = (
+            col["ff"],
+            col["t1_ms"],
+            col.get("t2_ms", torch.full_like(col["ff"], 35.0)),
+            col["t1_fat_ms"],
+            t2f,
+            col.get("b1", torch.ones_like(col["ff"])),
+            col.get("df_hz", torch.zeros_like(col["ff"])),
+        )
     else:
         raise ValueError(f"unknown signal model {space.kind!r}")
     if chunk is None or params.shape[0] <= chunk:
@@ -177,8 +208,9 @@ def simulate_differentiable(seq: MRFSequence, space: ParameterSpace, params: tor
     return epg_chunked(fn, *args, chunk=chunk, progress=progress, desc="EPG").to(torch.complex64)
 
 
-def add_noise(x: torch.Tensor, snr: torch.Tensor | float, generator: torch.Generator | None = None,
-              n_frames: int | None = None) -> torch.Tensor:
+def add_noise(
+    x: torch.Tensor, snr: torch.Tensor | float, generator: torch.Generator | None = None, n_frames: int | None = None
+) -> torch.Tensor:
     """Complex Gaussian noise, sigma = mean |x| / SNR per row (rows with SNR = inf stay clean).
 
     ``n_frames``: when ``x`` holds subspace coefficients of fingerprints of that many frames, sigma is taken
@@ -194,8 +226,10 @@ def add_noise(x: torch.Tensor, snr: torch.Tensor | float, generator: torch.Gener
         level = torch.linalg.vector_norm(x, dim=1) / np.sqrt(n_frames)
     sigma = torch.where(torch.isfinite(snr_t), level / snr_t, torch.zeros_like(level))[:, None]
     if x.is_complex():
-        n = torch.complex(torch.randn(x.shape, generator=generator, device=x.device),
-                          torch.randn(x.shape, generator=generator, device=x.device)) / np.sqrt(2)
+        n = torch.complex(
+            torch.randn(x.shape, generator=generator, device=x.device),
+            torch.randn(x.shape, generator=generator, device=x.device),
+        ) / np.sqrt(2)
     else:
         n = torch.randn(x.shape, generator=generator, device=x.device)
     return x + sigma.to(x.real.dtype if x.is_complex() else x.dtype) * n
@@ -223,16 +257,32 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RECON_NODE_ESTIMATOR_CACHE", "/tmp/estimators"))
 
 
-def make_training_set(seq: MRFSequence, space: ParameterSpace, n: int, seed: int, *,
-                      basis: torch.Tensor | None = None, cache_dir: Path | None = None, use_cache: bool = True,
-                      progress: bool = False) -> TrainingSet:
+def make_training_set(
+    seq: MRFSequence,
+    space: ParameterSpace,
+    n: int,
+    seed: int,
+    *,
+    basis: torch.Tensor | None = None,
+    cache_dir: Path | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> TrainingSet:
     """``n`` random parameter vectors and their EPG fingerprints (projected on ``basis`` when given), cached.
 
     Stored as subspace coefficients when a basis is given: 60k FISP fingerprints are 15 MB instead of 480 MB.
     """
-    key_src = json.dumps({"seq": seq.fingerprint_key(), "space": space.to_dict(), "n": n, "seed": seed,
-                          "basis": None if basis is None else hashlib.sha256(
-                              basis.detach().cpu().numpy().tobytes()).hexdigest()[:16], "v": 1}, sort_keys=True)
+    key_src = json.dumps(
+        {
+            "seq": seq.fingerprint_key(),
+            "space": space.to_dict(),
+            "n": n,
+            "seed": seed,
+            "basis": None if basis is None else hashlib.sha256(basis.detach().cpu().numpy().tobytes()).hexdigest()[:16],
+            "v": 1,
+        },
+        sort_keys=True,
+    )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / f"trainset-{key}.pt"

@@ -7,9 +7,8 @@ fingerprints; here the input is whatever the encoder gives (complex or magnitude
 
 from __future__ import annotations
 
-from torch import nn
-
 import torch
+from torch import nn
 
 from pipelines.mapping.estimators.base import Estimator
 

@@ -30,6 +30,7 @@ from pipelines.mapping.estimators.nnls import nnls
 
 def coarse_grid(space: ParameterSpace) -> dict[str, torch.Tensor]:
     """Coarse parameter grids per compartment, in ``space`` order (fat rows: FF = 1; water rows: FF = 0)."""
+
     def geo(lo: float, hi: float, n: int) -> np.ndarray:
         return np.geomspace(lo, hi, n)
 
@@ -49,10 +50,22 @@ def coarse_grid(space: ParameterSpace) -> dict[str, torch.Tensor]:
     t1f = np.linspace(r["t1_fat_ms"].lo, r["t1_fat_ms"].hi, 3)
     gf = np.stack(np.meshgrid(t1f, b1, df, indexing="ij"), -1).reshape(-1, 3)
     mid_f, mid_w = float(np.median(t1f)), 1000.0
-    water = {"ff": np.zeros(len(gw)), "t1_ms": gw[:, 0], "t2_ms": gw[:, 1], "b1": gw[:, 2], "df_hz": gw[:, 3],
-             "t1_fat_ms": np.full(len(gw), mid_f)}
-    fat = {"ff": np.ones(len(gf)), "t1_fat_ms": gf[:, 0], "b1": gf[:, 1], "df_hz": gf[:, 2],
-           "t1_ms": np.full(len(gf), mid_w), "t2_ms": np.full(len(gf), 35.0)}
+    water = {
+        "ff": np.zeros(len(gw)),
+        "t1_ms": gw[:, 0],
+        "t2_ms": gw[:, 1],
+        "b1": gw[:, 2],
+        "df_hz": gw[:, 3],
+        "t1_fat_ms": np.full(len(gw), mid_f),
+    }
+    fat = {
+        "ff": np.ones(len(gf)),
+        "t1_fat_ms": gf[:, 0],
+        "b1": gf[:, 1],
+        "df_hz": gf[:, 2],
+        "t1_ms": np.full(len(gf), mid_w),
+        "t2_ms": np.full(len(gf), 35.0),
+    }
     return {"water": _in_order(space, water, len(gw)), "fat": _in_order(space, fat, len(gf))}
 
 
@@ -71,6 +84,10 @@ class HybridEstimator(Estimator):
         self.options.setdefault("branch_hidden", 128)
         if atoms is None:
             atoms, sizes = self._simulate_atoms()
+        # Buffers, declared for the type checker (nn.Module.__getattr__ is typed Tensor | Module).
+        self.atoms: torch.Tensor
+        self.atom_sizes: torch.Tensor
+        self.gram: torch.Tensor
         self.register_buffer("atoms", atoms)  # [F_raw, n_atoms]: unit-norm aligned atoms, real/imag stacked
         self.register_buffer("atom_sizes", torch.as_tensor(sizes, dtype=torch.long))
         g = atoms.T @ atoms
@@ -82,7 +99,7 @@ class HybridEstimator(Estimator):
 
     def _simulate_atoms(self) -> tuple[torch.Tensor, list[int]]:
         cols, sizes = [], []
-        for comp, p in coarse_grid(self.space).items():
+        for p in coarse_grid(self.space).values():
             s = simulate(self.sequence, self.space, p, chunk=512)
             if not self.encoder.complex_data:
                 s = s.abs()
@@ -101,22 +118,29 @@ class HybridEstimator(Estimator):
     @classmethod
     def from_meta(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Estimator:
         # The atoms are part of the state dict: pass them in so construction does not re-simulate them.
-        meta = {**meta, "options": {**meta.get("options", {}), "atoms": tensors["atoms"],
-                                    "atom_sizes": tensors["atom_sizes"].tolist()}}
+        meta = {
+            **meta,
+            "options": {
+                **meta.get("options", {}),
+                "atoms": tensors["atoms"],
+                "atom_sizes": tensors["atom_sizes"].tolist(),
+            },
+        }
         return super().from_meta(meta, tensors)
 
     def sparse_code(self, z: torch.Tensor) -> torch.Tensor:
         """NNLS weights [N, n_atoms] of unit-norm aligned vectors."""
         y = self.encoder.split(z)
-        return nnls(self.atoms, y, iterations=int(self.options["nnls_iterations"]), gram=self.gram,
-                    lipschitz=self.lipschitz)
+        return nnls(
+            self.atoms, y, iterations=int(self.options["nnls_iterations"]), gram=self.gram, lipschitz=self.lipschitz
+        )
 
     def input_features(self, z: torch.Tensor) -> torch.Tensor:
         return self.sparse_code(z)
 
     def forward_unit(self, features: torch.Tensor) -> torch.Tensor:
         outs, start = [], 0
-        for n, branch in zip(self.atom_sizes.tolist(), self.branches):
-            outs.append(branch(features[:, start:start + n]))
+        for n, branch in zip(self.atom_sizes.tolist(), self.branches, strict=True):
+            outs.append(branch(features[:, start : start + n]))
             start += n
         return self.head(torch.cat(outs, 1))

@@ -39,8 +39,10 @@ class _Coupling(nn.Module):
         self.net2 = nn.Sequential(nn.Linear(self.d2, hidden), nn.ReLU(), nn.Linear(hidden, 2 * self.d1))
         self.net1 = nn.Sequential(nn.Linear(self.d1, hidden), nn.ReLU(), nn.Linear(hidden, 2 * self.d2))
         for net in (self.net1, self.net2):  # start near the identity: stable early training
-            nn.init.zeros_(net[-1].weight)
-            nn.init.zeros_(net[-1].bias)
+            last = net[-1]
+            assert isinstance(last, nn.Linear)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     @staticmethod
     def _st(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +50,7 @@ class _Coupling(nn.Module):
         return (2 * SCALE_CLAMP / math.pi) * torch.atan(s_raw / SCALE_CLAMP), t
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        u1, u2 = u[:, :self.d1], u[:, self.d1:]
+        u1, u2 = u[:, : self.d1], u[:, self.d1 :]
         s2, t2 = self._st(self.net2(u2))
         v1 = u1 * torch.exp(s2) + t2
         s1, t1 = self._st(self.net1(v1))
@@ -56,7 +58,7 @@ class _Coupling(nn.Module):
         return torch.cat([v1, v2], 1)
 
     def inverse(self, v: torch.Tensor) -> torch.Tensor:
-        v1, v2 = v[:, :self.d1], v[:, self.d1:]
+        v1, v2 = v[:, : self.d1], v[:, self.d1 :]
         s1, t1 = self._st(self.net1(v1))
         u2 = (v2 - t1) * torch.exp(-s1)
         s2, t2 = self._st(self.net2(u2))
@@ -72,17 +74,19 @@ class INN(nn.Module):
         self.blocks = nn.ModuleList([_Coupling(dim, hidden) for _ in range(blocks)])
         g = torch.Generator().manual_seed(seed)
         perms = torch.stack([torch.randperm(dim, generator=g) for _ in range(blocks)])
+        self.perms: torch.Tensor  # a buffer: declared for the type checker
         self.register_buffer("perms", perms)  # stored with the weights: the permutation is part of the model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for blk, p in zip(self.blocks, self.perms):
+        for blk, p in zip(self.blocks, self.perms, strict=True):
             x = blk(x)[:, p]
         return x
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        for blk, p in zip(reversed(self.blocks), reversed(list(self.perms))):
+        for blk, p in zip(reversed(self.blocks), reversed(list(self.perms)), strict=True):
             inv = torch.empty_like(p)
             inv[p] = torch.arange(p.numel(), device=p.device)
+            assert isinstance(blk, _Coupling)
             y = blk.inverse(y[:, inv])
         return y
 
@@ -105,17 +109,20 @@ class INNEstimator(Estimator):
         return torch.cat([u, u.new_zeros(u.shape[0], self.encoder.n_features - u.shape[1])], 1)
 
     def forward_unit(self, features: torch.Tensor) -> torch.Tensor:
-        return self.inn.inverse(features)[:, :len(self.space.names)]
+        return self.inn.inverse(features)[:, : len(self.space.names)]
 
     def simulate_features(self, u: torch.Tensor) -> torch.Tensor:
         """The learned forward process: normalised parameters [N, P] -> standardised fingerprint features."""
         return self.inn(self.pad(u))
 
-    def batch_loss(self, batch: dict[str, torch.Tensor], labels: TrainingLabels) -> tuple[torch.Tensor, dict[str, float]]:
+    def batch_loss(
+        self, batch: dict[str, torch.Tensor], labels: TrainingLabels
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         n_p = len(self.space.names)
         back = self.inn.inverse(batch["features"])
-        l_bwd = label_loss(back[:, :n_p], batch["gt_u"], batch.get("mle_u"), labels.alpha, labels.weights,
-                           batch.get("mle_valid"))
+        l_bwd = label_loss(
+            back[:, :n_p], batch["gt_u"], batch.get("mle_u"), labels.alpha, labels.weights, batch.get("mle_valid")
+        )
         # The forward process maps the generative parameters to the fingerprint; the noisy one is the target, as
         # in Balsiger et al. (noise on y for both directions).
         fwd = self.inn(self.pad(batch["gt_u"]))
@@ -124,8 +131,9 @@ class INNEstimator(Estimator):
         return loss, {"backward": float(l_bwd.detach()), "forward": float(l_fwd.detach())}
 
     @torch.no_grad()
-    def consistency(self, fingerprints: torch.Tensor | np.ndarray, params: dict[str, np.ndarray],
-                    chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    def consistency(
+        self, fingerprints: torch.Tensor | np.ndarray, params: dict[str, np.ndarray], chunk: int = 16384
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Residual against the INN's own forward re-simulation of the estimate (no Bloch simulation).
 
         The second value is the norm of the input (proton density needs the physical signal scale, which the
@@ -136,8 +144,8 @@ class INNEstimator(Estimator):
         u = self.space.to_unit(self.space.stack(params))
         res, nrm = [], []
         for i in range(0, x.shape[0], chunk):
-            z, norm = self.encoder.normalise(self.encoder.project(x[i:i + chunk].to(self.device)))
-            zhat = self.encoder.unfeatures(self.simulate_features(u[i:i + chunk].to(self.device)))
+            z, norm = self.encoder.normalise(self.encoder.project(x[i : i + chunk].to(self.device)))
+            zhat = self.encoder.unfeatures(self.simulate_features(u[i : i + chunk].to(self.device)))
             r, _ = _fit_residual(z, zhat)
             res.append(r)
             nrm.append(norm)

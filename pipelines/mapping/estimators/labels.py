@@ -44,7 +44,9 @@ class TrainingLabels:
         if self.kind != "gt" and self.mle is None:
             raise ValueError(f"{self.kind} labels need the MLE fits of the training samples")
         if self.mle is not None and self.mle.shape != self.gt.shape:
-            raise ValueError(f"MLE labels {tuple(self.mle.shape)} and ground truth {tuple(self.gt.shape)} differ in shape")
+            raise ValueError(
+                f"MLE labels {tuple(self.mle.shape)} and ground truth {tuple(self.gt.shape)} differ in shape"
+            )
         if self.weights is not None and self.weights.numel() != self.gt.shape[1]:
             raise ValueError(f"{self.weights.numel()} loss weights for {self.gt.shape[1]} parameters")
 
@@ -70,8 +72,14 @@ def parse_weights(text: str | None, names: tuple[str, ...]) -> torch.Tensor | No
     return torch.tensor([w[n] for n in names], dtype=torch.float32)
 
 
-def label_loss(pred_u: torch.Tensor, gt_u: torch.Tensor, mle_u: torch.Tensor | None, alpha: float,
-               weights: torch.Tensor | None, mle_valid: torch.Tensor | None = None) -> torch.Tensor:
+def label_loss(
+    pred_u: torch.Tensor,
+    gt_u: torch.Tensor,
+    mle_u: torch.Tensor | None,
+    alpha: float,
+    weights: torch.Tensor | None,
+    mle_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """alpha * weighted MSE(pred, MLE) + (1 - alpha) * weighted MSE(pred, GT), all in normalised units."""
     w = torch.ones(pred_u.shape[1], device=pred_u.device) if weights is None else weights.to(pred_u.device)
     w = w / w.mean()

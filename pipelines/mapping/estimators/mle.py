@@ -14,17 +14,17 @@ MRF needs. Estimates within ``bound_tol`` of a bound are flagged (Epstein et al.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-import math
 
 import numpy as np
 import torch
 
 from pipelines.mapping.estimators.base import Estimator
 from pipelines.mapping.estimators.data import ParameterSpace, simulate, simulate_differentiable
+from pipelines.physics.sequences import MRFSequence
 
 NOISE_MODELS = ("gaussian", "rician")
 
@@ -44,10 +44,21 @@ def rician_nll(m: torch.Tensor, a: torch.Tensor, sigma: torch.Tensor) -> torch.T
     return -(torch.log(m.clamp_min(1e-30) / s2) - (m**2 + a**2) / (2 * s2) + log_i0).sum(1)
 
 
-def fit_mle(model: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-            init: torch.Tensor, *, noise: str = "gaussian", sigma: torch.Tensor | float | None = None,
-            profile_scale: bool = False, steps: int = 300, lr: float = 0.05, bound_tol: float = 1e-3,
-            chunk: int | None = None) -> MLEResult:
+def fit_mle(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    y: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    init: torch.Tensor,
+    *,
+    noise: str = "gaussian",
+    sigma: torch.Tensor | float | None = None,
+    profile_scale: bool = False,
+    steps: int = 300,
+    lr: float = 0.05,
+    bound_tol: float = 1e-3,
+    chunk: int | None = None,
+) -> MLEResult:
     """Maximum-likelihood parameters [N, P] of ``model`` (theta [n, P] -> signal [n, M]) for data ``y`` [N, M]."""
     if noise not in NOISE_MODELS:
         raise ValueError(f"noise model must be one of {', '.join(NOISE_MODELS)}, not {noise!r}")
@@ -56,12 +67,27 @@ def fit_mle(model: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, lo: 
     if init.shape[0] != y.shape[0]:
         raise ValueError(f"{init.shape[0]} initial values for {y.shape[0]} samples")
     if chunk is not None and y.shape[0] > chunk:
-        parts = [fit_mle(model, y[i:i + chunk], lo, hi, init[i:i + chunk], noise=noise,
-                         sigma=sigma[i:i + chunk] if torch.is_tensor(sigma) and sigma.ndim else sigma,
-                         profile_scale=profile_scale, steps=steps, lr=lr, bound_tol=bound_tol)
-                 for i in range(0, y.shape[0], chunk)]
-        return MLEResult(torch.cat([p.params for p in parts]), torch.cat([p.nll for p in parts]),
-                         torch.cat([p.on_bound for p in parts]))
+        parts = [
+            fit_mle(
+                model,
+                y[i : i + chunk],
+                lo,
+                hi,
+                init[i : i + chunk],
+                noise=noise,
+                sigma=sigma[i : i + chunk] if torch.is_tensor(sigma) and sigma.ndim else sigma,
+                profile_scale=profile_scale,
+                steps=steps,
+                lr=lr,
+                bound_tol=bound_tol,
+            )
+            for i in range(0, y.shape[0], chunk)
+        ]
+        return MLEResult(
+            torch.cat([p.params for p in parts]),
+            torch.cat([p.nll for p in parts]),
+            torch.cat([p.on_bound for p in parts]),
+        )
     dev = y.device
     lo, hi = lo.to(dev, torch.float32), hi.to(dev, torch.float32)
     u0 = ((init.to(dev, torch.float32) - lo) / (hi - lo)).clamp(1e-4, 1 - 1e-4)
@@ -77,6 +103,7 @@ def fit_mle(model: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, lo: 
             if profile_scale:  # least-squares scale of the magnitudes (the Rician optimum is close above the floor)
                 c = (a * y).sum(1, keepdim=True) / (a * a).sum(1, keepdim=True).clamp_min(1e-30)
                 a = a * c.clamp_min(0)
+            assert sig is not None  # fit_mle refused rician noise without sigma
             return rician_nll(y, a, sig)
         if profile_scale:
             ip = (f.conj() * y).sum(1) if f.is_complex() or y.is_complex() else (f * y).sum(1)
@@ -107,9 +134,19 @@ def fit_mle(model: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, lo: 
     return MLEResult(theta, best_val, on_bound)
 
 
-def mle_for_space(seq, space: ParameterSpace, y: torch.Tensor, init: torch.Tensor, *,  # noqa: ANN001
-                  basis: torch.Tensor | None = None, noise: str = "gaussian", sigma: Any = None,
-                  steps: int = 100, lr: float = 0.05, chunk: int = 256) -> MLEResult:
+def mle_for_space(
+    seq: MRFSequence,
+    space: ParameterSpace,
+    y: torch.Tensor,
+    init: torch.Tensor,
+    *,
+    basis: torch.Tensor | None = None,
+    noise: str = "gaussian",
+    sigma: Any = None,
+    steps: int = 100,
+    lr: float = 0.05,
+    chunk: int = 256,
+) -> MLEResult:
     """MRF maximum likelihood: EPG model of ``space`` for ``seq``, unknown (complex) scale profiled out.
 
     The fit runs in the normalised parameter space (log for relaxation times). ``y``: frames, or coefficients in
@@ -124,8 +161,19 @@ def mle_for_space(seq, space: ParameterSpace, y: torch.Tensor, init: torch.Tenso
         s = simulate_differentiable(seq, space, space.from_unit(u))
         return s @ b if b is not None else s
 
-    res = fit_mle(model, y, lo, hi, space.to_unit(init).clamp(0, 1), noise=noise, sigma=sigma, profile_scale=True,
-                  steps=steps, lr=lr, chunk=chunk)
+    res = fit_mle(
+        model,
+        y,
+        lo,
+        hi,
+        space.to_unit(init).clamp(0, 1),
+        noise=noise,
+        sigma=sigma,
+        profile_scale=True,
+        steps=steps,
+        lr=lr,
+        chunk=chunk,
+    )
     return MLEResult(space.from_unit(res.params), res.nll, res.on_bound)
 
 
@@ -152,6 +200,7 @@ class MLEEstimator(Estimator):
                 g[:, self.space.names.index("ff")] = ff
                 mixes.append(g)
             grid = torch.cat([grid] + mixes)
+        self.grid: torch.Tensor  # a buffer: declared for the type checker
         self.register_buffer("grid", grid)
         self._grid_atoms: torch.Tensor | None = None
 
@@ -168,19 +217,29 @@ class MLEEstimator(Estimator):
     def predict_unit(self, fingerprints: torch.Tensor | np.ndarray, batch_size: int = 4096) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(fingerprints) if not isinstance(fingerprints, torch.Tensor) else fingerprints)
         if x.shape[1] != self.sequence.n_frames:
-            raise ValueError(f"the MLE fit needs full fingerprints of {self.sequence.n_frames} frames, got {x.shape[1]}")
+            raise ValueError(
+                f"the MLE fit needs full fingerprints of {self.sequence.n_frames} frames, got {x.shape[1]}"
+            )
         x = x.to(torch.complex64) if self.encoder.complex_data else (x.abs() if x.is_complex() else x).float()
         atoms = self._atoms().to(x.device)
         out = []
         for i in range(0, x.shape[0], batch_size):
-            xi = x[i:i + batch_size]
+            xi = x[i : i + batch_size]
             ip = (xi @ atoms.conj().T).abs() if xi.is_complex() else xi @ atoms.T
             init = self.grid[ip.argmax(1)]
             sigma = self.options.get("sigma")
             noise = "rician" if (not self.encoder.complex_data and sigma) else "gaussian"
-            res = mle_for_space(self.sequence, self.space, xi, init, noise=noise, sigma=sigma,
-                                steps=int(self.options["steps"]), lr=float(self.options["lr"]),
-                                chunk=int(self.options["chunk"]))
+            res = mle_for_space(
+                self.sequence,
+                self.space,
+                xi,
+                init,
+                noise=noise,
+                sigma=sigma,
+                steps=int(self.options["steps"]),
+                lr=float(self.options["lr"]),
+                chunk=int(self.options["chunk"]),
+            )
             out.append(self.space.to_unit(res.params))
         return torch.cat(out).clamp(0, 1)
 

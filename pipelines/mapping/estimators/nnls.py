@@ -12,8 +12,15 @@ from __future__ import annotations
 import torch
 
 
-def nnls(a: torch.Tensor, y: torch.Tensor, *, iterations: int = 300, polish: bool = True,
-         gram: torch.Tensor | None = None, lipschitz: float | None = None) -> torch.Tensor:
+def nnls(
+    a: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    iterations: int = 300,
+    polish: bool = True,
+    gram: torch.Tensor | None = None,
+    lipschitz: float | None = None,
+) -> torch.Tensor:
     """Non-negative weights [B, n] for dictionary ``a`` [m, n] and signals ``y`` [B, m] (real)."""
     if a.is_complex() or y.is_complex():
         raise ValueError("nnls works on real data: stack real and imaginary parts first")

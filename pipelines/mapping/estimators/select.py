@@ -42,9 +42,11 @@ def shipped_estimator_path(model: str, seq: MRFSequence) -> Path:
         if _meta_sequence_key(path) == key:
             return path
     trained = ", ".join(p.stem.removeprefix(f"estimator_{model}_") for p in candidates) or "none"
-    raise ValueError(f"no shipped {model} weights for schedule {seq.name!r} (shipped for: {trained}); train them "
-                     f"with `recon-node train estimator --model {model} --sequence FILE.json` and pass "
-                     "--set weights=PATH")
+    raise ValueError(
+        f"no shipped {model} weights for schedule {seq.name!r} (shipped for: {trained}); train them "
+        f"with `recon-node train estimator --model {model} --sequence FILE.json` and pass "
+        "--set weights=PATH"
+    )
 
 
 @lru_cache(maxsize=8)
@@ -52,9 +54,16 @@ def _load_cached(path: str, mtime: float, device: str) -> Estimator:
     return load_estimator(path, device)
 
 
-def resolve_estimator(name: str, seq: MRFSequence, *, weights: str = "", model: str = "auto",
-                      field_strength_T: float = 3.0, magnitude: bool = False,
-                      device: torch.device | str = "cpu") -> Estimator:
+def resolve_estimator(
+    name: str,
+    seq: MRFSequence,
+    *,
+    weights: str = "",
+    model: str = "auto",
+    field_strength_T: float = 3.0,
+    magnitude: bool = False,
+    device: torch.device | str = "cpu",
+) -> Estimator:
     """The estimator ``name`` for ``seq``: loaded weights (learned models) or a configured MLE fitter."""
     if name not in MODEL_CLASSES:
         raise ValueError(f"estimator must be one of {', '.join(ESTIMATOR_CHOICES)}, not {name!r}")
@@ -66,11 +75,15 @@ def resolve_estimator(name: str, seq: MRFSequence, *, weights: str = "", model: 
     if est.model_name != name:
         raise ValueError(f"{path} holds a {est.model_name} estimator, not {name}")
     if est.sequence.fingerprint_key() != seq.fingerprint_key():
-        raise ValueError(f"{path} was trained on schedule {est.sequence.name!r} ({est.sequence.n_frames} frames), "
-                         f"not on this series' schedule {seq.name!r} ({seq.n_frames} frames)")
+        raise ValueError(
+            f"{path} was trained on schedule {est.sequence.name!r} ({est.sequence.n_frames} frames), "
+            f"not on this series' schedule {seq.name!r} ({seq.n_frames} frames)"
+        )
     if est.encoder.complex_data and magnitude:
-        raise ValueError(f"{path} was trained on complex fingerprints; these images are magnitude-only "
-                         "(train magnitude weights with --magnitude)")
+        raise ValueError(
+            f"{path} was trained on complex fingerprints; these images are magnitude-only "
+            "(train magnitude weights with --magnitude)"
+        )
     if model not in ("auto", est.space.kind):
         raise ValueError(f"{path} estimates the {est.space.kind} model, not {model}")
     return est

@@ -1,0 +1,261 @@
+"""Load a unit, run a pipeline on it, write the results atomically: the one path of ``recon-node process`` and the
+node's worker.
+
+Results are ``maps.npz`` and/or ``images.npz``, one DICOM series per output under ``dicom/`` (unless ``dicom`` is
+off) and ``summary.json``. They are written to a temp folder first and renamed into place, so a result folder is
+either complete or absent: the node's temp folder (``<spool>/tmp``, cleaned at start-up) for a job, a hidden
+folder beside ``--out`` for the CLI. The instance records the DICOM writer returns are handed back, with their
+paths moved to the final folder, for egress and the CLI's summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.durable import fsync_dir
+from pipelines.io.ismrmrd_dicom import HDF5_SIGNATURE
+
+_MRD_SUFFIXES = (".h5", ".hdf5", ".mrd", ".ismrmrd")
+
+
+def load_study(
+    path: Path, kind: str | None = None, *, allow_partial: bool = False, log: logging.Logger | None = None
+) -> Any:
+    """The input as a RawStudy (``kind`` mrd: an ISMRMRD file) or an ImageStudy (``kind`` dicom: a DICOM file or
+    folder); ``kind`` None tells them apart by suffix and HDF5 signature. ``allow_partial``: a DICOM series with
+    fewer frames than its instances declare is read anyway (the reader refuses it otherwise -- issue 15 item 4).
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"input {path} does not exist")
+    if kind is None:
+        kind = "dicom"
+        if path.is_file():
+            if path.suffix.lower() in _MRD_SUFFIXES:
+                kind = "mrd"
+            else:
+                with open(path, "rb") as fh:
+                    kind = "mrd" if fh.read(8).startswith(HDF5_SIGNATURE) else "dicom"
+    if kind == "mrd":
+        from pipelines.io.mrd_reader import raw_study_from_hdf5
+
+        return raw_study_from_hdf5(path)
+    from pipelines.io.dicom_reader import image_study_from_dicom
+
+    return image_study_from_dicom(path, allow_partial=allow_partial, logger=log)
+
+
+def source_references(study: Any) -> list[tuple[str, str]]:
+    """(SOP Class UID, SOP Instance UID) of the instances an ImageStudy came from (none for raw data)."""
+    cls = str(getattr(study, "sop_class_uid", "") or "")
+    uids = list(getattr(study, "sop_instance_uids", None) or [])
+    return [(cls, str(u)) for u in uids if u] if cls else []
+
+
+def run_pipeline(
+    spec: Any,
+    study: Any,
+    params: dict[str, Any],
+    device: Any,
+    *,
+    cache_dir: Path | None,
+    log: logging.Logger,
+    progress: bool = False,
+    gpu_lock: threading.Lock | None = None,
+) -> tuple[list[Any], str]:
+    """Run ``spec`` on ``device``; on CUDA one run at a time (``gpu_lock``), and on the CPU again when CUDA runs out
+    of memory. Returns the outputs and the device they were computed on (``cuda`` / ``cpu``)."""
+    import torch
+
+    from pipelines.registry import RunContext
+
+    if device.type == "cuda":
+        with gpu_lock if gpu_lock is not None else nullcontext():
+            try:
+                ctx = RunContext(device=device, cache_dir=cache_dir, progress=progress, log=log)
+                return spec(study, params, ctx), "cuda"
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                log.warning("CUDA out of memory, ran on CPU")
+    ctx = RunContext(device=torch.device("cpu"), cache_dir=cache_dir, progress=progress, log=log)
+    return spec(study, params, ctx), "cpu"
+
+
+def _publish(tmp: Path, final: Path, replace: bool) -> None:
+    """Move the finished temp folder to ``final``. ``replace``: ``final`` belongs to this run (a job's results
+    folder) and is replaced whole; otherwise (a user's ``--out``) only the entries this run wrote are."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and replace:  # an earlier attempt got this far before the node stopped; results are
+        shutil.rmtree(final)  # deterministic
+    if not final.exists():
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        return
+    for entry in sorted(tmp.iterdir()):
+        target = final / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    tmp.rmdir()
+    fsync_dir(final)
+
+
+def _moved(records: list[Any], old: Path, new: Path) -> list[Any]:
+    """The writer's records (dataclasses with a ``path``) pointing into ``new`` instead of the temp folder."""
+    return [dataclasses.replace(r, path=new / Path(r.path).relative_to(old)) for r in records]
+
+
+@dataclass
+class RunRequest:
+    """One run: which input, which pipeline with which parameters, where the results go and how."""
+
+    input: Path
+    pipeline: str
+    params: dict[str, Any]
+    out_dir: Path
+    job_id: str  # names the outputs' UIDs (same job id, same UIDs)
+    kind: str | None = None  # mrd | dicom; None: told from the file
+    tmp_root: Path | None = None  # where the temp folder goes (same file system as out_dir); None: beside it
+    replace: bool = True  # see _publish
+    device: str = "auto"
+    device_fallback: bool = False  # CUDA configured but absent: run on the CPU with a warning (the node)
+    cache_dir: Path | None = None
+    progress: bool = False
+    allow_partial: bool = False
+    dicom: bool = True
+    templates_dir: Path | None = None
+    parametric_map: bool = False
+    summary: dict[str, Any] = field(default_factory=dict)  # more fields for summary.json (job, source, route)
+
+
+@dataclass
+class RunOutcome:
+    outputs: list[Any]
+    out_dir: Path
+    instances: list[Any]  # what the DICOM writer returned, paths in out_dir; empty without DICOM
+    device: str  # where the pipeline ran: cuda | cpu
+    params: dict[str, Any]
+    seconds: float  # loading + checking + running, not writing
+    written: list[str]  # what out_dir holds, for people: maps.npz, images.npz, dicom/ (N files), summary.json
+
+
+def run_unit(
+    req: RunRequest,
+    *,
+    log: logging.Logger | None = None,
+    check: Callable[[Any], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    gpu_lock: threading.Lock | None = None,
+) -> RunOutcome:
+    """Load ``req.input``, run the pipeline, write the results atomically; exceptions pass through unchanged.
+
+    ``log``: the job's log (input warnings, pipeline messages, UID notes); default the pipeline's own logger.
+    ``check(study)``: called between loading and running (the worker's completeness check), may raise.
+    ``on_stage(name)``: told ``setup``, ``load``, ``check``, ``run``, ``write`` as each begins, so the caller can
+    classify a failure. ``gpu_lock``: serialises CUDA runs between the node's workers.
+    """
+    import numpy as np
+
+    from node.egress.dicom_writer import write_outputs
+    from pipelines.compute import select_device
+    from pipelines.definitions import get_pipeline
+    from pipelines.types import QuantitativeMap, ReconImage
+
+    stage = on_stage or (lambda _name: None)
+    t0 = time.perf_counter()
+    stage("setup")
+    spec = get_pipeline(req.pipeline)
+    params = spec.resolve_params(req.params)
+    plog = log or logging.getLogger(f"pipelines.{spec.name}")
+    device = select_device(req.device, fallback_log=plog if req.device_fallback else None)
+    stage("load")
+    study = load_study(req.input, req.kind, allow_partial=req.allow_partial, log=log)
+    stage("check")
+    if check is not None:
+        check(study)
+    stage("run")
+    outputs, ran_on = run_pipeline(
+        spec, study, params, device, cache_dir=req.cache_dir, log=plog, progress=req.progress, gpu_lock=gpu_lock
+    )
+    seconds = time.perf_counter() - t0
+    stage("write")
+    out = req.out_dir
+    if req.tmp_root is None:
+        tmp_root, name = out.parent, f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    else:
+        tmp_root, name = req.tmp_root, f"result-{out.name}-{uuid.uuid4().hex[:8]}"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_root / name
+    tmp.mkdir()
+    written: list[str] = []
+    try:
+        maps = {o.kind: o.data for o in outputs if isinstance(o, QuantitativeMap)}
+        images = {o.kind: o.data for o in outputs if isinstance(o, ReconImage)}
+        if maps:
+            units = {f"{o.kind}_unit": np.array(o.unit) for o in outputs if isinstance(o, QuantitativeMap)}
+            # allow_pickle is numpy's default, spelt out so that mypy does not match the ``**`` arrays against it.
+            np.savez(tmp / "maps.npz", allow_pickle=True, **maps, **units)
+            written.append("maps.npz")
+        if images:
+            np.savez(tmp / "images.npz", allow_pickle=True, **images)
+            written.append("images.npz")
+        instances: list[Any] = []
+        if req.dicom:
+            instances = list(
+                write_outputs(
+                    outputs,
+                    study.study,
+                    tmp / "dicom",
+                    job_id=req.job_id,
+                    references=source_references(study),
+                    templates_dir=req.templates_dir,
+                    parametric_map=req.parametric_map,
+                    logger=log,
+                )
+            )
+            written.append(f"dicom/ ({len(instances)} files)")
+        summary = {
+            "pipeline": spec.name,
+            "input": str(req.input),
+            "device": ran_on,
+            "params": params,
+            "seconds": round(seconds, 3),
+            **req.summary,
+            **({"dicom_files": len(instances)} if req.dicom else {}),
+            "outputs": [
+                {
+                    "kind": o.kind,
+                    "shape": list(o.data.shape),
+                    "unit": getattr(o, "unit", ""),
+                    "description": o.description,
+                    "notes": list(o.notes),
+                }
+                for o in outputs
+            ],
+        }
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        written.append("summary.json")
+        _publish(tmp, out, req.replace)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return RunOutcome(
+        outputs=outputs,
+        out_dir=out,
+        instances=_moved(instances, tmp, out),
+        device=ran_on,
+        params=params,
+        seconds=seconds,
+        written=written,
+    )

@@ -1,0 +1,338 @@
+"""The MRF pipelines: fingerprints -> T1, T2 (or FF, T1 water/fat), PD, B1, residual maps.
+
+* ``mrf_maps_from_images``: an MRF image series (DICOM fingerprint frames), matched frame by frame.
+* ``mrf``: raw MRF k-space (spiral, radial or Cartesian). The dictionary comes first because its SVD basis defines
+  the subspace the images are reconstructed in; the K coefficient images of each slice are then matched against
+  the same dictionary in that subspace (never expanded to the frames: 1000 frames of ten 256^2 slices would be
+  5.2 GB). Slices are reconstructed one at a time, after coil compression to virtual coils, so memory stays at one
+  slice's operator.
+
+Both take the mapping parameters of :data:`MAPPING_PARAMS` (schedule, model, field, estimator, search, mask,
+memory), defined once here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.mapping.dictionary import build_dictionary
+from pipelines.mapping.estimators.select import ESTIMATOR_CHOICES
+from pipelines.mapping.maps import MODELS, MappingOptions, default_spec, estimate_maps, resolve_model
+from pipelines.mapping.matching import DEFAULT_ENERGY
+from pipelines.physics.sequences import MRFSequence, get_sequence
+from pipelines.recon.ncpdnet import ncpdnet_subspace
+from pipelines.recon.raw_prep import validate_raw
+from pipelines.recon.subspace import NonCartesianSubspace, SubspaceResult, kspace_filter, reconstruct, slice_operator
+from pipelines.registry import Param, PipelineSpec, RunContext, register
+from pipelines.types import ImageStudy, PipelineOutput, RawStudy, StudyInfo
+
+# ---- mapping parameters common to the MRF pipelines ---------------------------------------------------------------
+MAPPING_PARAMS: dict[str, Param] = {
+    "sequence": Param(
+        str,
+        "",
+        "schedule when the input does not carry it (per-frame DICOM timing, ISMRMRD "
+        "sequenceParameters): fisp, t1ff or a JSON file",
+    ),
+    "model": Param(
+        str, "auto", "single (T1, T2) or water_fat (FF, T1 water/fat); auto: water_fat when TE varies", choices=MODELS
+    ),
+    "field": Param(float, 0.0, "field strength in T for the fat spectrum (0: from the header)"),
+    "estimator": Param(
+        str,
+        "dictionary",
+        "map estimator: dictionary matching, a learned network (fc, inn, "
+        "blochnet, hybrid) or the per-voxel maximum-likelihood fit (mle, slow)",
+        choices=ESTIMATOR_CHOICES,
+    ),
+    "estimator_weights": Param(str, "", "learned estimator weights (empty: the shipped ones for the schedule)"),
+    "search": Param(
+        str,
+        "fast",
+        "dictionary search: fast (coarse-to-fine, the default) or exhaustive (every atom; the reference, ~20x slower)",
+        choices=("fast", "exhaustive"),
+    ),
+    "mask_threshold": Param(float, 0.05, "background: PD below this fraction of its 99th percentile"),
+    "memory_gb": Param(float, 2.0, "peak memory budget of the matcher"),
+}
+
+
+def _field_T(params: dict[str, Any], study: StudyInfo) -> float:
+    return float(params["field"] or study.field_strength_T or 3.0)
+
+
+def mapping_options(
+    params: dict[str, Any], *, model: str, rank: int | None, field_T: float, energy: float = DEFAULT_ENERGY
+) -> MappingOptions:
+    """The :class:`MappingOptions` of resolved :data:`MAPPING_PARAMS` plus what each pipeline decides itself."""
+    return MappingOptions(
+        model=model,
+        rank=rank,
+        energy=energy,
+        mask_threshold=params["mask_threshold"],
+        memory_bytes=int(params["memory_gb"] * 1024**3),
+        field_strength_T=field_T,
+        estimator=params["estimator"],
+        weights=params["estimator_weights"],
+        search=params["search"],
+    )
+
+
+# ---- image series ---------------------------------------------------------------------------------------------------
+def sequence_for_images(study: ImageStudy, name_or_path: str) -> MRFSequence:
+    """The schedule of an image series: ``--set sequence=...`` when given, else the per-frame DICOM timing."""
+    n = study.pixels.shape[0]
+    if name_or_path:
+        seq = get_sequence(name_or_path)
+    elif study.flip_angles_deg is not None and study.tr_ms is not None and study.te_ms is not None:
+        seq = MRFSequence("from_dicom", study.flip_angles_deg, study.tr_ms, study.te_ms, ti_ms=study.ti_ms)
+        if np.ptp(seq.flip_angles_deg) == 0:
+            raise ValueError(
+                f"{study.source_path}: every frame has the same FlipAngle "
+                f"({seq.flip_angles_deg[0]:g} deg): this is not an MRF schedule; the scanner may "
+                "not store per-frame timing, so give it with --set sequence=NAME|path.json"
+            )
+    else:
+        raise ValueError(
+            f"{study.source_path}: the instances do not carry per-frame FlipAngle / RepetitionTime / "
+            "EchoTime; give the schedule with --set sequence=fisp|t1ff|path.json"
+        )
+    if seq.n_frames != n:
+        raise ValueError(
+            f"{study.source_path}: the series has {n} frames but sequence {seq.name!r} has "
+            f"{seq.n_frames}; check the series or the --set sequence value"
+        )
+    return seq
+
+
+def _mrf_maps_from_images(study: ImageStudy, params: dict[str, Any], ctx: RunContext) -> list[PipelineOutput]:
+    seq = sequence_for_images(study, params["sequence"])
+    field = _field_T(params, study.study)
+    options = mapping_options(
+        params, model=params["model"], rank=params["rank"] or None, field_T=field, energy=params["energy"]
+    )
+    ctx.log.info(
+        "%s: %d frames x %d slices (%dx%d) with sequence %s, model %s, %.1f T, %s data",
+        params["estimator"],
+        seq.n_frames,
+        study.pixels.shape[1],
+        *study.pixels.shape[2:],
+        seq.name,
+        options.model,
+        field,
+        "magnitude" if study.is_magnitude else "complex",
+    )
+    maps = estimate_maps(
+        study.pixels,
+        seq,
+        study.geometry,
+        options,
+        magnitude=study.is_magnitude,
+        device=ctx.device,
+        cache_dir=ctx.cache_dir,
+        progress=ctx.progress,
+    )
+    return list(maps)  # list is invariant: list[QuantitativeMap] is not a list[PipelineOutput] to mypy
+
+
+register(
+    PipelineSpec(
+        name="mrf_maps_from_images",
+        input_kind="images",
+        summary="MRF image series (DICOM fingerprint frames) -> T1, T2 or FF, PD, B1, residual maps (dictionary "
+        "matching or a learned estimator)",
+        run=_mrf_maps_from_images,
+        params={
+            "rank": Param(int, 0, "SVD rank (0: chosen by retained energy)"),
+            "energy": Param(float, DEFAULT_ENERGY, "retained energy that chooses the SVD rank"),
+            **MAPPING_PARAMS,
+        },
+    )
+)
+
+
+# ---- raw k-space ----------------------------------------------------------------------------------------------------
+RECONS = ("adjoint", "cgsense", "ncpdnet")
+
+# Said in every map the shipped MRF weights produce, so a reader of the DICOM series sees it (model card: CPU-trained).
+SHIPPED_MRF_CAVEAT = (
+    "shipped ncpdnet_mrf weights are under-trained (CPU, 825 steps): CSF T1/T2 unreliable; "
+    "recon=cgsense is the validated reconstruction"
+)
+
+
+def sequence_for_raw(raw: RawStudy, name_or_path: str) -> MRFSequence:
+    """The schedule: ``--set sequence=...`` when given, else the one the ISMRMRD header carries."""
+    seq = get_sequence(name_or_path) if name_or_path else raw.sequence
+    if seq is None:
+        raise ValueError(
+            f"{raw.source_path or 'input'}: the ISMRMRD header carries no MRF schedule "
+            "(sequenceParameters flipAngle_deg / TR / TE per frame); give it with "
+            "--set sequence=fisp|t1ff|path.json"
+        )
+    n_frames = int(raw.frame.max(initial=-1)) + 1
+    if n_frames > seq.n_frames:
+        raise ValueError(
+            f"{raw.source_path or 'input'}: acquisitions reach frame (idx.repetition) {n_frames - 1} "
+            f"but schedule {seq.name!r} has {seq.n_frames} frames"
+        )
+    if n_frames < seq.n_frames:
+        raise ValueError(
+            f"{raw.source_path or 'input'}: only {n_frames} of the {seq.n_frames} frames of schedule "
+            f"{seq.name!r} were received (idx.repetition); the scan looks incomplete"
+        )
+    return seq
+
+
+def _ncpdnet_network(
+    raw: RawStudy, seq: MRFSequence, params: dict[str, Any], ctx: RunContext
+) -> tuple[Any, torch.Tensor]:
+    """The MRF NC-PDNet and the subspace basis it was trained in (it travels with the weights)."""
+    from pipelines.recon.ncpdnet import SHIPPED_MRF, cached_ncpdnet
+
+    if raw.trajectory_kind == "cartesian":
+        raise ValueError("recon=ncpdnet is for non-Cartesian (spiral / radial) MRF; use cgsense for Cartesian data")
+    if not params["dcf"]:
+        raise ValueError("recon=ncpdnet needs the density compensation (--set dcf=true)")
+    net, meta = cached_ncpdnet(params["weights"], SHIPPED_MRF, ctx.device)
+    basis = meta.get("basis")
+    if basis is None:
+        raise ValueError(
+            f"weights {params['weights'] or SHIPPED_MRF!r} carry no MRF subspace basis (anatomical "
+            "NC-PDNet weights? use them with --pipeline noncartesian_recon)"
+        )
+    if basis.shape[0] != seq.n_frames:
+        raise ValueError(
+            f"the NC-PDNet weights were trained for a {basis.shape[0]}-frame schedule "
+            f"({meta.get('sequence')}), this scan has {seq.n_frames} frames ({seq.name})"
+        )
+    return net, basis.to(ctx.device)
+
+
+def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[PipelineOutput]:
+    validate_raw(raw, "cartesian" if raw.trajectory_kind == "cartesian" else "noncartesian")
+    seq = sequence_for_raw(raw, params["sequence"])
+    field = _field_T(params, raw.study)
+    model = resolve_model(seq, params["model"])
+    dictionary = build_dictionary(
+        seq,
+        default_spec(seq, model, field, complex_data=True),
+        device=ctx.device,
+        cache_dir=ctx.cache_dir,
+        progress=ctx.progress,
+        report=ctx.log.info,
+    )
+    rank = min(params["rank"], dictionary.complex.basis.shape[1])
+    basis = dictionary.complex.basis[:, :rank].to(ctx.device)
+    net = None
+    if params["recon"] == "ncpdnet":
+        net, basis = _ncpdnet_network(raw, seq, params, ctx)
+        rank = int(basis.shape[1])
+    slices = np.unique(raw.slice)
+    ny, nx = raw.matrix
+    # Only K coefficient images per slice are ever held (K x slices x ny x nx complex: 42 MB for 10 slices at 256^2,
+    # rank 8); the frames are never formed.
+    coefficients = np.empty((rank, slices.size, ny, nx), dtype=np.complex64)
+    notes: list[str] = []
+    for i, s in enumerate(slices):
+        t0 = time.perf_counter()
+        rows = np.flatnonzero(raw.slice == s)
+        op, data = slice_operator(
+            raw, rows, basis, ctx.device, weighted=params["dcf"], coil_energy=params["coil_energy"]
+        )
+        with torch.no_grad():
+            if net is not None:
+                # _ncpdnet_network rejects Cartesian raw data, so with a network the operator is non-Cartesian.
+                assert isinstance(op, NonCartesianSubspace)
+                res = SubspaceResult(
+                    ncpdnet_subspace(op, torch.as_tensor(data), net).cpu().numpy(),
+                    0,
+                    [f"NC-PDNet ({net.config.n_iter} unrolled iterations)"]
+                    + ([] if params["weights"] else [SHIPPED_MRF_CAVEAT]),
+                )
+            else:
+                res = reconstruct(op, data, params["recon"], lam=params["lam"], iterations=params["iterations"])
+        c = res.coefficients
+        if raw.trajectory_kind != "cartesian" and net is None:  # NC-PDNet was trained to the unfiltered truth
+            c = kspace_filter(c, params["filter"])
+        coefficients[:, i] = c
+        notes = res.notes + (
+            [
+                f"{data.shape[0]} virtual coils of {raw.data.shape[1]} (coil compression, "
+                f"{params['coil_energy']:g} of the energy)"
+            ]
+            if data.shape[0] < raw.data.shape[1]
+            else []
+        )
+        ctx.log.info(
+            "slice %d/%d (index %d): %s reconstruction of %d coefficient images in %.1f s (%s)",
+            i + 1,
+            slices.size,
+            int(s),
+            params["recon"],
+            rank,
+            time.perf_counter() - t0,
+            "; ".join(notes),
+        )
+        del op, data
+    # Matched in the reconstruction's own subspace, in the coefficient domain: atoms truncated to the same rank
+    # as the fingerprints (matching at a higher rank compares atoms' components the data cannot have).
+    options = mapping_options(params, model=model, rank=rank, field_T=field)
+    t0 = time.perf_counter()
+    maps = estimate_maps(
+        coefficients,
+        seq,
+        raw.geometry,
+        options,
+        magnitude=False,
+        device=ctx.device,
+        cache_dir=ctx.cache_dir,
+        progress=ctx.progress,
+        basis=basis,
+        report=ctx.log.info,
+    )
+    ctx.log.info("maps of %d slices in %.1f s", slices.size, time.perf_counter() - t0)
+    for m in maps:
+        m.notes = (
+            [f"{raw.trajectory_kind} MRF, {params['recon']} subspace reconstruction (rank {rank})"] + notes + m.notes
+        )
+    return list(maps)  # list is invariant: list[QuantitativeMap] is not a list[PipelineOutput] to mypy
+
+
+register(
+    PipelineSpec(
+        name="mrf",
+        input_kind="raw",
+        summary="raw MRF k-space (spiral, radial or Cartesian) -> low-rank subspace reconstruction -> T1, T2 or FF, "
+        "PD, B1, residual maps",
+        run=_mrf,
+        params={
+            "recon": Param(
+                str,
+                "cgsense",
+                "adjoint (subspace back-projection), cgsense (low-rank CG-SENSE) or "
+                "ncpdnet (learned NC-PDNet subspace reconstruction; its own rank and basis)",
+                choices=RECONS,
+            ),
+            "weights": Param(str, "", "ncpdnet: a site's own safetensors weights (empty: the shipped ncpdnet_mrf)"),
+            "rank": Param(int, 8, "subspace rank K (coefficient images reconstructed and matched)"),
+            "filter": Param(
+                str, "hann", "k-space apodisation of non-Cartesian coefficient images", choices=("hann", "none")
+            ),
+            "lam": Param(float, 1e-3, "Tikhonov weight relative to the largest eigenvalue of A^H A"),
+            "iterations": Param(int, 20, "CG iterations"),
+            "dcf": Param(bool, True, "density-weighted least squares (faster convergence for non-Cartesian data)"),
+            "coil_energy": Param(
+                float,
+                0.99,
+                "coil compression: keep the fewest virtual coils holding this fraction "
+                "of the signal energy (1: no compression)",
+            ),
+            **MAPPING_PARAMS,
+        },
+    )
+)
