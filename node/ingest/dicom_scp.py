@@ -477,15 +477,7 @@ class DicomSCP:
                 calling,
                 address,
             )
-            audit.event(
-                "dicom.association.refused",
-                "refused",
-                actor_ae=calling,
-                actor_ip=address,
-                called_ae=called,
-                reason="called AE title not recognised",
-            )
-            self._reject(assoc, 0x07)
+            self._refuse(assoc, 0x07, "called AE title not recognised", calling, address, called)
             return
         try:
             source = self._lookup_source(address, calling)
@@ -498,15 +490,7 @@ class DicomSCP:
                 e,
                 exc_info=True,
             )
-            audit.event(
-                "dicom.association.refused",
-                "refused",
-                actor_ae=calling,
-                actor_ip=address,
-                called_ae=called,
-                reason=f"source lookup failed: {type(e).__name__}",
-            )
-            self._reject(assoc, 0x01)
+            self._refuse(assoc, 0x01, f"source lookup failed: {type(e).__name__}", calling, address, called)
             return
         if source is None:
             if bool(getattr(self.cfg, "reject_unknown_sources", True)):
@@ -516,15 +500,7 @@ class DicomSCP:
                     calling,
                     address,
                 )
-                audit.event(
-                    "dicom.association.refused",
-                    "refused",
-                    actor_ae=calling,
-                    actor_ip=address,
-                    called_ae=called,
-                    reason="calling AE title / host not a configured source",
-                )
-                self._reject(assoc, 0x03)
+                self._refuse(assoc, 0x03, "calling AE title / host not a configured source", calling, address, called)
                 return
             name = UNKNOWN_SOURCE
             log.warning(
@@ -546,8 +522,17 @@ class DicomSCP:
         log.info("source=%s ae=%s peer=%s: association requested%s", name, calling, address, " (TLS)" if tls else "")
 
     @staticmethod
-    def _reject(assoc: Any, diagnostic: int) -> None:
-        # Permanent rejection by the service user, then stop the association like pynetdicom's own checks do.
+    def _refuse(assoc: Any, diagnostic: int, reason: str, calling: str, address: str, called: str) -> None:
+        """Audit the refusal, then reject permanently (service user) and stop the association as pynetdicom's
+        own checks do."""
+        audit.event(
+            "dicom.association.refused",
+            "refused",
+            actor_ae=calling,
+            actor_ip=address,
+            called_ae=called,
+            reason=reason,
+        )
         assoc.acse.send_reject(0x01, 0x01, diagnostic)
         assoc.kill()
 
