@@ -155,14 +155,16 @@ class NodeProcess:
                               timeout=timeout, cwd=str(REPO))
 
     def wait_job_state(self, state: str | tuple[str, ...], job_id: str | None = None, timeout: float = 60.0,
-                       count: int = 1) -> Any:
-        """Wait until ``count`` jobs (or job ``job_id``) are in ``state``; returns the (first) matching job."""
+                       count: int = 1, log_has: str | None = None) -> Any:
+        """Wait until ``count`` jobs (or job ``job_id``) are in ``state`` (and, with ``log_has``, their log holds that
+        text: a job turns ``running`` before its worker writes the first line); returns the (first) matching job."""
         states = (state,) if isinstance(state, str) else tuple(state)
         deadline = time.monotonic() + timeout
         jobs: list[Any] = []
         while time.monotonic() < deadline:
             jobs = self.jobs()
-            hits = [j for j in jobs if j.state in states and (job_id is None or j.id == job_id)]
+            hits = [j for j in jobs if j.state in states and (job_id is None or j.id == job_id)
+                    and (log_has is None or log_has in j.log)]
             if len(hits) >= count:
                 return hits[0]
             bad = [j for j in jobs if j.state == "failed" and "failed" not in states

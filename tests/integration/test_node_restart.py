@@ -48,7 +48,7 @@ def test_kill9_mid_job_then_restart_completes_once(tmp_path, short_fisp):
     try:
         said = [o for o in send_study(study, "127.0.0.1", node.mrd_port, timeout=60) if isinstance(o, str)]
         job_id = said[0].split()[1]
-        job = node.wait_job_state("running", job_id=job_id, timeout=30)
+        job = node.wait_job_state("running", job_id=job_id, timeout=30, log_has="sleeping")
         assert job.attempts == 1
         node.kill9()
         assert [j.state for j in node.jobs()] == ["running"]  # what the killed node left behind
