@@ -193,9 +193,14 @@ def cmd_process(args: argparse.Namespace) -> int:
             dicom=not args.no_dicom,
         )
     )
+    # Notes every output carries (the reconstruction's) once; the rest against their map.
+    shared = [n for n in (res.outputs[0].notes if res.outputs else []) if all(n in o.notes for o in res.outputs)]
+    for note in shared:
+        print(f"note: {note}", file=sys.stderr)
     for o in res.outputs:
         for note in o.notes:
-            print(f"note ({o.kind}): {note}", file=sys.stderr)
+            if note not in shared:
+                print(f"note ({o.kind}): {note}", file=sys.stderr)
     print(
         f"{args.pipeline}: {len(res.outputs)} output(s) in {res.seconds:.1f} s on {res.device} -> {out}/ "
         f"({', '.join(res.written)})"
@@ -281,7 +286,27 @@ def _table(rows: Sequence[tuple[str, ...]]) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.url:
+        from node.http.client import fetch_status
+
+        out = fetch_status(
+            args.url, state=args.state, limit=args.limit, log=args.log, user=args.user, token=args.token, ca=args.ca
+        )
+    elif args.config:
+        out = _local_status(args)
+    else:
+        raise ValueError("give --config (this machine's node) or --url (a node's console)")
+    if args.json:
+        print(json.dumps(out, indent=1, default=str))
+        return 0
+    _print_status(out, args.log)
+    return 0
+
+
+def _local_status(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``status`` shows, read from the node's databases and run file (as ``/api/jobs`` serves it)."""
     from node.egress.egress import read_status
+    from node.executors import cluster_status
     from node.jobs import JobStore
 
     cfg = _load_site(args.config, check_pipelines=False)
@@ -297,26 +322,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     destinations, egress = read_status(cfg, [j.id for j in jobs])
     run_file = cfg.node.spool_dir / "run" / "node.json"
     node = json.loads(run_file.read_text()) if run_file.exists() else None
-    if args.json:
-        out = {
-            "counts": counts,
-            "node": node,
-            "destinations": destinations,
-            "jobs": [
-                {**{k: v for k, v in j.to_dict().items() if args.log or k != "log"}, "egress": egress.get(j.id)}
-                for j in jobs
-            ],
-        }
-        print(json.dumps(out, indent=1, default=str))
-        return 0
+    cluster, cluster_line = cluster_status(cfg.node.spool_dir) if node else (None, None)
+    return {
+        "counts": counts,
+        "node": node,
+        "cluster": cluster,
+        "cluster_line": cluster_line,
+        "destinations": destinations,
+        "jobs": [
+            {**{k: v for k, v in j.to_dict().items() if args.log or k != "log"}, "egress": egress.get(j.id)}
+            for j in jobs
+        ],
+    }
+
+
+def _print_status(out: dict[str, Any], show_log: bool) -> None:
+    """The status table from :func:`_local_status`'s dict or a console's ``/api/jobs`` (the same shape)."""
+    node, counts, destinations, jobs = out.get("node"), out["counts"], out["destinations"], out["jobs"]
     if node:
         print(
             f"node pid {node['pid']}: MRD port {node['mrd_port']}"
             + (f", MRD TLS port {node['mrd_tls_port']}" if node.get("mrd_tls_port") else "")
             + f", DICOM port {node.get('dicom_port')}"
+            + (f", console port {node['http_port']}" if node.get("http_port") else "")
         )
     else:
         print("node: not running (no run file)")
+    if out.get("cluster_line"):
+        print(out["cluster_line"])
     print("jobs: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if destinations:
         print("destinations:")
@@ -337,27 +370,27 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         _table(rows)
     if jobs:
-        rows = [("ID", "SOURCE", "ROUTE", "PIPELINE", "STATE", "TRIES", "AGE", "EGRESS", "ERROR")]
+        rows = [("ID", "SOURCE", "ROUTE", "PIPELINE", "STATE", "TRIES", "AGE", "RAN ON", "EGRESS", "ERROR")]
         for j in jobs:
-            tries = str(j.attempts) + (f" ({j.node_deaths} node stop)" if j.node_deaths else "")
+            tries = str(j["attempts"]) + (f" ({j['node_deaths']} node stop)" if j.get("node_deaths") else "")
             rows.append(
                 (
-                    j.id,
-                    j.source or "-",
-                    j.route or "-",
-                    j.pipeline or "-",
-                    j.state,
+                    j["id"],
+                    j["source"] or "-",
+                    j["route"] or "-",
+                    j["pipeline"] or "-",
+                    j["state"],
                     tries,
-                    _age(j.created),
-                    _egress_text(egress.get(j.id), j.send_to),
-                    (j.error or "")[:100],
+                    _age(j["created"]),
+                    j.get("ran_on") or "-",
+                    _egress_text(j.get("egress"), j["send_to"]),
+                    (j["error"] or "")[:100],
                 )
             )
         _table(rows)
-    if args.log:
+    if show_log:
         for j in jobs:
-            print(f"\n--- log of {j.id} ---\n{j.log}", end="")
-    return 0
+            print(f"\n--- log of {j['id']} ---\n{j.get('log', '')}", end="")
 
 
 def _open_store(cfg: Any) -> Any:
@@ -372,98 +405,71 @@ def _open_store(cfg: Any) -> Any:
 def cmd_retry(args: argparse.Namespace) -> int:
     """Queue a failed / unrouted job again, routed with the current site config (a running node picks it up)."""
     from node import audit
-    from node.ingest.units import unit_from_disk
-    from node.routing import route
+    from node.operations import retry_job
 
     cfg = _load_site(args.config)
     if cfg.node.audit_log is not None:
         audit.configure(cfg.node.audit_log)
     store = _open_store(cfg)
     try:
-        job = store.get(args.job)
-        if job is None:
-            raise ValueError(f"no job {args.job!r} in {store.path} (see `recon-node status`)")
-        if job.state in ("queued", "running"):
-            raise ValueError(
-                f"job {job.id} is {job.state}; only a failed or unrouted job is retried "
-                "(a done or sent job with --force)"
-            )
-        if job.state in ("done", "sent") and not args.force:
-            raise ValueError(
-                f"job {job.id} is {job.state}; add --force to run it again (use `recon-node resend "
-                f"{job.id}` to send its outputs again)"
-            )
-        unit = unit_from_disk(Path(job.unit_path))
-        if unit is None:
-            raise ValueError(f"job {job.id}: its input {job.unit_path} is no longer in the spool; it cannot be retried")
-        if not unit.source:
-            unit.source = job.source
-        r = route(cfg, unit)
-        if r is None:
-            raise ValueError(
-                f"job {job.id}: no route of {cfg.path} matches its input "
-                f"({', '.join(f'{k}={v}' for k, v in unit.attributes.items() if k != 'json')}); "
-                "add a route, then retry"
-            )
-        new = store.requeue(job.id, route=r.name, pipeline=r.pipeline, params=r.params, send_to=r.send_to)
-        audit.event("job.retry", job_id=job.id, actor="operator", route=r.name, previous_state=job.state)
+        res = retry_job(cfg, store, args.job, force=args.force, actor="operator")
     finally:
         store.close()
-    print(
-        f"job {new.id} queued again (was {job.state}): route {new.route}, pipeline {new.pipeline}"
-        + (f", send to {', '.join(new.send_to)}" if new.send_to else "")
-        + "; a running node picks it up within a second"
-    )
+    print(res.message() + "; a running node picks it up within a second")
     return 0
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
     """Queue a done / sent job's DICOM outputs again for its destinations (delivered ones too)."""
     from node import audit
-    from node.egress.instances import result_instances
-    from node.egress.outbox import SENT, Outbox
+    from node.egress.outbox import Outbox
+    from node.operations import resend_job
 
     cfg = _load_site(args.config, check_pipelines=False)
     if cfg.node.audit_log is not None:
         audit.configure(cfg.node.audit_log)
     store = _open_store(cfg)
     try:
-        job = store.get(args.job)
-        if job is None:
-            raise ValueError(f"no job {args.job!r} in {store.path} (see `recon-node status`)")
-        if job.state not in ("done", "sent"):
-            raise ValueError(
-                f"job {job.id} is {job.state}: only a done or sent job has outputs to resend"
-                + (f" (run `recon-node retry {job.id}` first)" if job.state == "failed" else "")
-            )
-        dests = args.to or job.send_to
-        unknown = [d for d in dests if cfg.destination(d) is None]
-        if unknown:
-            raise ValueError(f"no destination called {', '.join(unknown)} in {cfg.path}")
-        if not dests:
-            raise ValueError(f"job {job.id} has no destinations (its route sends nowhere); name one with --to")
-        files = result_instances(job.result_dir)
-        if not files:
-            raise ValueError(f"job {job.id}: no DICOM outputs under {job.result_dir} (removed by retention?)")
         outbox = Outbox(cfg.node.outbox_path, recover=False)  # beside a running sender: leave rows in flight alone
         try:
-            n = 0
-            for dest in dests:
-                n += outbox.enqueue(files, dest, job.id)  # new rows, and failed ones re-armed
-                for item in outbox.items(destination=dest, job_id=job.id):
-                    if item.state == SENT:  # delivered before: back to pending, due now
-                        outbox.mark_retry(item.id, "resend requested by the operator", 0.0)
-                        n += 1
+            res = resend_job(cfg, store, outbox, args.job, to=args.to, actor="operator")
         finally:
             outbox.close()
-        store.reopen_delivery(job.id)
-        audit.event("job.resend", job_id=job.id, actor="operator", destinations=dests, n_instances=len(files))
     finally:
         store.close()
-    print(
-        f"job {job.id}: {len(files)} instance(s) queued again for {', '.join(dests)} ({n} outbox rows re-armed); "
-        "a running node sends them now, a stopped one when it starts"
-    )
+    print(res.message() + "; a running node sends them now, a stopped one when it starts")
+    return 0
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """Print the argon2 hash of a console password (from a prompt, or the first line of stdin when piped)."""
+    import getpass
+
+    try:
+        from node.http.auth import hash_password
+    except ImportError:
+        raise ValueError('the console\'s password hashing needs the web extra: pip install "recon-node[web]"') from None
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if password != getpass.getpass("again: "):
+            raise ValueError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        raise ValueError("use a password of at least 8 characters")
+    print(hash_password(password))
+    return 0
+
+
+def cmd_new_token(args: argparse.Namespace) -> int:
+    """Print a new bearer token (for the script or scraper) and the YAML entry (its SHA-256) for node.http.tokens."""
+    from node.http.auth import new_token, token_digest
+
+    token = new_token()
+    print("the token (give it to the client; only its hash goes in the config):", file=sys.stderr, flush=True)
+    print(token)
+    print("add under node.http.tokens:", file=sys.stderr)
+    print(f"  - {{name: {args.name}, role: {args.role}, sha256: {token_digest(token)}}}", file=sys.stderr)
     return 0
 
 
@@ -510,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=("Clinical reconstruction node for quantitative MRI: MRD/DICOM in, quantitative maps out."),
     )
     ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    ap.add_argument("--version", action="version", version=f"recon-node {_version()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -615,7 +622,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the node's jobs and their states",
         description="Read the node's job database: one line per job plus counts per state.",
     )
-    p.add_argument("--config", required=True, help="site config YAML")
+    p.add_argument("--config", help="site config YAML (the node on this machine)")
+    p.add_argument(
+        "--url",
+        help="a node's console instead, e.g. https://recon-node:8443 (user: --user + RECON_NODE_PASSWORD or a "
+        "prompt; token: --token or RECON_NODE_TOKEN)",
+    )
+    p.add_argument("--user", default=None, help="console user for --url (default: $RECON_NODE_USER)")
+    p.add_argument("--token", default=None, help="console bearer token for --url (default: $RECON_NODE_TOKEN)")
+    p.add_argument("--ca", default=None, help="CA certificate (PEM) that signed the console's certificate")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
         "--state", choices=["queued", "running", "done", "sent", "failed", "unrouted"], help="only this state"
@@ -686,6 +701,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file", help="site config YAML")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser(
+        "hash-password",
+        help="hash a console password for node.http.users (argon2)",
+        description="Read a password (a prompt, or the first line of stdin) and print its argon2 hash to paste "
+        "as password_hash under node.http.users.",
+    )
+    p.set_defaults(func=cmd_hash_password)
+
+    p = sub.add_parser(
+        "new-token",
+        help="make a console bearer token and its node.http.tokens entry",
+        description="Print a new random bearer token on stdout and, on stderr, the YAML entry (name, role, "
+        "SHA-256 of the token) for node.http.tokens. Only the hash goes in the config.",
+    )
+    p.add_argument("--name", default="scraper", help="name of the token in the config and audit log")
+    p.add_argument("--role", choices=["viewer", "operator"], default="viewer")
+    p.set_defaults(func=cmd_new_token)
     return ap
 
 

@@ -72,9 +72,93 @@ class LocalExecutorSettings(_Model):
     kind: Literal["local"] = "local"
 
 
-# What runs the jobs (node/executors/<kind>.py). A second kind turns this into a union discriminated on ``kind``,
-# as ``Destination`` is.
-ExecutorSettings = LocalExecutorSettings
+class RayExecutorSettings(_Model):
+    """``kind: ray``: one Ray task per job on a Ray cluster (the ``ray`` extra: ``pip install "recon-node[ray]"``).
+
+    The spool must be on a path every Ray node sees at the same place (a shared file system): tasks read their
+    input there; results come back through Ray's object store and the node writes them. Site plugins
+    (``node.plugins``) must be importable on every Ray node; the node's ``PYTHONPATH`` is passed on to the tasks.
+    """
+
+    kind: Literal["ray"]
+    address: str = "auto"  # auto (the cluster this machine belongs to, `ray start`), host:port or ray://host:port
+    max_in_flight: int = Field(4, ge=1, le=1024)  # jobs handed to the cluster at once; more wait in the job store
+    namespace: str = "recon-node"
+    runtime_env: dict[str, Any] | None = None  # Ray runtime_env for the tasks (env_vars, working_dir, ...)
+    status_interval_s: float = Field(5.0, gt=0)  # how often the cluster's resources are written to run/cluster.json
+
+
+def _executor_kind(v: Any) -> str:
+    kind = v.get("kind", "local") if isinstance(v, dict) else getattr(v, "kind", "local")
+    return str(kind)
+
+
+# What runs the jobs: one model per module node/executors/<kind>.py, discriminated on ``kind`` (default local).
+ExecutorSettings = Annotated[
+    Annotated[LocalExecutorSettings, Tag("local")] | Annotated[RayExecutorSettings, Tag("ray")],
+    Discriminator(
+        _executor_kind,
+        custom_error_type="executor_kind",
+        custom_error_message="unknown executor kind (use local or ray)",
+    ),
+]
+
+
+HttpRole = Literal["viewer", "operator"]  # viewer: read-only; operator: also retry / resend
+
+
+class HttpUser(_Model):
+    """A console user (``node.http.users``): HTTP basic or the login form. ``password_hash`` is an argon2 hash
+    from ``recon-node hash-password``; the password itself is never in the file."""
+
+    name: str = Field(min_length=1, max_length=64)
+    password_hash: SecretStr
+    role: HttpRole = "viewer"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if ":" in v or any(ord(c) < 32 for c in v) or v != v.strip():
+            raise ValueError("a user name has no colon, control characters or surrounding spaces")
+        return v
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().startswith("$argon2"):
+            raise ValueError("not an argon2 hash (it starts with $argon2id$); make one with `recon-node hash-password`")
+        return v
+
+
+class HttpToken(_Model):
+    """A bearer token (``node.http.tokens``) for scripts and scrapers: ``Authorization: Bearer <token>``. Only its
+    SHA-256 (64 hex digits) is in the file; ``recon-node new-token`` makes both."""
+
+    name: str = Field(min_length=1, max_length=64)
+    sha256: str
+    role: HttpRole = "viewer"
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str) -> str:
+        v = v.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", v):
+            raise ValueError("the token's SHA-256 as 64 hex digits; make one with `recon-node new-token`")
+        return v
+
+
+class HttpSettings(_Model):
+    """The operator console and its JSON API (``node.http``; absent: off). Bound to ``node.bind``; ``port`` 0
+    picks a free port (written to ``<spool>/run/node.json`` as ``http_port``). ``tls: true`` serves HTTPS with the
+    ``node.tls`` certificate. Every page and API call needs a user or a token, except ``/health`` and ``/ready``
+    (which reveal nothing about patients) and, with ``metrics_public``, ``/metrics``."""
+
+    port: int = Field(8443, ge=0, le=65535)
+    tls: bool = False
+    users: list[HttpUser] = Field(default_factory=list)
+    tokens: list[HttpToken] = Field(default_factory=list)
+    metrics_public: bool = False  # let Prometheus scrape /metrics without a token
+    session_hours: float = Field(8.0, gt=0, le=24 * 30)  # a login-form session ends after this many hours
 
 
 class NodeSettings(_Model):
@@ -114,6 +198,7 @@ class NodeSettings(_Model):
     mrd_max_text_kb: int = Field(1024, ge=1)  # one TEXT / config-text message at most this many KB
     mrd_disk_check_mb: int = Field(256, ge=1)  # re-check free spool space after every this many MB received
     max_node_deaths: int = Field(5, ge=1, le=1000)  # node crashes/kills during one job before it stays failed
+    http: HttpSettings | None = None  # operator console + JSON API (the `web` extra); None: off
 
     @field_validator("ae_title")
     @classmethod
@@ -404,6 +489,16 @@ class RouteMatch(_Model):
         return v
 
 
+class RouteResources(_Model):
+    """What one job of a route needs on a cluster (``node.executor.kind: ray``): Ray schedules it on a node that
+    has it free, and a job that no node of the cluster could ever run waits, queued, saying so in ``recon-node
+    status``. The local executor runs every job in the node's process and ignores this."""
+
+    gpu: float = Field(0, ge=0)
+    cpu: float = Field(1, gt=0)
+    memory_gb: float = Field(0, ge=0)
+
+
 class Route(_Model):
     name: str = Field(min_length=1)
     match: RouteMatch = Field(default_factory=RouteMatch)
@@ -412,6 +507,7 @@ class Route(_Model):
     send_to: list[str] = Field(default_factory=list)
     reply_over_mrd: bool = False
     allow_partial: bool = False  # run even when the input is incomplete (fewer frames/slices than declared)
+    resources: RouteResources = Field(default_factory=RouteResources)
 
 
 class GroupingRule(_Model):
@@ -567,6 +663,9 @@ def _fields_by_parent() -> dict[str, list[str]]:
         ("grouping.sources", GroupingRule),
         ("retention", Retention),
         ("egress", Egress),
+        ("node.http", HttpSettings),
+        ("node.http.users", HttpUser),
+        ("node.http.tokens", HttpToken),
     ]
     for key, model in pairs:
         out[key] = sorted(model.model_fields)
@@ -585,7 +684,9 @@ def _cross_check(cfg: SiteConfig, check_pipelines: bool) -> list[Problem]:
     dst_names = [d.name for d in cfg.destinations]
     problems += _check_destinations(cfg)
     problems += _check_mrd_tls(cfg)
+    problems += _check_http(cfg)
     problems += _check_templates(cfg.node.templates_dir)
+    problems += _check_executor(cfg)
     for name in cfg.grouping.sources:
         if name not in src_names:
             problems.append(
@@ -663,6 +764,83 @@ def _cross_check(cfg: SiteConfig, check_pipelines: bool) -> list[Problem]:
             sub = f".params.{bad[0]}" if bad else ".params"
             valid = ", ".join(f"{n} (default {p.default!r})" for n, p in spec.params.items()) or "none"
             problems.append((f"{key}{sub}", str(e), f"parameters of {spec.name}: {valid}"))
+    return problems
+
+
+def _check_executor(cfg: SiteConfig) -> list[Problem]:
+    """``kind: ray`` needs the optional ``ray`` package (the embedded default needs nothing)."""
+    import importlib.util
+
+    if cfg.node.executor.kind != "ray" or importlib.util.find_spec("ray") is not None:
+        return []
+    return [
+        (
+            "node.executor.kind",
+            "kind ray needs the ray package, which is not installed",
+            'pip install "recon-node[ray]" (or use kind: local)',
+        )
+    ]
+
+
+# what the console imports (module name -> the distribution that provides it)
+WEB_MODULES = {"starlette": "starlette", "uvicorn": "uvicorn", "jinja2": "jinja2", "argon2": "argon2-cffi"}
+
+
+def _check_http(cfg: SiteConfig) -> list[Problem]:
+    """The console (``node.http``) needs the ``web`` extra, someone to log in, the certificate for TLS, a port of
+    its own."""
+    import importlib.util
+
+    n, h = cfg.node, cfg.node.http
+    if h is None:
+        return []
+    problems: list[Problem] = []
+    missing = [dist for mod, dist in WEB_MODULES.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        problems.append(
+            (
+                "node.http",
+                f"the web console needs {', '.join(missing)}, which is not installed",
+                'pip install "recon-node[web]" (or remove node.http)',
+            )
+        )
+    if not h.users and not h.tokens:
+        problems.append(
+            (
+                "node.http.users",
+                "the console is on but nobody can log in (no users, no tokens)",
+                "add a user: {name: alice, role: operator, password_hash: <`recon-node hash-password`>}",
+            )
+        )
+    if h.tls and n.tls is None:
+        problems.append(
+            (
+                "node.http.tls",
+                "HTTPS needs the node's certificate",
+                "add node.tls with cert and key (PEM files), or set node.http.tls: false",
+            )
+        )
+    elif h.tls and n.tls is not None and n.tls.require_client_cert and n.tls.ca is None:
+        problems.append(
+            (
+                "node.tls.ca",
+                "require_client_cert needs the CA that signs the client certificates",
+                "set node.tls.ca to that CA's PEM file, or set require_client_cert: false",
+            )
+        )
+    for what, names in (("users", [u.name for u in h.users]), ("tokens", [t.name for t in h.tokens])):
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                problems.append((f"node.http.{what}[{i}].name", f"{name!r} is used twice", "give each its own name"))
+    others = {
+        "node.mrd_port": n.mrd_port,
+        "node.dicom_port": n.dicom_port,
+        "node.mrd_tls_port": n.mrd_tls_port,
+        "node.dicom_tls_port": n.dicom_tls_port,
+    }
+    for key, port in others.items():
+        if h.port and port == h.port:
+            problems.append(("node.http.port", f"the same port as {key} ({port})", "use another port, e.g. 8443"))
     return problems
 
 
@@ -891,7 +1069,13 @@ def summary(cfg: SiteConfig) -> str:
     unknown = "rejected" if cfg.reject_unknown_sources else "accepted"
     lines = [
         f"node {n.ae_title}: DICOM port {n.dicom_port}, MRD port {n.mrd_port} on {n.bind}; "
-        f"spool {n.spool_dir}; device {n.device}; {n.workers} worker(s); max attempts {n.max_attempts}",
+        f"spool {n.spool_dir}; device {n.device}; "
+        + (
+            f"Ray cluster {n.executor.address} (up to {n.executor.max_in_flight} jobs at once)"
+            if isinstance(n.executor, RayExecutorSettings)
+            else f"{n.workers} worker(s)"
+        )
+        + f"; max attempts {n.max_attempts}",
         f"sources ({len(cfg.sources)}; unknown sources {unknown}):",
     ]
     for s in cfg.sources:
@@ -920,5 +1104,12 @@ def summary(cfg: SiteConfig) -> str:
         + (f"; templates {n.templates_dir}" if n.templates_dir else "")
         + ("; parametric maps" if n.parametric_map else "")
     )
+    if n.http is not None:
+        lines.append(
+            f"console: {'https' if n.http.tls else 'http'}://{n.bind}:{n.http.port}/ "
+            f"({len(n.http.users)} user(s), {len(n.http.tokens)} token(s)"
+            + (", /metrics public" if n.http.metrics_public else "")
+            + ")"
+        )
     lines.append(f"retention: {cfg.retention.days:g} days")
     return "\n".join(lines)

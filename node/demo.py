@@ -144,11 +144,14 @@ def store_files(files: list[Path], port: int, calling_ae: str = SCANNER_AE, call
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
     from pynetdicom import AE
 
+    from node.tcp import no_delay
+
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(MRImageStorage, [ExplicitVRLittleEndian])
     assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
     if not assoc.is_established:
         raise ConnectionError(f"the node's DICOM SCP at 127.0.0.1:{port} refused the association")
+    no_delay(assoc)
     stored = 0
     try:
         for f in files:
@@ -192,44 +195,15 @@ def roi_table(
     return out
 
 
-def _display_range(kind: str, data: np.ndarray) -> tuple[float, float]:
-    """The template's window (what a viewer shows first), else 0 to the 99th percentile of the object."""
-    from node.egress.templates import TemplateError, template_for
-
-    try:
-        t = template_for(kind)
-        if t.window_center is not None and t.window_width:
-            return t.window_center - t.window_width / 2, t.window_center + t.window_width / 2
-    except TemplateError:
-        pass
-    hi = float(np.percentile(data[data > 0], 99)) if (data > 0).any() else 1.0
-    return 0.0, hi or 1.0
-
-
 def write_previews(result: PathResult, out_dir: Path) -> list[Path]:
-    """One PNG per map with a colour bar in the map's unit (matplotlib, Agg backend)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise RuntimeError("matplotlib is needed for the previews: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One PNG per map with a colour bar in the map's unit (:func:`node.previews.preview_png`)."""
+    from node.previews import preview_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for kind, data in sorted(result.maps.items()):
-        unit = result.units.get(kind, "")
-        fig, ax = plt.subplots(figsize=(4.2, 3.6), dpi=100)
-        lo, hi = _display_range(kind, data)
-        im = ax.imshow(data, cmap="magma" if kind in ("t1", "t2") else "viridis", vmin=lo, vmax=hi)
-        ax.set_title(f"{kind.upper()} ({result.name} path)")
-        ax.axis("off")
-        bar = fig.colorbar(im, ax=ax)
-        bar.set_label(unit or "a.u.")
-        fig.tight_layout()
         path = out_dir / f"{result.name}_{kind}.png"
-        fig.savefig(path)
-        plt.close(fig)
+        path.write_bytes(preview_png(data, kind, result.units.get(kind, ""), f"{kind.upper()} ({result.name} path)"))
         paths.append(path)
     return paths
 
@@ -297,7 +271,8 @@ def _collect(result: PathResult, files: list[Path], outbox: Any) -> None:
 
 def run_demo(opts: DemoOptions) -> int:
     from node.service import NodeService
-    from pipelines.mapping.dictionary import default_cache_dir
+    from pipelines.mapping.dictionary import cached_path, default_cache_dir, fisp_spec
+    from pipelines.physics.sequences import fisp_sequence
 
     say = _Printer(opts.quiet)
     root = (opts.workdir or Path("recon-node-demo")).resolve()
@@ -310,11 +285,12 @@ def run_demo(opts: DemoOptions) -> int:
         "which sends T1/T2/PD/B1 maps to a PACS.",
         always=True,
     )
-    say(
-        f"note: the first run builds the FISP dictionary (477k atoms, about a minute on 2 idle CPU cores) and caches "
-        f"it in {cache}; later runs load it in under a second.",
-        always=True,
-    )
+    if not cached_path(fisp_sequence(), fisp_spec(), cache).exists():
+        say(
+            f"note: this first run builds the FISP dictionary (477k atoms, about a minute on 2 idle CPU cores) and "
+            f"caches it in {cache}; later runs load it in under a second.",
+            always=True,
+        )
 
     orthanc = None
     if opts.pacs == "orthanc":
@@ -388,9 +364,12 @@ def _report(
     raw_pipeline: str,
     say: _Printer,
 ) -> int:
+    from node.demo_pacs import ORTHANC_BINARY
+
     uid = study.study.study_instance_uid
     where = (
-        f"Orthanc {orthanc.url}/app/explorer.html (study {uid})"
+        f"Orthanc (study {uid}), stored in {root / 'orthanc'}; Orthanc stopped with the demo: to browse the maps run "
+        f"`{ORTHANC_BINARY} {root / 'orthanc' / 'orthanc.json'}` and open {orthanc.url}/app/explorer.html"
         if orthanc is not None
         else f"{root / 'pacs' / uid}/<SeriesUID>/<SOPUID>.dcm"
     )

@@ -21,6 +21,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,7 +54,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created REAL NOT NULL,
     updated REAL NOT NULL,
     started REAL,
-    finished REAL
+    finished REAL,
+    ran_on TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 """
@@ -81,6 +83,7 @@ class Job:
     finished: float | None = None
     seq: int = 0
     node_deaths: int = 0  # times the node stopped (crash, kill) while this job ran; part of ``attempts``
+    ran_on: str | None = None  # the machine and device of the last attempt, e.g. ``host cpu``, ``host cuda:0``
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -104,6 +107,7 @@ class Job:
                 "updated",
                 "started",
                 "finished",
+                "ran_on",
             )
         }
         d["log"] = self.log
@@ -132,6 +136,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         finished=row["finished"],
         seq=row["seq"],
         node_deaths=row["node_deaths"] if "node_deaths" in row.keys() else 0,
+        ran_on=row["ran_on"] if "ran_on" in row.keys() else None,
     )
 
 
@@ -158,9 +163,12 @@ class JobStore:
         with self._lock:
             self._db.executescript(_SCHEMA)
             cols = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)").fetchall()}
-            if "node_deaths" not in cols:  # a database from before node deaths were counted apart
+            # databases from before node deaths were counted apart / before ``ran_on`` was recorded
+            for col, decl in (("node_deaths", "INTEGER NOT NULL DEFAULT 0"), ("ran_on", "TEXT")):
+                if col in cols:
+                    continue
                 try:
-                    self._db.execute("ALTER TABLE jobs ADD COLUMN node_deaths INTEGER NOT NULL DEFAULT 0")
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {col} {decl}")
                 except sqlite3.OperationalError as e:  # another process added it in between
                     if "duplicate column" not in str(e):
                         raise
@@ -247,11 +255,18 @@ class JobStore:
     def get(self, job_id: str) -> Job | None:
         return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
 
-    def claim(self) -> Job | None:
-        """Atomically take the oldest queued job: it becomes ``running`` and its attempts go up by one."""
+    def claim(self, skip_routes: Collection[str] = ()) -> Job | None:
+        """Atomically take the oldest queued job: it becomes ``running`` and its attempts go up by one.
+
+        ``skip_routes``: leave the jobs of these routes queued (an executor that cannot run them now, e.g. a
+        cluster without the GPU the route asks for)."""
         now = time.time()
+        skip = sorted(skip_routes)
+        where = f" AND COALESCE(route, '') NOT IN ({','.join('?' * len(skip))})" if skip else ""
         with self._tx() as db:
-            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
+            row = db.execute(
+                f"SELECT id FROM jobs WHERE state = 'queued'{where} ORDER BY seq LIMIT 1", tuple(skip)
+            ).fetchone()
             if row is None:
                 return None
             db.execute(
@@ -264,14 +279,35 @@ class JobStore:
         _audit(job.id, "running", attempts=job.attempts)
         return job
 
-    def finish(self, job_id: str, result_dir: str | Path | None = None) -> None:
+    def finish(self, job_id: str, result_dir: str | Path | None = None, ran_on: str | None = None) -> None:
         now = time.time()
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET state='done', error=NULL, result_dir=?, finished=?, updated=? WHERE id=?",
-                (str(result_dir) if result_dir else None, now, now, job_id),
+                "UPDATE jobs SET state='done', error=NULL, result_dir=?, finished=?, updated=?, "
+                "ran_on=COALESCE(?, ran_on) WHERE id=?",
+                (str(result_dir) if result_dir else None, now, now, ran_on, job_id),
             )
-        _audit(job_id, "done")
+        _audit(job_id, "done", ran_on=ran_on)
+
+    def note_waiting(self, job_ids: Collection[str], note: str | None) -> int:
+        """Say why queued jobs wait (e.g. ``waiting for resources: gpu``) in their error column, shown by
+        ``recon-node status``; ``None`` clears such a note. Only queued jobs are touched; returns how many changed."""
+        ids = list(job_ids)
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        with self._tx() as db:
+            if note is None:
+                return db.execute(
+                    f"UPDATE jobs SET error=NULL, updated=? WHERE state='queued' AND error LIKE 'waiting for %' "
+                    f"AND id IN ({marks})",
+                    (time.time(), *ids),
+                ).rowcount
+            return db.execute(
+                f"UPDATE jobs SET error=?, updated=? WHERE state='queued' AND COALESCE(error, '') != ? "
+                f"AND id IN ({marks})",
+                (note, time.time(), note, *ids),
+            ).rowcount
 
     def mark_sent(self, job_id: str) -> bool:
         """A done job whose outputs reached all its destinations becomes ``sent``; False if it was not done."""
@@ -324,6 +360,35 @@ class JobStore:
         _audit(job_id, state, attempts=row["attempts"], reason=text)
         return state
 
+    def node_died(self, job_id: str, reason: str, max_node_deaths: int | None = None) -> str:
+        """The machine running a job went away (an executor's worker process or cluster node was killed): like
+        :meth:`recover` for one running job, it counts a node death, not a job error, and the job goes back to
+        ``queued`` (``failed`` at ``max_node_deaths``). Returns the new state."""
+        limit = max_node_deaths or self.max_node_deaths
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT state, node_deaths FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            if row["state"] != "running":
+                return str(row["state"])
+            deaths = row["node_deaths"] + 1
+            if deaths >= limit:
+                state = "failed"
+                error = (
+                    f"{reason}: the machine running this job stopped {deaths} times; node.max_node_deaths is "
+                    f"{limit}; not retried again - check the job log and the workers' memory, then "
+                    f"`recon-node retry {job_id}`"
+                )
+            else:
+                state, error = "queued", f"{reason} ({deaths} of {limit} node stops)"
+            db.execute(
+                "UPDATE jobs SET state=?, node_deaths=?, error=?, updated=?, finished=? WHERE id=?",
+                (state, deaths, error, now, now if state == "failed" else None, job_id),
+            )
+        _audit(job_id, state, reason=error)
+        return state
+
     def append_log(self, job_id: str, line: str) -> None:
         stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         text = "".join(f"{stamp} {ln}\n" for ln in line.rstrip("\n").split("\n"))
@@ -346,6 +411,18 @@ class JobStore:
         out = {s: 0 for s in STATES}
         out.update({r["state"]: r["n"] for r in rows})
         return out
+
+    def probe_write(self) -> float:
+        """Write and commit one row of a tiny table (``node_health``): the readiness check that the database can
+        still be written (read-only file system, a full disk, a lock held too long). Returns the seconds it took;
+        raises ``sqlite3.Error`` when it cannot write."""
+        t0 = time.perf_counter()
+        with self._tx() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS node_health (id INTEGER PRIMARY KEY CHECK (id = 1), checked REAL NOT NULL)"
+            )
+            db.execute("INSERT OR REPLACE INTO node_health (id, checked) VALUES (1, ?)", (time.time(),))
+        return time.perf_counter() - t0
 
     def unit_paths(self) -> set[str]:
         with self._lock:

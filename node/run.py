@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -73,22 +74,25 @@ def run_pipeline(
     log: logging.Logger,
     progress: bool = False,
     gpu_lock: threading.Lock | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> tuple[list[Any], str]:
     """Run ``spec`` on ``device``; on CUDA one run at a time (``gpu_lock``), and on the CPU again when CUDA runs out
-    of memory. Returns the outputs and the device they were computed on (``cuda`` / ``cpu``)."""
+    of memory. Returns the outputs and the device they were computed on (``cuda`` / ``cpu``). ``on_phase``: the
+    pipeline's ``ctx.phase`` (reconstruction, mapping)."""
     import torch
 
     from pipelines.registry import RunContext
 
+    phase = on_phase or (lambda _name: None)
     if device.type == "cuda":
         with gpu_lock if gpu_lock is not None else nullcontext():
             try:
-                ctx = RunContext(device=device, cache_dir=cache_dir, progress=progress, log=log)
+                ctx = RunContext(device=device, cache_dir=cache_dir, progress=progress, log=log, phase=phase)
                 return spec(study, params, ctx), "cuda"
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 log.warning("CUDA out of memory, ran on CPU")
-    ctx = RunContext(device=torch.device("cpu"), cache_dir=cache_dir, progress=progress, log=log)
+    ctx = RunContext(device=torch.device("cpu"), cache_dir=cache_dir, progress=progress, log=log, phase=phase)
     return spec(study, params, ctx), "cpu"
 
 
@@ -148,6 +152,77 @@ class RunOutcome:
     params: dict[str, Any]
     seconds: float  # loading + checking + running, not writing
     written: list[str]  # what out_dir holds, for people: maps.npz, images.npz, dicom/ (N files), summary.json
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: load, reconstruction, mapping, write
+
+
+@dataclass
+class Computed:
+    """What :func:`compute_unit` hands to :func:`write_results`: everything the writer needs, nothing that points
+    at the machine it was computed on (an executor may compute on another machine and write here)."""
+
+    outputs: list[Any]
+    study_info: Any  # the input's StudyInfo (patient / study attributes the DICOM series go into)
+    references: list[tuple[str, str]]  # source instances (ImageStudy input)
+    pipeline: str
+    params: dict[str, Any]
+    device: str  # cuda | cpu
+    seconds: float  # loading + checking + running
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: load, reconstruction, mapping (metrics)
+
+
+def compute_unit(
+    req: RunRequest,
+    *,
+    log: logging.Logger | None = None,
+    check: Callable[[Any], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    gpu_lock: threading.Lock | None = None,
+) -> Computed:
+    """Load ``req.input`` and run the pipeline (stages ``setup``, ``load``, ``check``, ``run``); writes nothing."""
+    from pipelines.compute import select_device
+    from pipelines.definitions import get_pipeline
+
+    stage = on_stage or (lambda _name: None)
+    t0 = time.perf_counter()
+    stage("setup")
+    spec = get_pipeline(req.pipeline)
+    params = spec.resolve_params(req.params)
+    plog = log or logging.getLogger(f"pipelines.{spec.name}")
+    device = select_device(req.device, fallback_log=plog if req.device_fallback else None)
+    stage("load")
+    t_load = time.perf_counter()
+    study = load_study(req.input, req.kind, allow_partial=req.allow_partial, log=log)
+    timings = {"load": time.perf_counter() - t_load}
+    stage("check")
+    if check is not None:
+        check(study)
+    stage("run")
+    # the pipeline's phases (ctx.phase); before the first it is reconstructing (raw input) or mapping (images)
+    marks = [("reconstruction" if spec.input_kind == "raw" else "mapping", time.perf_counter())]
+    outputs, ran_on = run_pipeline(
+        spec,
+        study,
+        params,
+        device,
+        cache_dir=req.cache_dir,
+        log=plog,
+        progress=req.progress,
+        gpu_lock=gpu_lock,
+        on_phase=lambda name: marks.append((name, time.perf_counter())),
+    )
+    marks.append(("", time.perf_counter()))
+    for (name, t), (_, t_next) in pairwise(marks):
+        timings[name] = timings.get(name, 0.0) + t_next - t
+    return Computed(
+        outputs=outputs,
+        study_info=study.study,
+        references=source_references(study),
+        pipeline=spec.name,
+        params=params,
+        device=ran_on,
+        seconds=time.perf_counter() - t0,
+        timings=timings,
+    )
 
 
 def run_unit(
@@ -165,31 +240,21 @@ def run_unit(
     ``on_stage(name)``: told ``setup``, ``load``, ``check``, ``run``, ``write`` as each begins, so the caller can
     classify a failure. ``gpu_lock``: serialises CUDA runs between the node's workers.
     """
+    computed = compute_unit(req, log=log, check=check, on_stage=on_stage, gpu_lock=gpu_lock)
+    if on_stage is not None:
+        on_stage("write")
+    return write_results(req, computed, log=log)
+
+
+def write_results(req: RunRequest, computed: Computed, *, log: logging.Logger | None = None) -> RunOutcome:
+    """Write ``computed`` to ``req.out_dir`` atomically (temp folder under ``req.tmp_root``, then a rename)."""
     import numpy as np
 
     from node.egress.dicom_writer import write_outputs
-    from pipelines.compute import select_device
-    from pipelines.definitions import get_pipeline
     from pipelines.types import QuantitativeMap, ReconImage
 
-    stage = on_stage or (lambda _name: None)
-    t0 = time.perf_counter()
-    stage("setup")
-    spec = get_pipeline(req.pipeline)
-    params = spec.resolve_params(req.params)
-    plog = log or logging.getLogger(f"pipelines.{spec.name}")
-    device = select_device(req.device, fallback_log=plog if req.device_fallback else None)
-    stage("load")
-    study = load_study(req.input, req.kind, allow_partial=req.allow_partial, log=log)
-    stage("check")
-    if check is not None:
-        check(study)
-    stage("run")
-    outputs, ran_on = run_pipeline(
-        spec, study, params, device, cache_dir=req.cache_dir, log=plog, progress=req.progress, gpu_lock=gpu_lock
-    )
-    seconds = time.perf_counter() - t0
-    stage("write")
+    t_write = time.perf_counter()
+    outputs, params, ran_on, seconds = computed.outputs, computed.params, computed.device, computed.seconds
     out = req.out_dir
     if req.tmp_root is None:
         tmp_root, name = out.parent, f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -215,10 +280,10 @@ def run_unit(
             instances = list(
                 write_outputs(
                     outputs,
-                    study.study,
+                    computed.study_info,
                     tmp / "dicom",
                     job_id=req.job_id,
-                    references=source_references(study),
+                    references=computed.references,
                     templates_dir=req.templates_dir,
                     parametric_map=req.parametric_map,
                     logger=log,
@@ -226,7 +291,7 @@ def run_unit(
             )
             written.append(f"dicom/ ({len(instances)} files)")
         summary = {
-            "pipeline": spec.name,
+            "pipeline": computed.pipeline,
             "input": str(req.input),
             "device": ran_on,
             "params": params,
@@ -258,4 +323,5 @@ def run_unit(
         params=params,
         seconds=seconds,
         written=written,
+        timings={**computed.timings, "write": time.perf_counter() - t_write},
     )

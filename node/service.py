@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from node import audit
+from node import audit, metrics
 from node.config import SiteConfig
 from node.egress.egress import Egress, summarise
 from node.executors import make_executor
@@ -31,6 +31,7 @@ from node.worker import JobResult, error_text
 from pipelines.compute import set_threads
 
 if TYPE_CHECKING:
+    from node.http.app import ConsoleServer
     from node.ingest.dicom_scp import DicomSCP
     from node.ingest.mrd_server import MRDServer
 
@@ -58,8 +59,10 @@ class NodeService:
         self.mrd_server: MRDServer | None = None
         self.mrd_tls_server: MRDServer | None = None
         self.dicom_scp: DicomSCP | None = None
+        self.console: ConsoleServer | None = None  # the operator console (node.http), on its own thread
         self._stop = threading.Event()
         self._last_retention = 0.0
+        self.started_at: float | None = None  # set when start() begins, None again once stop() begins (/ready)
 
     # ---- ingest -> route -> job: the one place a unit is routed --------------------------------------------
     def handle_unit(self, unit: IngestUnit, inline: bool = False) -> Admission:
@@ -84,6 +87,8 @@ class NodeService:
                 error="no route matches: " + ", ".join(f"{k}={v}" for k, v in unit.attributes.items() if k != "json"),
             )
             if created:
+                metrics.UNITS_RECEIVED.labels(unit.kind).inc()
+                metrics.UNITS_UNROUTED.labels(unit.kind).inc()
                 log.warning(
                     "job %s [%s]: unrouted %s unit %s (%s); input kept",
                     job.id,
@@ -106,6 +111,7 @@ class NodeService:
             claim=claim,
         )
         if created:
+            metrics.UNITS_RECEIVED.labels(unit.kind).inc()
             log.info(
                 "job %s [%s]: %s unit %s -> route %s, pipeline %s (%s)",
                 job.id,
@@ -128,10 +134,10 @@ class NodeService:
             if not created or job.state != "running":
                 result = JobResult(job.id, job.state, error=job.error or f"job already {job.state}")
             else:
-                result = self.worker.execute(job)
+                result = self.worker.run_now(job)
             return Admission(job.id, result.state, r.name, result)
         if job.state == "queued":
-            self.worker.notify()
+            self.worker.submit(job)
         return Admission(job.id, job.state, r.name)
 
     # ---- start-up ----------------------------------------------------------------------------------------------
@@ -172,6 +178,8 @@ class NodeService:
         return removed
 
     def start(self) -> None:
+        self.started_at = time.time()
+        metrics.bind(self)
         if self.cfg.node.audit_log is not None:
             audit.configure(self.cfg.node.audit_log)
         audit.event("node.start", pid=os.getpid(), ae_title=self.cfg.node.ae_title)
@@ -188,6 +196,10 @@ class NodeService:
             ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "empty",
             n,
         )
+        if self.cfg.node.http is not None:  # first of the listeners: a port in use stops the start before data comes
+            from node.http.app import ConsoleServer
+
+            self.console = ConsoleServer(self).start()
         self.egress.start()
         self.worker.start()
         from node.ingest.mrd_server import MRDServer, tls_server_context
@@ -224,6 +236,7 @@ class NodeService:
             "mrd_port": mrd_port,
             "mrd_tls_port": self.mrd_tls_server.port if self.mrd_tls_server is not None else None,
             "dicom_port": self.dicom_scp.port if self.dicom_scp is not None else None,
+            "http_port": self.console.port if self.console is not None else None,
             "config": str(self.cfg.path) if self.cfg.path else None,
         }
         tmp = run / "node.json.partial"
@@ -231,7 +244,10 @@ class NodeService:
         os.replace(tmp, run / "node.json")
 
     def stop(self) -> None:
+        self.started_at = None  # not ready from now on
         log.info("stopping: no new connections; waiting up to %g s for running jobs", self.cfg.node.shutdown_grace_s)
+        if self.console is not None:
+            self.console.stop()
         for server in (self.mrd_server, self.mrd_tls_server):
             if server is not None:
                 server.stop()
@@ -244,6 +260,7 @@ class NodeService:
             log.warning("jobs still running at shutdown; they will be resumed when the node starts again")
         self.egress.stop()  # rows not yet delivered stay in the outbox and are sent after the next start
         (self.cfg.node.spool_dir / "run" / "node.json").unlink(missing_ok=True)
+        metrics.unbind(self)
         log.info("stopped")
         audit.event("node.stop", pid=os.getpid())
 

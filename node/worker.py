@@ -16,6 +16,7 @@ would fail the same way; anything else (I/O, memory, CUDA) is retried up to ``no
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import traceback
@@ -24,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node import metrics
 from node.config import SiteConfig
 from node.jobs import Job, JobStore
-from node.run import RunRequest, run_unit
+from node.run import RunOutcome, RunRequest, run_unit
 
 log = logging.getLogger("recon-node.worker")
 
@@ -93,26 +95,48 @@ class JobResult:
         return self.state == "done"
 
 
+LogLine = Callable[[str], None]  # takes one formatted line of a job's log ("LEVEL message")
+
+
 class _JobLogHandler(logging.Handler):
-    def __init__(self, store: JobStore, job_id: str) -> None:
+    def __init__(self, write: LogLine) -> None:
         super().__init__(level=logging.INFO)
-        self.store, self.job_id = store, job_id
+        self.write = write
         self.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.store.append_log(self.job_id, self.format(record))
+            self.write(self.format(record))
         except Exception:  # noqa: BLE001 - logging must never break a job
             pass
 
 
-def job_logger(store: JobStore, job: Job) -> tuple[logging.Logger, _JobLogHandler]:
-    """A logger whose lines go to the job's log in the database and to the node's log (named by job + source)."""
+def job_logger(job: Job, write: LogLine) -> tuple[logging.Logger, _JobLogHandler]:
+    """A logger whose lines go to ``write`` (the node: the job's log in the database) and to the node's log (named
+    by job + source). The job itself never holds a database handle: an executor may run it on another machine."""
     lg = logging.Logger(f"job {job.id} [{job.source or '-'}]")
     lg.parent = logging.getLogger("recon-node.job")
-    handler = _JobLogHandler(store, job.id)
+    handler = _JobLogHandler(write)
     lg.addHandler(handler)
     return lg, handler
+
+
+class NodeLost(Exception):
+    """The process or machine running a job went away (an executor's worker killed, a cluster node lost): the
+    job is retried as after a node death (``node_deaths``), not charged a failed attempt of its own."""
+
+
+def host_label(device: str) -> str:
+    """Where a job ran, for the ``ran_on`` column: ``host cpu``, ``host cuda:0 (NVIDIA H200)``."""
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            i = torch.cuda.current_device()
+            device = f"cuda:{i} ({torch.cuda.get_device_name(i)})"
+        except Exception:  # noqa: BLE001 - a label, never a failure
+            pass
+    return f"{socket.gethostname()} {device}"
 
 
 def error_text(e: BaseException) -> str:
@@ -122,7 +146,8 @@ def error_text(e: BaseException) -> str:
 
 
 class Worker:
-    """Runs one claimed job: ``execute(job)``. Executors (:mod:`node.executors`) decide where and when."""
+    """Runs one claimed job: ``run_now(job)``. Executors (:mod:`node.executors`) decide where and when; one that
+    computes elsewhere overrides :meth:`compute` and keeps the bookkeeping here."""
 
     def __init__(self, cfg: SiteConfig, store: JobStore) -> None:
         self.cfg = cfg
@@ -136,17 +161,30 @@ class Worker:
     def busy(self) -> int:
         return self._busy
 
-    def notify(self) -> None:
+    def submit(self, job: Job | None = None) -> None:
         """A job was (re)queued. A bare worker claims nothing itself; executors wake their claim loop here."""
 
+    def log_line(self, job_id: str, line: str) -> None:
+        """Where a job's log lines go: the job's log in the database."""
+        self.store.append_log(job_id, line)
+
+    def compute(
+        self, job: Job, req: RunRequest, jlog: logging.Logger, check: Callable[[Any], None], stage: list[str]
+    ) -> tuple[RunOutcome, str]:
+        """Run and write one job here (threads in the node's process); returns the outcome and ``ran_on``."""
+        outcome = run_unit(req, log=jlog, check=check, on_stage=stage.append, gpu_lock=self.gpu_lock)
+        return outcome, host_label(outcome.device)
+
     # ---- one job -------------------------------------------------------------------------------------------
-    def execute(self, job: Job) -> JobResult:
+    def run_now(self, job: Job) -> JobResult:
         """Run a job that is already ``running`` (claimed); mark it done / requeued / failed. Never raises."""
         with self._busy_lock:
             self._busy += 1
-        jlog, handler = job_logger(self.store, job)
+        jlog, handler = job_logger(job, lambda line: self.log_line(job.id, line))
         t0 = time.perf_counter()
         stage = ["setup"]
+        if job.attempts == 1 and job.started is not None:  # created -> first claimed (0 for in-line MRD jobs)
+            metrics.STAGE_SECONDS.labels("queue_wait").observe(max(0.0, job.started - job.created))
         try:
             jlog.info(
                 "attempt %d (%d failed before, limit %d; node stopped during it %d time(s), limit %d): "
@@ -171,7 +209,8 @@ class Worker:
                         jlog.warning("%s", note)
 
                 node = self.cfg.node
-                outcome = run_unit(
+                outcome, ran_on = self.compute(
+                    job,
                     RunRequest(
                         input=Path(job.unit_path),
                         pipeline=job.pipeline or "",
@@ -188,11 +227,17 @@ class Worker:
                         parametric_map=node.parametric_map,
                         summary={"job": job.id, "source": job.source, "route": job.route},
                     ),
-                    log=jlog,
-                    check=check,
-                    on_stage=stage.append,
-                    gpu_lock=self.gpu_lock,
+                    jlog,
+                    check,
+                    stage,
                 )
+            except NodeLost as e:
+                state = self.store.node_died(job.id, error_text(e))
+                metrics.count_run(state)
+                jlog.warning("%s; job is now %s", error_text(e), state)
+                if state == "queued":
+                    self.submit()
+                return JobResult(job.id, state, error=error_text(e))
             except Exception as e:  # noqa: BLE001 - a job's failure must never stop the node
                 err = error_text(e)
                 permanent = is_permanent(e, stage[-1])
@@ -208,8 +253,9 @@ class Worker:
                     err,
                     " (deterministic: not retried)" if permanent else "",
                 )
-                self.store.append_log(job.id, traceback.format_exc())
+                self.log_line(job.id, traceback.format_exc())
                 state = self.store.fail(job.id, err, self.cfg.node.max_attempts, permanent=permanent)
+                metrics.count_run(state)
                 jlog.info(
                     "job is now %s%s",
                     state,
@@ -218,14 +264,16 @@ class Worker:
                     else f" after {job.attempts} attempt(s); input kept at {job.unit_path}",
                 )
                 if state == "queued":
-                    self.notify()
+                    self.submit()
                 return JobResult(job.id, state, error=err)
             final = outcome.out_dir
-            self.store.finish(job.id, final)
+            self.store.finish(job.id, final, ran_on=ran_on)
+            metrics.count_run("done")
+            metrics.observe_stages(outcome.timings)
             jlog.info(
                 "done in %.1f s on %s: %d output(s) -> %s",
                 time.perf_counter() - t0,
-                outcome.device,
+                ran_on,
                 len(outcome.outputs),
                 final,
             )

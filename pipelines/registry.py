@@ -8,6 +8,7 @@ parameter list, so it can run from a notebook with arrays in and maps out, with 
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,12 +49,16 @@ class Param:
 
 @dataclass
 class RunContext:
-    """What a pipeline may use from its environment: a device, a cache folder, a logger, progress bars."""
+    """What a pipeline may use from its environment: a device, a cache folder, a logger, progress bars, and
+    ``phase(name)`` to say that a phase begins (``reconstruction``, ``mapping``): the node times each one (its
+    metrics); a pipeline that says nothing is timed as one phase, reconstruction for raw input, mapping for images.
+    """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache_dir: Path | None = None
     progress: bool = False
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("pipelines"))
+    phase: Callable[[str], None] = field(default=lambda _name: None)
 
 
 @dataclass(frozen=True)
@@ -70,18 +75,31 @@ class PipelineSpec:
         unknown = sorted(set(given) - set(self.params))
         if unknown:
             valid = ", ".join(sorted(self.params)) or "none"
+            close = [c for u in unknown for c in difflib.get_close_matches(u.lower(), self.params, n=1, cutoff=0.6)]
+            hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
             raise ValueError(
-                f"pipeline {self.name!r} has no parameter {', '.join(map(repr, unknown))} (valid: {valid})"
+                f"pipeline {self.name!r} has no parameter {', '.join(map(repr, unknown))} ({hint}valid: {valid})"
             )
         return {k: (p.parse(k, given[k]) if k in given else p.default) for k, p in self.params.items()}
+
+    def check_input(self, study: object) -> None:
+        """Raise, naming what was given and the pipelines that take it, when ``study`` is not this pipeline's kind."""
+        want = RawStudy if self.input_kind == "raw" else ImageStudy
+        if isinstance(study, want):
+            return
+        kinds = {"raw": "raw MR data (ISMRMRD)", "images": "an image series (DICOM)"}
+        got = "raw" if isinstance(study, RawStudy) else "images" if isinstance(study, ImageStudy) else None
+        fits = sorted(n for n, p in _REGISTRY.items() if p.input_kind == got)
+        raise ValueError(
+            f"pipeline {self.name!r} takes {kinds[self.input_kind]}, but the input is "
+            f"{kinds[got] if got else type(study).__name__}"
+            + (f"; pipelines for that input: {', '.join(fits)}" if fits else "")
+        )
 
     def __call__(
         self, study: RawStudy | ImageStudy, params: dict[str, Any] | None = None, ctx: RunContext | None = None
     ) -> list[PipelineOutput]:
-        want = RawStudy if self.input_kind == "raw" else ImageStudy
-        if not isinstance(study, want):
-            what = "raw MR data (ISMRMRD)" if self.input_kind == "raw" else "an image series (DICOM)"
-            raise ValueError(f"pipeline {self.name!r} takes {what}, got {type(study).__name__}")
+        self.check_input(study)
         return self.run(study, self.resolve_params(params), ctx or RunContext())
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+from node import metrics
 from node.config import SiteConfig
 from node.egress.instances import InstanceRecord, result_instances
 from node.egress.outbox import FAILED, PENDING, SENDING, SENT, Outbox
@@ -140,6 +142,8 @@ class Egress:
                 s = summarise(per_dest)
                 if s["total"] and s["sent"] == s["total"] and set(job.send_to) <= set(per_dest):
                     if self.store.mark_sent(job_id):
+                        if job.finished is not None:  # done -> delivered everywhere
+                            metrics.STAGE_SECONDS.labels("egress").observe(max(0.0, time.time() - job.finished))
                         log.info(
                             "job %s [%s]: %d instance(s) delivered to %s",
                             job_id,

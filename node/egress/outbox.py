@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node import audit
+from node import audit, metrics
 from node.egress.instances import InstanceRecord
 
 log = logging.getLogger(__name__)
@@ -217,6 +217,7 @@ class Outbox:
                 "SELECT job_id, sop_instance_uid, destination FROM outbox WHERE id=?", (item_id,)
             ).fetchone()
         if row is not None:  # every way an instance ends undelivered goes through here
+            metrics.INSTANCES_FAILED.labels(row["destination"]).inc()
             audit.event(
                 "egress.failed",
                 "failure",

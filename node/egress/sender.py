@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from node import audit
+from node import audit, metrics
 from node.egress import destinations as plugins
 from node.egress.outbox import FAILED, PENDING, SENDING, SENT, Outbox, OutboxItem
 
@@ -154,6 +154,7 @@ class Sender(threading.Thread):
                         **dest.audit,
                     )
                     sent += 1
+                    metrics.INSTANCES_SENT.labels(dest.name).inc()
                 elif out.state == "failed":
                     log.error("destination %s (%s): %s", dest.name, dest.target, out.error)
                     self.outbox.mark_failed(it.id, out.error or "refused by the destination")
@@ -187,6 +188,7 @@ class Sender(threading.Thread):
             else:
                 longest = max(longest, self.backoff(attempts))
                 self.outbox.mark_retry(it.id, error, self.backoff(attempts))
+                metrics.INSTANCES_RETRIED.labels(dest.name).inc()
         if whole_destination and longest:
             self.outbox.defer(dest.name, self.clock() + longest)
         self.outbox.note_destination(dest.name, error=error)

@@ -7,7 +7,7 @@ import threading
 import time
 
 from node.config import SiteConfig
-from node.jobs import JobStore
+from node.jobs import Job, JobStore
 from node.worker import Worker, error_text
 
 log = logging.getLogger("recon-node.executor")
@@ -28,8 +28,8 @@ class LocalExecutor(Worker):
             t.start()
             self._threads.append(t)
 
-    def notify(self) -> None:
-        self._wake.set()
+    def submit(self, job: Job | None = None) -> None:
+        self._wake.set()  # the claim loop takes queued jobs in order; ``job`` is not needed to find it
 
     def stop(self, timeout: float | None = None) -> bool:
         self._stop.set()
@@ -50,7 +50,7 @@ class LocalExecutor(Worker):
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
-            self.execute(job)
+            self.run_now(job)
 
 
 EXECUTOR = LocalExecutor

@@ -76,12 +76,13 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time, unseen by mypy
 
-from node import audit, uids
+from node import audit, metrics, uids
 from node.config import find_source
 from node.durable import copy_durably, fsync_dir, write_durably
 from node.ingest import attributes
 from node.ingest.grouping import Group, GroupStatus, QuietWindowGrouper
 from node.ingest.units import IngestUnit, UnitHandler, save_sidecar
+from node.tcp import no_delay
 from pipelines.io.ismrmrd_dicom import embedded_ismrmrd
 
 log = logging.getLogger(__name__)
@@ -463,6 +464,7 @@ class DicomSCP:
     # ---- association events ----------------------------------------------------------------------------------
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
+        no_delay(assoc)  # our C-STORE responses must not wait for the sender's delayed ACK
         rq = assoc.requestor.primitive
         assert rq is not None  # EVT_REQUESTED fires once the A-ASSOCIATE-RQ has been received
         calling = str(rq.calling_ae_title).strip()
@@ -525,6 +527,7 @@ class DicomSCP:
     def _refuse(assoc: Any, diagnostic: int, reason: str, calling: str, address: str, called: str) -> None:
         """Audit the refusal, then reject permanently (service user) and stop the association as pynetdicom's
         own checks do."""
+        metrics.UNITS_REJECTED.labels("dicom", "error" if diagnostic == 0x01 else "unknown_source").inc()
         audit.event(
             "dicom.association.refused",
             "refused",
@@ -563,6 +566,7 @@ class DicomSCP:
             status = self._store(event, peer, rx)
         except _StoreFailure as e:
             log.error("%s: C-STORE refused with 0x%04X: %s", peer.who(), e.status, e.comment)
+            metrics.UNITS_REJECTED.labels("dicom", "disk_full" if e.status == OUT_OF_RESOURCES else "invalid").inc()
             audit.event(
                 "dicom.instance.refused",
                 "refused",
@@ -582,6 +586,7 @@ class DicomSCP:
                 e,
                 exc_info=True,
             )
+            metrics.UNITS_REJECTED.labels("dicom", "error").inc()
             audit.event(
                 "dicom.instance.refused",
                 "failure",
@@ -594,6 +599,7 @@ class DicomSCP:
             return _status(WRITE_FAILED, "node cannot write its spool")
         except Exception as e:
             log.error("%s: C-STORE failed unexpectedly (%s: %s)", peer.who(), type(e).__name__, e, exc_info=True)
+            metrics.UNITS_REJECTED.labels("dicom", "error").inc()
             audit.event(
                 "dicom.instance.refused",
                 "failure",
@@ -725,6 +731,7 @@ class DicomSCP:
             "peer": peer.address,
             "first_instance": f"{sop}.dcm",
             "created": datetime.now().isoformat(timespec="seconds"),
+            "created_at": time.time(),  # the receive time of the group (metrics), to the millisecond
         }
         self.grouper.hold(
             peer.source,
@@ -752,6 +759,7 @@ class DicomSCP:
             sop_uid=sop,
             bytes=size,
         )
+        metrics.RECEIVED_BYTES.labels("dicom").inc(size)
         return SUCCESS
 
     def _prepare_group(self, folder: Path, info: dict[str, Any]) -> None:
@@ -814,6 +822,7 @@ class DicomSCP:
             unit=target.name,
             bytes=len(payload),
         )
+        metrics.RECEIVED_BYTES.labels("dicom").inc(len(payload))
         self._submit(unit)
         return SUCCESS
 
@@ -858,6 +867,8 @@ class DicomSCP:
             group.quiet_seconds,
             unit_id,
         )
+        if isinstance(info.get("created_at"), (int, float)):  # first instance -> release, quiet window included
+            metrics.STAGE_SECONDS.labels("receive").observe(max(0.0, time.time() - float(info["created_at"])))
         self._submit(unit)
 
     @staticmethod

@@ -38,7 +38,7 @@ import numpy as np
 from ismrmrd.hdf5 import acquisition_dtype, acquisition_header_dtype, waveform_dtype, waveform_header_dtype
 from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolSerializer
 
-from node import audit
+from node import audit, metrics
 from node.config import SiteConfig, find_source, spool_space_problem
 from node.durable import fsync_dir
 from node.ingest import attributes
@@ -261,6 +261,7 @@ class MRDServer:
     def _refuse_busy(self, conn: socket.socket, peer: str) -> None:
         """Every slot is taken: answer ERR + CLOSE on the accept thread (a few bytes, bounded send) and close."""
         self.refused_busy += 1
+        metrics.UNITS_REJECTED.labels("mrd", "busy").inc()
         limit = self.cfg.node.mrd_max_connections
         log.warning(
             "%s connection from %s refused: %d connections already open (node.mrd_max_connections)",
@@ -388,6 +389,7 @@ class MRDServer:
         src = find_source(cfg, "mrd", peer, None)
         if src is None and cfg.reject_unknown_sources:
             log.warning("MRD connection from %s refused: no source with protocol mrd lists this host", peer)
+            metrics.UNITS_REJECTED.labels("mrd", "unknown_source").inc()
             audit.event(
                 "mrd.connection.refused", outcome="refused", actor_ip=peer, port=self.port, reason="unknown source"
             )
@@ -403,6 +405,7 @@ class MRDServer:
         problem = spool_space_problem(cfg)
         if problem:
             log.error("MRD connection from %s [%s] refused: %s", peer, source, problem)
+            metrics.UNITS_REJECTED.labels("mrd", "disk_full").inc()
             audit.event(
                 "mrd.connection.refused",
                 outcome="refused",
@@ -423,6 +426,7 @@ class MRDServer:
                 log.debug("MRD connection from %s [%s] closed without data", peer, source)
                 return
             log.warning("MRD stream from %s [%s] rejected: %s", peer, source, e)
+            metrics.UNITS_REJECTED.labels("mrd", "invalid").inc()
             audit.event("mrd.stream.rejected", outcome="failure", actor_ip=peer, source=source, reason=str(e)[:200])
             self._refuse(sock, ser, out, f"ERR {e}", linger_s=2.0, linger_bytes=256 << 20)
             return
@@ -590,6 +594,8 @@ class MRDServer:
             attrs.get("protocolName", "?"),
             attrs.get("trajectory", "?"),
         )
+        metrics.RECEIVED_BYTES.labels("mrd").inc(stream.bytes_read)
+        metrics.STAGE_SECONDS.labels("receive").observe(time.monotonic() - t0)
         return unit
 
 

@@ -282,6 +282,7 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
     # Matched in the reconstruction's own subspace, in the coefficient domain: atoms truncated to the same rank
     # as the fingerprints (matching at a higher rank compares atoms' components the data cannot have).
     options = mapping_options(params, model=model, rank=rank, field_T=field)
+    ctx.phase("mapping")
     t0 = time.perf_counter()
     maps = estimate_maps(
         coefficients,
@@ -294,6 +295,7 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
         progress=ctx.progress,
         basis=basis,
         report=ctx.log.info,
+        dictionary=dictionary,  # the one loaded for the basis: not read from the cache a second time
     )
     ctx.log.info("maps of %d slices in %.1f s", slices.size, time.perf_counter() - t0)
     for m in maps:

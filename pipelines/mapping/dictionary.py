@@ -537,6 +537,12 @@ def _build_compartment(
     return _Built(params, norms, mnorms, coeffs, mcoeffs)
 
 
+def cached_path(seq: MRFSequence, spec: DictionarySpec, cache_dir: Path | str | None = None) -> Path:
+    """Where :func:`build_dictionary` keeps (or finds) the dictionary of ``spec`` for ``seq``."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return cache / f"mrf-{spec.key(seq)}.npz"  # the key, not the name: a schedule read from DICOM is named differently
+
+
 def build_dictionary(
     seq: MRFSequence,
     spec: DictionarySpec,
@@ -557,8 +563,7 @@ def build_dictionary(
     ``report`` receives progress lines (the job log); ``progress`` adds tqdm bars on a terminal.
     """
     key = spec.key(seq)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache / f"mrf-{key}.npz"  # the key, not the name: a schedule read from DICOM is named differently
+    path = cached_path(seq, spec, cache_dir)
     if use_cache and path.exists():
         try:
             d = MRFDictionary.load(path)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipelines.map_kinds import quantitative_map
-from pipelines.mapping.dictionary import DictionarySpec, build_dictionary, fisp_spec, t1ff_spec
+from pipelines.mapping.dictionary import DictionarySpec, MRFDictionary, build_dictionary, fisp_spec, t1ff_spec
 from pipelines.mapping.matching import DEFAULT_ENERGY, MatchResult, match, match_water_fat, pd_from_m0
 from pipelines.physics.sequences import MRFSequence
 from pipelines.types import Geometry, QuantitativeMap
@@ -68,13 +68,15 @@ def estimate_maps(
     progress: bool = False,
     basis: torch.Tensor | None = None,
     report: Callable[[str], None] | None = None,
+    dictionary: MRFDictionary | None = None,
 ) -> list[QuantitativeMap]:
     """Maps from fingerprint images [frames, slices, y, x] (or [frames, y, x]).
 
     With ``basis`` [frames, K] the input is instead K subspace-coefficient images [K, slices, y, x] in that basis
     (a subspace reconstruction's output, x_t = sum_k conj(V[t, k]) c_k): they are matched in the coefficient
     domain, never expanded to frames (for the learned estimators, which take frames, one slice at a time).
-    Slices are matched one at a time, so memory stays at one slice's fingerprints.
+    Slices are matched one at a time, so memory stays at one slice's fingerprints. ``dictionary``: one the caller
+    already holds for the same spec (used instead of building or loading it again).
     """
     x = np.asarray(fingerprints) if not isinstance(fingerprints, torch.Tensor) else fingerprints.cpu().numpy()
     if x.ndim == 3:
@@ -90,11 +92,15 @@ def estimate_maps(
         )
     model = resolve_model(seq, options.model)
     shape = x.shape[1:]
-    dictionary = None
     coeff_map = None
-    if options.estimator == "dictionary":
+    if options.estimator != "dictionary":
+        dictionary = None
+    else:
         spec = spec or default_spec(seq, model, options.field_strength_T, complex_data=not magnitude)
-        dictionary = build_dictionary(seq, spec, device=device, cache_dir=cache_dir, progress=progress, report=report)
+        if dictionary is None or dictionary.spec_key != spec.key(seq):
+            dictionary = build_dictionary(
+                seq, spec, device=device, cache_dir=cache_dir, progress=progress, report=report
+            )
         if basis is not None:
             # Coefficients in `basis` -> coefficients in the dictionary's basis: M = V_dict^T conj(V), [R, K]
             # (identity when the reconstruction used the dictionary's own leading components).

@@ -234,8 +234,10 @@ def reconstruct(
     # its flat optimum.
     reg = lam * float(max_eigenvalue(op, rhs, iterations=6, coupled=True))
     x, n_iter = conjugate_gradient(lambda v: op.normal(v) + reg * v, rhs, iterations, tol)
+    # The parameter is a cap: fully sampled Cartesian data converge in one step, so say which happened.
+    ran = f"{n_iter} iterations" if n_iter >= iterations else f"converged in {n_iter} of at most {iterations}"
     return SubspaceResult(
-        x.cpu().numpy(), n_iter, [f"low-rank CG-SENSE: rank {op.rank}, {n_iter} iterations, lambda {lam:g} x ||A^H A||"]
+        x.cpu().numpy(), n_iter, [f"low-rank CG-SENSE: rank {op.rank}, {ran}, lambda {lam:g} x ||A^H A||"]
     )
 
 

@@ -90,10 +90,15 @@ def test_errors_are_one_readable_line(simulated, tmp_path):
     assert p.returncode == 2 and "unknown pipeline 'nope'" in p.stderr and "cartesian_frames" in p.stderr
     p = run("process", str(simulated / "brain.h5"), "--pipeline", "cartesian_frames", "--set", "bogus=1",
             "--out", str(tmp_path), ok=False)
-    assert p.returncode == 2 and "no parameter 'bogus'" in p.stderr
-    p = run("process", str(simulated / "frames"), "--pipeline", "cartesian_frames", "--out", str(tmp_path),
-            ok=False)
-    assert p.returncode == 2 and "takes raw MR data" in p.stderr
+    assert p.returncode == 2 and "no parameter 'bogus'" in p.stderr and "did you mean" not in p.stderr
+    p = run("process", str(simulated / "brain.h5"), "--pipeline", "cartesian_frames", "--set", "frame=0",
+            "--out", str(tmp_path), ok=False)
+    assert p.returncode == 2 and "no parameter 'frame' (did you mean 'frames'?" in p.stderr
+    out = tmp_path / "wrong-kind"
+    p = run("process", str(simulated / "frames"), "--pipeline", "cartesian_frames", "--out", str(out), ok=False)
+    assert p.returncode == 2 and "takes raw MR data (ISMRMRD), but the input is an image series (DICOM)" in p.stderr
+    assert "mrf_maps_from_images" in p.stderr  # what does take it
+    assert not out.exists()  # no empty output folder left behind
     p = run("simulate", "--sequence", "nope", "--out", str(tmp_path / "x.h5"), ok=False)
     assert p.returncode == 2 and "unknown sequence" in p.stderr
     assert "Traceback" not in p.stderr
@@ -104,6 +109,7 @@ def test_every_subcommand_has_help():
         assert run(cmd, "--help").stdout.startswith("usage: recon-node " + cmd)
     assert "cartesian_frames" in run("pipelines").stdout
     assert "recon-node" in run("version").stdout
+    assert run("--version").stdout.startswith("recon-node ")
 
 
 def test_mrf_maps_from_a_simulated_dicom_series(tmp_path):

@@ -35,9 +35,28 @@ def problems(data: dict) -> dict[str, tuple[str, str]]:
 def test_example_config_validates():
     cfg = load_config(REPO / "deploy" / "site.example.yaml")
     assert cfg.node.mrd_port == 9002 and cfg.node.dicom_port == 11112
-    assert {r.pipeline for r in cfg.routes} <= {"cartesian_frames", "mrf_maps_from_images"}
+    assert {r.pipeline for r in cfg.routes} <= {"cartesian_frames", "mrf", "mrf_maps_from_images"}
     assert cfg.grouping_for("pacs").by == "series"
     assert cfg.grouping_for("mr-scanner-1") == cfg.grouping.default
+
+
+@pytest.mark.parametrize("trajectory", ["spiral", "cartesian"])
+def test_example_config_sends_raw_mrf_to_the_map_pipeline(tmp_path, trajectory):
+    """A site that copies the example gets maps from the MRD path (the demo's), not frames, whatever the trajectory."""
+    from node.ingest.units import unit_from_disk
+    from node.routing import route
+    from pipelines.physics.sequences import MRFSequence, fisp_sequence
+    from pipelines.sim.acquisition import AcquisitionSettings, simulate_study
+    from pipelines.sim.mrd_writer import write_ismrmrd
+
+    cfg = load_config(REPO / "deploy" / "site.example.yaml")
+    s = fisp_sequence()
+    seq = MRFSequence("fisp", s.flip_angles_deg[:8], s.tr_ms[:8], s.te_ms[:8], ti_ms=s.ti_ms)
+    study = simulate_study("brain", seq, AcquisitionSettings(trajectory=trajectory, coils=2, snr=50), matrix=16)
+    unit = unit_from_disk(write_ismrmrd(study, tmp_path / "scan.h5"))
+    assert unit is not None
+    r = route(cfg, unit)
+    assert r is not None and (r.name, r.pipeline) == ("mrf-raw", "mrf"), (unit.attributes, r)
 
 
 def test_defaults_and_attribute_names(tmp_path):

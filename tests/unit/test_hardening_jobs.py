@@ -169,7 +169,7 @@ def _run_job(cfg, store, unit: Path, route: str, pipeline: str, params: dict) ->
     job, _ = store.create(unit, "mrd", "scanner", route=route, pipeline=pipeline, params=params)
     claimed = store.claim()
     assert claimed.id == job.id
-    result = Worker(cfg, store).execute(claimed)
+    result = Worker(cfg, store).run_now(claimed)
     return result, store.get(job.id)
 
 

@@ -21,6 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from node import config
 from node.egress.destinations import Outcome, SendSettings
 from node.egress.outbox import OutboxItem
+from node.tcp import no_delay
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,15 @@ class CStore:
         for cls, syntaxes in contexts:
             ae.add_requested_context(cls, syntaxes)
         ctx = self._ssl_context()
-        return ae.associate(
+        assoc = ae.associate(
             self.cfg.host,
             self.cfg.port,
             ae_title=self.cfg.ae_title,
             tls_args=None if ctx is None else (ctx, self.cfg.host),
         )
+        if assoc.is_established:
+            no_delay(assoc)
+        return assoc
 
     def send(self, items: Sequence[OutboxItem]) -> Iterator[Outcome]:
         # One presentation context per SOP class (at most 128 per association), each with the files' syntaxes;
