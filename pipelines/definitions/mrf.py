@@ -24,6 +24,7 @@ from pipelines.mapping.estimators.select import ESTIMATOR_CHOICES
 from pipelines.mapping.maps import MODELS, MappingOptions, default_spec, estimate_maps, resolve_model
 from pipelines.mapping.matching import DEFAULT_ENERGY
 from pipelines.physics.sequences import MRFSequence, get_sequence
+from pipelines.recon import llr
 from pipelines.recon.ncpdnet import ncpdnet_subspace
 from pipelines.recon.raw_prep import validate_raw
 from pipelines.recon.subspace import NonCartesianSubspace, SubspaceResult, kspace_filter, reconstruct, slice_operator
@@ -156,7 +157,7 @@ register(
 
 
 # ---- raw k-space ----------------------------------------------------------------------------------------------------
-RECONS = ("adjoint", "cgsense", "ncpdnet")
+RECONS = ("adjoint", "cgsense", "llr", "ncpdnet")
 
 # Said in every map the shipped MRF weights produce, so a reader of the DICOM series sees it (model card: CPU-trained).
 SHIPPED_MRF_CAVEAT = (
@@ -254,6 +255,15 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
                     [f"NC-PDNet ({net.config.n_iter} unrolled iterations)"]
                     + ([] if params["weights"] else [SHIPPED_MRF_CAVEAT]),
                 )
+            elif params["recon"] == "llr":
+                res = llr.llr_reconstruct(
+                    op,
+                    data,
+                    lam=params["llr_lambda"],
+                    block=params["llr_block"],
+                    iterations=params["admm_iterations"],
+                    first=params["iterations"],
+                )
             else:
                 res = reconstruct(op, data, params["recon"], lam=params["lam"], iterations=params["iterations"])
         c = res.coefficients
@@ -316,8 +326,8 @@ register(
             "recon": Param(
                 str,
                 "cgsense",
-                "adjoint (subspace back-projection), cgsense (low-rank CG-SENSE) or "
-                "ncpdnet (learned NC-PDNet subspace reconstruction; its own rank and basis)",
+                "adjoint (subspace back-projection), cgsense (low-rank CG-SENSE), llr (locally low-rank "
+                "regularised, ADMM) or ncpdnet (learned NC-PDNet subspace reconstruction; its own rank and basis)",
                 choices=RECONS,
             ),
             "weights": Param(str, "", "ncpdnet: a site's own safetensors weights (empty: the shipped ncpdnet_mrf)"),
@@ -326,7 +336,18 @@ register(
                 str, "hann", "k-space apodisation of non-Cartesian coefficient images", choices=("hann", "none")
             ),
             "lam": Param(float, 1e-3, "Tikhonov weight relative to the largest eigenvalue of A^H A"),
-            "iterations": Param(int, 20, "CG iterations"),
+            "iterations": Param(int, 20, "CG iterations (llr: of its first, Tikhonov, solve)"),
+            "llr_lambda": Param(
+                float,
+                llr.DEFAULT_LAMBDA,
+                "llr: singular value threshold relative to the largest block singular value of the first solve",
+            ),
+            "llr_block": Param(
+                int, llr.DEFAULT_BLOCK, "llr: block side in pixels (blocks shifted at random every iteration)"
+            ),
+            "admm_iterations": Param(
+                int, llr.DEFAULT_ITERATIONS, "llr: ADMM iterations (5 warm-started CG steps each)"
+            ),
             "dcf": Param(bool, True, "density-weighted least squares (faster convergence for non-Cartesian data)"),
             "coil_energy": Param(
                 float,
