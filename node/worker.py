@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +163,20 @@ class Worker:
 
     def submit(self, job: Job | None = None) -> None:
         """A job was (re)queued. A bare worker claims nothing itself; executors wake their claim loop here."""
+
+    def claim_and_run(self, wake: threading.Event, skip_routes: Collection[str] = ()) -> None:
+        """One step of an executor's claim loop: claim a queued job (not of ``skip_routes``) and run it; with none
+        queued, wait up to a second for ``wake`` (set by :meth:`submit`)."""
+        try:
+            job = self.store.claim(skip_routes=skip_routes)
+        except Exception as e:  # noqa: BLE001 - e.g. database locked for too long; keep serving
+            log.error("cannot claim a job from %s: %s", self.store.path, error_text(e))
+            job = None
+        if job is None:
+            wake.wait(1.0)
+            wake.clear()
+            return
+        self.run_now(job)
 
     def log_line(self, job_id: str, line: str) -> None:
         """Where a job's log lines go: the job's log in the database."""

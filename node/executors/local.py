@@ -8,7 +8,7 @@ import time
 
 from node.config import SiteConfig
 from node.jobs import Job, JobStore
-from node.worker import Worker, error_text
+from node.worker import Worker
 
 log = logging.getLogger("recon-node.executor")
 
@@ -41,16 +41,7 @@ class LocalExecutor(Worker):
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                job = self.store.claim()
-            except Exception as e:  # noqa: BLE001 - e.g. database locked for too long; keep serving
-                log.error("cannot claim a job from %s: %s", self.store.path, error_text(e))
-                job = None
-            if job is None:
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
-            self.run_now(job)
+            self.claim_and_run(self._wake)
 
 
 EXECUTOR = LocalExecutor

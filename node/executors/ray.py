@@ -281,16 +281,7 @@ class RayExecutor(Worker):
                 continue
             with self._lock:
                 skip = set(self._waiting)
-            try:
-                job = self.store.claim(skip_routes=skip)
-            except Exception as e:  # noqa: BLE001 - e.g. database locked for too long; keep serving
-                log.error("cannot claim a job from %s: %s", self.store.path, error_text(e))
-                job = None
-            if job is None:
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
-            self.run_now(job)
+            self.claim_and_run(self._wake, skip_routes=skip)
 
     def _connect(self) -> bool:
         s = self.settings

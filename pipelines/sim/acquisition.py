@@ -299,11 +299,34 @@ def simulate_study(
     trajectory, lines, acceleration = _sampling(settings, sequence.n_frames, ny, nx)
     kspace = _noiseless_kspace(fingerprints, maps, trajectory, lines)
 
-    obj = np.abs(fingerprints)[:, phantom.mask]
-    signal = float(obj.mean()) if obj.size else 1.0
-    noise_std = 0.0 if np.isinf(settings.snr) else signal / settings.snr
+    noise_std = object_noise_std(fingerprints, phantom.mask, settings.snr)
     _add_noise(kspace, noise_std, rng)
+    return assemble_study(
+        phantom, sequence, settings, kspace, trajectory, lines, maps, fingerprints, noise_std, acceleration
+    )
 
+
+def object_noise_std(fingerprints: np.ndarray, mask: np.ndarray, snr: float) -> float:
+    """The noise std of the SNR convention: mean object signal (|fingerprints| inside ``mask``) / ``snr``."""
+    obj = np.abs(fingerprints)[:, mask]
+    signal = float(obj.mean()) if obj.size else 1.0
+    return 0.0 if np.isinf(snr) else signal / snr
+
+
+def assemble_study(
+    phantom: Phantom,
+    sequence: MRFSequence,
+    settings: AcquisitionSettings,
+    kspace: np.ndarray,
+    trajectory: np.ndarray | None,
+    lines: np.ndarray,
+    maps: np.ndarray,
+    fingerprints: np.ndarray,
+    noise_std: float,
+    acceleration: float,
+) -> SimulatedStudy:
+    """A :class:`SimulatedStudy` of ``phantom`` (truth, geometry, UIDs) around simulated samples ``kspace``."""
+    ny, nx = phantom.pd.shape
     geometry = Geometry.centred(
         (ny, nx), (settings.fov_mm * ny / max(ny, nx), settings.fov_mm * nx / max(ny, nx)), settings.slice_thickness_mm
     )

@@ -24,13 +24,13 @@ from pipelines.sim.acquisition import (
     _add_noise,
     _noiseless_kspace,
     _sampling,
-    _study_info,
+    assemble_study,
     fingerprint_images,
+    object_noise_std,
 )
 from pipelines.sim.coils import birdcage_maps
 from pipelines.sim.phantoms import make_phantom
 from pipelines.sim.study import SimulatedStudy
-from pipelines.types import Geometry
 
 
 def fine_to_coarse(k: np.ndarray, matrix: int, oversample: int) -> np.ndarray:
@@ -65,32 +65,11 @@ def simulate_bandlimited(
     assert trajectory is not None
     kspace = _noiseless_kspace(fine_fp, maps_fine, trajectory, lines)
     kspace *= fine_to_coarse(trajectory, matrix, oversample)[:, :, None, :]  # [frames, readouts, 1, samples]
-    obj = np.abs(fine_fp)[:, fine.mask]
-    signal = float(obj.mean()) if obj.size else 1.0
+    noise_std = object_noise_std(fine_fp, fine.mask, settings.snr)
     del fine_fp
-    noise_std = 0.0 if np.isinf(settings.snr) else signal / settings.snr
     _add_noise(kspace, noise_std, np.random.default_rng(settings.seed))
-    geometry = Geometry.centred((matrix, matrix), (settings.fov_mm, settings.fov_mm), settings.slice_thickness_mm)
-    study = _study_info(coarse.name, sequence, coarse.field_strength_T, settings.seed)
-    geometry.frame_of_reference_uid = study.frame_of_reference_uid
-    truth = coarse.truth()
-    truth["mask"] = coarse.mask.astype(np.uint8)
-    return SimulatedStudy(
-        sequence=sequence,
-        trajectory_kind=settings.trajectory,
-        kspace=kspace,
-        trajectory=trajectory,
-        lines=np.asarray(lines, dtype=np.int32),
-        coil_maps=birdcage_maps(settings.coils, (matrix, matrix)).astype(np.complex64),
-        fingerprints=fingerprint_images(coarse, sequence),
-        noise_std=float(noise_std),
-        snr=float(settings.snr),
-        acceleration=float(acceleration),
-        geometry=geometry,
-        study=study,
-        truth=truth,
-        label_names=dict(coarse.label_names),
-        phantom_name=coarse.name,
-        field_strength_T=coarse.field_strength_T,
-        seed=settings.seed,
+    maps = birdcage_maps(settings.coils, (matrix, matrix))
+    fingerprints = fingerprint_images(coarse, sequence)
+    return assemble_study(
+        coarse, sequence, settings, kspace, trajectory, lines, maps, fingerprints, noise_std, acceleration
     )

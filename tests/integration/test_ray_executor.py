@@ -25,27 +25,9 @@ from node.ingest.mrd_client import send_study  # noqa: E402
 from pipelines.sim.acquisition import AcquisitionSettings, simulate_study  # noqa: E402
 from tests.integration.node_harness import start_node  # noqa: E402
 from tests.integration.ray_harness import start_cluster  # noqa: E402
+from tests.integration.test_node_restart import SLOW_PLUGIN  # noqa: E402  (the restart test's slow pipeline)
 
 pytestmark = pytest.mark.integration
-
-SLOW_PLUGIN = '''
-"""Test plugin: cartesian_frames after a pause, so a test can kill what runs the job in the middle of it."""
-import time
-
-from pipelines.definitions import get_pipeline
-from pipelines.registry import Param, PipelineSpec, register
-
-
-def _run(raw, params, ctx):
-    ctx.log.info("sleeping %.1f s", params["seconds"])
-    time.sleep(params["seconds"])
-    frames = get_pipeline("cartesian_frames")
-    return frames.run(raw, frames.resolve_params({"frames": "0,1"}), ctx)
-
-
-register(PipelineSpec(name="slow_frames", input_kind="raw", summary="test: sleep, then cartesian_frames",
-                      run=_run, params={"seconds": Param(float, 1.0, "pause before the work")}))
-'''
 
 
 @pytest.fixture(scope="module")
