@@ -3,6 +3,7 @@
 Start-up order: open the audit log, delete leftovers of interrupted writes in ``<spool>/tmp`` (``*.partial``, half
 written result folders), open the job store, requeue jobs a killed node left running, give every unit in
 ``<spool>/units`` that has no job its job (covers a kill between the unit's rename and its job insert), start the
+operator console when ``node.http`` is set (first, so a port in use stops the start before any data comes), the
 egress (outbox + sender thread; queue done jobs a stopped node had not queued; C-ECHO every destination in the
 background), the workers, then the listeners (MRD, MRD over TLS when ``node.mrd_tls_port`` is set, DICOM).
 ``<spool>/run/node.json`` tells tools (and tests) the pid and the ports in use.
