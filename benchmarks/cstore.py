@@ -27,7 +27,9 @@ def _series(frames: int, matrix: int, out: Path) -> list[Path]:
 
     s = fisp_sequence()
     seq = MRFSequence(f"fisp{frames}", s.flip_angles_deg[:frames], s.tr_ms[:frames], s.te_ms[:frames], ti_ms=s.ti_ms)
-    study = simulate_study("brain", seq, AcquisitionSettings(trajectory="cartesian", coils=1, snr=np.inf), matrix=matrix)
+    study = simulate_study(
+        "brain", seq, AcquisitionSettings(trajectory="cartesian", coils=1, snr=np.inf), matrix=matrix
+    )
     return write_dicom_frames(study, out)
 
 
@@ -43,7 +45,13 @@ def _run(files: list[Path], root: Path, nodelay: bool) -> float:
     try:
         cfg = parse_config(
             {
-                "node": {"ae_title": NODE_AE, "spool_dir": str(root / "spool"), "dicom_port": 0, "mrd_port": 0, "bind": "127.0.0.1"},
+                "node": {
+                    "ae_title": NODE_AE,
+                    "spool_dir": str(root / "spool"),
+                    "dicom_port": 0,
+                    "mrd_port": 0,
+                    "bind": "127.0.0.1",
+                },
                 "sources": [{"name": "scanner", "ae_title": SCANNER_AE, "hosts": ["127.0.0.1"]}],
                 "destinations": [{"name": "pacs", "kind": "folder", "path": str(root / "pacs")}],
                 "grouping": {"default": {"by": "study", "quiet_seconds": 60}},
