@@ -116,6 +116,9 @@ class QuantitativeMap:
     geometry: Geometry
     mask: np.ndarray | None = None  # bool [slices, y, x]: True where the value was estimated
     notes: list[str] = field(default_factory=list)
+    # What a reader of the map must know to trust it (unreliable input, under-trained weights): written into every
+    # DICOM instance's ImageComments, where a viewer shows it, besides the notes.
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.data = np.asarray(self.data, dtype=np.float32)

@@ -21,7 +21,8 @@ Optional (``parametric_map=True``): one float32 Parametric Map instance per map 
 referencing the uint16 instances as its sources.
 
 Values the encoding cannot hold are clipped and NaN / infinite values become 0; both are counted in the output's
-``notes`` (printed by the CLI) and in each instance's ImageComments.
+``notes`` (printed by the CLI) and in each instance's ImageComments, after the map's ``warnings`` (what a reader
+must know to trust it).
 """
 
 from __future__ import annotations
@@ -398,8 +399,9 @@ def build_series(
         ds.WindowWidth = _ds_number(width)
         ds.WindowCenterWidthExplanation = description[:64]
         ds.RealWorldValueMappingSequence = Sequence([rwvm])
-        if enc.notes:
-            ds.ImageComments = "; ".join(enc.notes)[:10240]
+        comments = [*getattr(output, "warnings", []), *enc.notes]  # ReconImage has no warnings
+        if comments:
+            ds.ImageComments = "; ".join(comments)[:10240]
         if refs:
             slice_refs = _refs_for(refs, i % max(n_positions, 1), n_positions)
             ds.ReferencedImageSequence = _reference_items(slice_refs[:1], purpose=False)

@@ -26,7 +26,7 @@ from pipelines.mapping.matching import DEFAULT_ENERGY
 from pipelines.physics.sequences import MRFSequence, get_sequence
 from pipelines.recon import llr
 from pipelines.recon.ncpdnet import ncpdnet_subspace
-from pipelines.recon.raw_prep import validate_raw
+from pipelines.recon.raw_prep import te_cycle_aliasing, validate_raw
 from pipelines.recon.subspace import NonCartesianSubspace, SubspaceResult, kspace_filter, reconstruct, slice_operator
 from pipelines.registry import Param, PipelineSpec, RunContext, register
 from pipelines.types import ImageStudy, PipelineOutput, RawStudy, StudyInfo
@@ -219,6 +219,9 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
     seq = sequence_for_raw(raw, params["sequence"])
     field = _field_T(params, raw.study)
     model = resolve_model(seq, params["model"])
+    sampling_note = te_cycle_aliasing(raw, seq.te_ms) if model == "water_fat" else None
+    if sampling_note:
+        ctx.log.warning("%s", sampling_note)
     dictionary = build_dictionary(
         seq,
         default_spec(seq, model, field, complex_data=True),
@@ -310,8 +313,12 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
     ctx.log.info("maps of %d slices in %.1f s", slices.size, time.perf_counter() - t0)
     for m in maps:
         m.notes = (
-            [f"{raw.trajectory_kind} MRF, {params['recon']} subspace reconstruction (rank {rank})"] + notes + m.notes
+            [f"{raw.trajectory_kind} MRF, {params['recon']} subspace reconstruction (rank {rank})"]
+            + notes
+            + ([sampling_note] if sampling_note else [])
+            + m.notes
         )
+        m.warnings += [n for n in (sampling_note, SHIPPED_MRF_CAVEAT) if n and n in m.notes]
     return list(maps)  # list is invariant: list[QuantitativeMap] is not a list[PipelineOutput] to mypy
 
 
