@@ -289,6 +289,31 @@ def _instances(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.dcm") if p.is_file() and not p.name.startswith("."))
 
 
+def _refuse_instance(
+    peer: _Peer,
+    status: int,
+    comment: str,
+    reason: str,
+    metric: str = "error",
+    outcome: str = "failure",
+    sop_uid: str | None = None,
+) -> Dataset:
+    """A C-STORE answered with a failure ``status``: counted, audit-logged against the peer, ErrorComment set."""
+    metrics.UNITS_REJECTED.labels("dicom", metric).inc()
+    extra = {"sop_uid": sop_uid} if sop_uid is not None else {}
+    audit.event(
+        "dicom.instance.refused",
+        outcome,
+        actor_ae=peer.calling_ae,
+        actor_ip=peer.address,
+        source=peer.source,
+        status=f"0x{status:04X}",
+        reason=reason,
+        **extra,
+    )
+    return _status(status, comment)
+
+
 def _status(code: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -566,18 +591,8 @@ class DicomSCP:
             status = self._store(event, peer, rx)
         except _StoreFailure as e:
             log.error("%s: C-STORE refused with 0x%04X: %s", peer.who(), e.status, e.comment)
-            metrics.UNITS_REJECTED.labels("dicom", "disk_full" if e.status == OUT_OF_RESOURCES else "invalid").inc()
-            audit.event(
-                "dicom.instance.refused",
-                "refused",
-                actor_ae=peer.calling_ae,
-                actor_ip=peer.address,
-                source=peer.source,
-                status=f"0x{e.status:04X}",
-                reason=e.comment,
-                sop_uid=self._request_uid(event),
-            )
-            return _status(e.status, e.comment)
+            kind = "disk_full" if e.status == OUT_OF_RESOURCES else "invalid"
+            return _refuse_instance(peer, e.status, e.comment, e.comment, kind, "refused", self._request_uid(event))
         except OSError as e:
             log.error(
                 "%s: C-STORE failed: cannot write to the spool %s (%s); check the disk and permissions",
@@ -586,30 +601,11 @@ class DicomSCP:
                 e,
                 exc_info=True,
             )
-            metrics.UNITS_REJECTED.labels("dicom", "error").inc()
-            audit.event(
-                "dicom.instance.refused",
-                "failure",
-                actor_ae=peer.calling_ae,
-                actor_ip=peer.address,
-                source=peer.source,
-                status=f"0x{WRITE_FAILED:04X}",
-                reason="spool not writable",
-            )
-            return _status(WRITE_FAILED, "node cannot write its spool")
+            return _refuse_instance(peer, WRITE_FAILED, "node cannot write its spool", "spool not writable")
         except Exception as e:
             log.error("%s: C-STORE failed unexpectedly (%s: %s)", peer.who(), type(e).__name__, e, exc_info=True)
-            metrics.UNITS_REJECTED.labels("dicom", "error").inc()
-            audit.event(
-                "dicom.instance.refused",
-                "failure",
-                actor_ae=peer.calling_ae,
-                actor_ip=peer.address,
-                source=peer.source,
-                status=f"0x{CANNOT_DECODE:04X}",
-                reason=type(e).__name__,
-            )
-            return _status(CANNOT_DECODE, f"cannot process dataset: {type(e).__name__}")
+            name = type(e).__name__
+            return _refuse_instance(peer, CANNOT_DECODE, f"cannot process dataset: {name}", name)
         finally:
             if rx is not None:
                 with _too_large_lock:
