@@ -88,6 +88,17 @@ def fingerprint_images(
     return out.reshape(sequence.n_frames, *mask.shape)
 
 
+def magnitude_images(phantom: Phantom, sequence: MRFSequence, snr: float, seed: int = 0) -> np.ndarray:
+    """Magnitude images [frames, y, x] (float32) as a scanner exports them: |fingerprints + complex Gaussian
+    noise|, noise standard deviation mean object signal / ``snr`` (Rician in the magnitude; ``inf``: no noise)."""
+    x = fingerprint_images(phantom, sequence)
+    if np.isfinite(snr):
+        sigma = float(np.abs(x[:, phantom.mask]).mean()) / snr
+        noise = np.random.default_rng(seed).normal(0.0, sigma / np.sqrt(2), (2, *x.shape))
+        x = x + (noise[0] + 1j * noise[1]).astype(np.complex64)
+    return np.abs(x).astype(np.float32)
+
+
 def _chunked_fisp(
     seq: MRFSequence, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor, df: torch.Tensor, chunk: int, progress: bool
 ) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Which estimator a pipeline runs: ``--set estimator=dictionary|fc|inn|blochnet|hybrid|mle`` (+ ``weights=``).
 
-Learned estimators are tied to the schedule they were trained on: the shipped weights are found by the
-schedule's fingerprint key (not its name: a schedule read back from DICOM is named ``from_dicom``), and a site's
-own file (``weights=/path.safetensors``) must have been trained on the same schedule.
+Learned estimators are tied to the schedule they were trained on and to the kind of input (complex
+fingerprints from the raw path, or magnitude images as most DICOM series carry): the shipped weights are found
+by the schedule's fingerprint key (not its name: a schedule read back from DICOM is named ``from_dicom``) and
+that input kind (``estimator_<model>_<schedule>.safetensors`` for complex, ``..._magnitude.safetensors`` for
+magnitude data), and a site's own file (``weights=/path.safetensors``) must have been trained on the same schedule.
 """
 
 from __future__ import annotations
@@ -23,29 +25,32 @@ from pipelines.weights_io import WEIGHTS_DIR, load_weights
 ESTIMATOR_CHOICES = ("dictionary",) + tuple(MODEL_CLASSES)
 
 
-def _meta_sequence_key(path: Path) -> str | None:
+def _meta_key(path: Path) -> tuple[str, bool] | None:
+    """(schedule fingerprint key, trained on complex data) of a weights file, from its metadata only."""
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("recon_node", "{}"))
-        return MRFSequence.from_dict(meta["sequence"]).fingerprint_key()
+        return MRFSequence.from_dict(meta["sequence"]).fingerprint_key(), bool(meta["complex_data"])
     except (OSError, ValueError, KeyError):
         return None
 
 
-def shipped_estimator_path(model: str, seq: MRFSequence) -> Path:
-    """The shipped weights of ``model`` trained on ``seq`` (matched by schedule, not by name)."""
-    key = seq.fingerprint_key()
+def shipped_estimator_path(model: str, seq: MRFSequence, magnitude: bool = False) -> Path:
+    """The shipped weights of ``model`` trained on ``seq`` (matched by schedule, not by name) for complex
+    fingerprints, or with ``magnitude`` for magnitude images."""
+    want = (seq.fingerprint_key(), not magnitude)
     candidates = sorted(WEIGHTS_DIR.glob(f"estimator_{model}_*.safetensors"))
     for path in candidates:
-        if _meta_sequence_key(path) == key:
+        if _meta_key(path) == want:
             return path
     trained = ", ".join(p.stem.removeprefix(f"estimator_{model}_") for p in candidates) or "none"
+    kind = "magnitude" if magnitude else "complex"
     raise ValueError(
-        f"no shipped {model} weights for schedule {seq.name!r} (shipped for: {trained}); train them "
-        f"with `recon-node train estimator --model {model} --sequence FILE.json` and pass "
-        "--set weights=PATH"
+        f"no shipped {model} weights for {kind} data of schedule {seq.name!r} (shipped: {trained}); train them "
+        f"with `recon-node train estimator --model {model} --sequence FILE.json"
+        f"{' --magnitude' if magnitude else ''}` and pass --set weights=PATH"
     )
 
 
@@ -70,7 +75,7 @@ def resolve_estimator(
     if name == "mle":
         space = default_space(seq, None if model == "auto" else model, field_strength_T)
         return MLEEstimator(seq, space, input="full", complex_data=not magnitude).to(device)
-    path = Path(weights).expanduser() if weights else shipped_estimator_path(name, seq)
+    path = Path(weights).expanduser() if weights else shipped_estimator_path(name, seq, magnitude)
     est = _load_cached(str(path), path.stat().st_mtime if path.exists() else 0.0, str(device))
     if est.model_name != name:
         raise ValueError(f"{path} holds a {est.model_name} estimator, not {name}")
