@@ -1,6 +1,7 @@
-"""Raw MRF accuracy per tissue: back-projection, CG-SENSE (+/- Hann) and locally low-rank ADMM (+/- Hann).
+"""Raw MRF accuracy per tissue: back-projection, CG-SENSE (+/- Hann), locally low-rank ADMM (+/- Hann), NC-PDNet.
 
-    OMP_NUM_THREADS=1 python benchmarks/mrf_accuracy.py [--matrix 64 [128]] [--coils 8] [--sim pixel bandlimited]
+    OMP_NUM_THREADS=1 python benchmarks/mrf_accuracy.py [--matrix 64 [128 256]] [--coils 8] [--sim pixel bandlimited]
+        [--phantom canonical|random] [--seeds 9001 9002 9003] [--lesions 3 6 10 30] [--cases 1 3] [--json F]
 
 Brain phantom, FISP 1000 frames, one spiral interleaf per frame, SNR 30, through the ``mrf`` pipeline (ISMRMRD
 file -> reconstruction -> dictionary matching, defaults except the listed parameters). Two simulations:
@@ -8,14 +9,20 @@ file -> reconstruction -> dictionary matching, defaults except the listed parame
 ``bandlimited`` is :func:`pipelines.sim.bandlimited.simulate_bandlimited` (the phantom drawn ``--oversample``
 times finer, sampled at the same k-space positions: what a scanner sees of a continuous object).
 
-Prints one markdown table per simulation: per tissue (WM, GM, CSF, lesion) the median |relative error| of T1 and
-T2 over the tissue's voxels and, in brackets, the median signed error (the ROI bias), and the reconstruction's
-seconds per slice (from the pipeline's log; the dictionary is built / cached first).
+``--phantom random`` (held-out): each seed draws pose, tissue values, a 4 % texture, B1 and off-resonance, and
+round white-matter lesions of ``--lesions`` voxels (at the recon matrix) besides the phantom's own lesion; the
+tables pool the voxels of all seeds. ``canonical`` is the fixed phantom of the earlier tables.
+
+Prints one markdown table per matrix and simulation: per tissue the median |relative error| of T1 and T2 over the
+tissue's voxels and, in brackets, the median signed error (the ROI bias); lesions are scored one connected
+component at a time and pooled by size. Seconds: the reconstruction per slice (from the pipeline's log) and the
+whole pipeline (reconstruction + matching + maps) per slice.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -31,18 +38,21 @@ from pipelines.mapping.maps import default_spec
 from pipelines.physics.sequences import fisp_sequence
 from pipelines.registry import RunContext
 from pipelines.sim.acquisition import AcquisitionSettings, simulate_study
-from pipelines.sim.bandlimited import simulate_bandlimited
+from pipelines.sim.bandlimited import simulate_bandlimited, white_matter_lesions
 from pipelines.sim.mrd_writer import write_ismrmrd
+from pipelines.sim.phantoms import make_phantom
 
 CASES: list[tuple[str, dict[str, object]]] = [
     ("back-projection (adjoint) + Hann", {"recon": "adjoint", "filter": "hann"}),
-    ("CG-SENSE + Hann (default)", {"recon": "cgsense", "filter": "hann"}),
+    ("CG-SENSE + Hann (default: + 2 fat directions)", {"recon": "cgsense", "filter": "hann"}),
+    ("CG-SENSE + Hann, no fat directions (before)", {"recon": "cgsense", "filter": "hann", "fat_directions": 0}),
     ("CG-SENSE, no filter", {"recon": "cgsense", "filter": "none"}),
     ("LLR (ADMM), no filter", {"recon": "llr", "filter": "none"}),
     ("LLR (ADMM) + Hann", {"recon": "llr", "filter": "hann"}),
+    ("NC-PDNet (shipped weights)", {"recon": "ncpdnet", "filter": "none"}),
 ]
-TISSUES = ("white_matter", "grey_matter", "csf", "lesion")
-SHORT = {"white_matter": "WM", "grey_matter": "GM", "csf": "CSF", "lesion": "lesion"}
+TISSUES = ("white_matter", "grey_matter", "csf", "ventricles")
+SHORT = {"white_matter": "WM", "grey_matter": "GM", "csf": "CSF", "ventricles": "ventr."}
 
 
 class _SliceTimes(logging.Handler):
@@ -57,32 +67,59 @@ class _SliceTimes(logging.Handler):
             self.seconds.append(float(record.args[5]))
 
 
-def errors(maps: dict[str, np.ndarray], truth: dict[str, np.ndarray], names: dict[int, str]) -> dict[str, tuple]:
-    """Per tissue: (median |T1 err|, median T1 err, median |T2 err|, median T2 err), relative."""
-    out = {}
-    for tissue in TISSUES:
-        label = next((k for k, v in names.items() if v == tissue), None)
-        if label is None or not (truth["labels"] == label).any():
-            continue
-        roi = truth["labels"] == label
-        cells = []
-        for q in ("t1", "t2"):
-            r = maps[q][roi] / truth[f"{q}_water_ms"][roi] - 1
-            cells += [float(np.median(np.abs(r))), float(np.median(r))]
-        out[tissue] = tuple(cells)
+def rois(truth: dict[str, np.ndarray], names: dict[int, str]) -> dict[str, np.ndarray]:
+    """Scored regions: the tissues of TISSUES (both ventricles as one), and each lesion component as
+    ``lesion <voxels>`` (pooled later by size class)."""
+    from scipy.ndimage import label
+
+    labels = truth["labels"]
+    ids = {v: k for k, v in names.items()}
+    out: dict[str, np.ndarray] = {}
+    for t in TISSUES:
+        wanted = [k for n, k in ids.items() if n == t or (t == "ventricles" and n.startswith("lateral_ventricle"))]
+        roi = np.isin(labels, wanted)
+        if roi.any():
+            out[t] = roi
+    if "lesion" in ids:
+        comp, n = label(labels == ids["lesion"])
+        for i in range(1, n + 1):
+            out[f"lesion {int((comp == i).sum())}"] = comp == i
     return out
+
+
+def lesion_class(voxels: int) -> str:
+    return (
+        "lesion 3"
+        if voxels <= 4
+        else "lesion 5-7"
+        if voxels <= 7
+        else "lesion 8-12"
+        if voxels <= 12
+        else ("lesion 13-40" if voxels <= 40 else "lesion >40")
+    )
+
+
+def relative_errors(
+    maps: dict[str, np.ndarray], truth: dict[str, np.ndarray], roi: np.ndarray
+) -> dict[str, np.ndarray]:
+    return {q: maps[q][roi] / truth[f"{q}_water_ms"][roi] - 1 for q in ("t1", "t2")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--matrix", type=int, nargs="+", default=[64])
-    ap.add_argument("--coils", type=int, default=8)
+    ap.add_argument("--coils", type=int, nargs="+", default=[8], help="one per matrix, or one for all")
     ap.add_argument("--snr", type=float, default=30.0)
     ap.add_argument("--sim", nargs="+", default=["pixel", "bandlimited"], choices=("pixel", "bandlimited"))
     ap.add_argument("--oversample", type=int, default=2)
+    ap.add_argument("--phantom", default="canonical", choices=("canonical", "random"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[9001, 9002, 9003], help="random phantoms (held out)")
+    ap.add_argument("--lesions", type=float, nargs="*", default=[3, 6, 10, 30], help="extra lesions (voxels)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cases", type=int, nargs="*", default=None, help="indices into CASES (default: all)")
+    ap.add_argument("--set", action="append", default=[], help="extra pipeline parameter NAME=VALUE for every case")
     ap.add_argument("--cache", default=None, help="dictionary cache (default: the user's cache)")
+    ap.add_argument("--json", default=None, help="also write the pooled errors here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cache = Path(args.cache) if args.cache else None
@@ -94,40 +131,106 @@ def main() -> None:
     times = _SliceTimes()
     log.addHandler(times)
     cases = [CASES[i] for i in args.cases] if args.cases is not None else CASES
-    for matrix in args.matrix:
+    extra = dict(kv.split("=", 1) for kv in args.set)
+    coils = args.coils * len(args.matrix) if len(args.coils) == 1 else args.coils
+    seeds = args.seeds if args.phantom == "random" else [0]
+    record: dict = {}
+    for matrix, n_coils in zip(args.matrix, coils, strict=True):
         for sim in args.sim:
-            settings = AcquisitionSettings(trajectory="spiral", coils=args.coils, snr=args.snr)
-            t0 = time.perf_counter()
-            if sim == "pixel":
-                study = simulate_study("brain", seq, settings, matrix=matrix)
-            else:
-                study = simulate_bandlimited("brain", seq, settings, matrix=matrix, oversample=args.oversample)
+            pooled: dict[str, dict[str, dict[str, list]]] = {label: {} for label, _ in cases}
+            secs: dict[str, list[float]] = {label: [] for label, _ in cases}
+            wall: dict[str, list[float]] = {label: [] for label, _ in cases}
+            t_sim = 0.0
+            acc = 0.0
+            for seed in seeds:
+                settings = AcquisitionSettings(trajectory="spiral", coils=n_coils, snr=args.snr, seed=seed)
+                t0 = time.perf_counter()
+                random = args.phantom == "random"
+                lesions = white_matter_lesions("brain", matrix, seed, args.lesions) if random else []
+                if sim == "pixel":
+                    ph = make_phantom("brain", matrix, seed=seed, randomize=random, lesions=lesions)
+                    study = simulate_study(ph, seq, settings)
+                else:
+                    study = simulate_bandlimited(
+                        "brain",
+                        seq,
+                        settings,
+                        matrix=matrix,
+                        oversample=args.oversample,
+                        randomize=random,
+                        lesions=lesions,
+                    )
+                t_sim += time.perf_counter() - t0
+                acc = study.acceleration
+                regions = rois(study.truth, study.label_names)
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "study.h5"
+                    write_ismrmrd(study, path)
+                    raw = raw_study_from_hdf5(path)
+                    for label, params in cases:
+                        times.seconds.clear()
+                        ctx = RunContext(cache_dir=cache, log=log)
+                        t0 = time.perf_counter()
+                        maps = {m.kind: m.data[0] for m in get_pipeline("mrf")(raw, {**params, **extra}, ctx)}
+                        wall[label].append(time.perf_counter() - t0)
+                        secs[label] += times.seconds
+                        for name, roi in regions.items():
+                            key = lesion_class(int(roi.sum())) if name.startswith("lesion ") else name
+                            err = relative_errors(maps, study.truth, roi)
+                            slot = pooled[label].setdefault(
+                                key, {"t1": [], "t2": [], "bias_t1": [], "bias_t2": [], "voxels": []}
+                            )
+                            for q in ("t1", "t2"):
+                                slot[q].append(err[q])
+                                slot[f"bias_{q}"].append(float(np.median(err[q])))
+                            slot["voxels"].append(int(roi.sum()))
+                        print(f"  seed {seed}: {label} done in {wall[label][-1]:.0f} s", flush=True)
+                del study, raw
             what = "phantom on the recon matrix" if sim == "pixel" else f"phantom at {args.oversample}x, band-limited"
-            print(
-                f"\n### {matrix}x{matrix}, {sim} simulation ({what}): brain, FISP 1000 frames, spiral 1 interleaf "
-                f"per frame (R {study.acceleration:.0f}), {args.coils} coils, SNR {args.snr:g}, {args.threads} "
-                f"thread(s); simulated in {time.perf_counter() - t0:.0f} s\n"
+            which = (
+                f"{len(seeds)} random held-out brains (seeds {', '.join(map(str, seeds))}; lesions "
+                f"{', '.join(f'{a:g}' for a in args.lesions)} voxels added)"
+                if args.phantom == "random"
+                else "canonical brain"
             )
-            present = [t for t in TISSUES if any(v == t for v in study.label_names.values())]
-            head = " | ".join(f"{SHORT[t]} T1 | {SHORT[t]} T2" for t in present)
-            print(f"| reconstruction | {head} | s recon / slice |")
-            print("|---|" + "---|" * (2 * len(present)) + "---:|")
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "study.h5"
-                write_ismrmrd(study, path)
-                raw = raw_study_from_hdf5(path)
-                for label, params in cases:
-                    times.seconds.clear()
-                    ctx = RunContext(cache_dir=cache, log=log)
-                    maps = {m.kind: m.data[0] for m in get_pipeline("mrf")(raw, dict(params), ctx)}
-                    err = errors(maps, study.truth, study.label_names)
-                    cells = []
-                    for t in present:
-                        a1, b1, a2, b2 = err[t]
-                        cells += [f"{100 * a1:.1f} ({100 * b1:+.1f})", f"{100 * a2:.1f} ({100 * b2:+.1f})"]
-                    secs = np.mean(times.seconds) if times.seconds else float("nan")
-                    print(f"| {label} | {' | '.join(cells)} | {secs:.1f} |", flush=True)
-            del study, raw
+            print(
+                f"\n### {matrix}x{matrix}, {n_coils} coils, {sim} simulation ({what})\n\n{which}, FISP 1000 frames, "
+                f"spiral 1 interleaf per frame (R {acc:.0f}), SNR {args.snr:g}, {args.threads} thread(s); simulated "
+                f"in {t_sim:.0f} s\n"
+            )
+            keys = [
+                k
+                for k in (*TISSUES, "lesion >40", "lesion 13-40", "lesion 8-12", "lesion 5-7", "lesion 3")
+                if k in pooled[cases[0][0]]
+            ]
+            print(
+                "| reconstruction | "
+                + " | ".join(f"{SHORT.get(k, k)} T1 | {SHORT.get(k, k)} T2" for k in keys)
+                + " | s recon / slice | s total / slice |"
+            )
+            print("|---|" + "---|" * (2 * len(keys)) + "---:|---:|")
+            rec = record.setdefault(f"{matrix}/{n_coils}/{sim}/{args.phantom}", {})
+            for label, _ in cases:
+                cells = []
+                rec[label] = {
+                    "s_recon": float(np.mean(secs[label])) if secs[label] else None,
+                    "s_total": float(np.mean(wall[label])),
+                }
+                for k in keys:
+                    slot = pooled[label][k]
+                    for q in ("t1", "t2"):
+                        med = float(np.median(np.abs(np.concatenate(slot[q])))) * 100
+                        bias = max(slot[f"bias_{q}"], key=abs) * 100  # the worst ROI bias over the phantoms
+                        cells.append(f"{med:.1f} ({bias:+.1f})")
+                        rec[label][f"{k} {q}"] = {
+                            "median_abs_pct": med,
+                            "worst_roi_bias_pct": bias,
+                            "voxels": slot["voxels"],
+                        }
+                sr = np.mean(secs[label]) if secs[label] else float("nan")
+                print(f"| {label} | {' | '.join(cells)} | {sr:.1f} | {np.mean(wall[label]):.1f} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ against the coarse NUFFT of a smooth object to 1e-7).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from pipelines.physics.sequences import MRFSequence
@@ -49,16 +51,25 @@ def simulate_bandlimited(
     matrix: int = 64,
     oversample: int = 2,
     field_strength_T: float = 3.0,
+    randomize: bool = False,
+    lesions: Sequence[tuple[float, float, float]] = (),
 ) -> SimulatedStudy:
     """A non-Cartesian single-slice study on ``matrix`` whose k-space is the NUFFT of the phantom drawn at
     ``oversample * matrix`` (see the module docstring). Truth, labels and ``fingerprints`` are on ``matrix``; the
-    noise level follows the simulator's SNR convention (mean object signal / SNR, image-domain std = k-space std)."""
+    noise level follows the simulator's SNR convention (mean object signal / SNR, image-domain std = k-space std).
+
+    ``randomize`` draws pose, tissue values, texture, B1 and off-resonance from ``settings.seed`` (held-out
+    phantoms); ``lesions`` adds round lesions (see :func:`make_phantom`), the same objects on both grids."""
     if settings.trajectory == "cartesian":
         raise ValueError("band-limited simulation is for non-Cartesian trajectories (spiral, radial)")
     if oversample < 1:
         raise ValueError(f"oversample must be >= 1, got {oversample}")
-    coarse = make_phantom(phantom, matrix, field_strength_T=field_strength_T, seed=settings.seed)
-    fine = make_phantom(phantom, matrix * oversample, field_strength_T=field_strength_T, seed=settings.seed)
+    coarse, fine = (
+        make_phantom(
+            phantom, n, field_strength_T=field_strength_T, seed=settings.seed, randomize=randomize, lesions=lesions
+        )
+        for n in (matrix, matrix * oversample)
+    )
     fine_fp = fingerprint_images(fine, sequence)
     maps_fine = birdcage_maps(settings.coils, fine.pd.shape)
     trajectory, lines, acceleration = _sampling(settings, sequence.n_frames, matrix, matrix)
@@ -73,3 +84,47 @@ def simulate_bandlimited(
     return assemble_study(
         coarse, sequence, settings, kspace, trajectory, lines, maps, fingerprints, noise_std, acceleration
     )
+
+
+def white_matter_lesions(
+    phantom: str, matrix: int, seed: int, areas_voxels: Sequence[float], margin_voxels: float = 2.0
+) -> list[tuple[float, float, float]]:
+    """Round lesions of the given areas (in voxels of ``matrix``) at random places inside the white matter of the
+    randomised ``phantom`` of ``seed``, each at least ``margin_voxels`` from other tissue and from each other: the
+    ``lesions`` argument of :func:`make_phantom` / :func:`simulate_bandlimited` for small-structure accuracy."""
+    from scipy.ndimage import distance_transform_edt
+
+    base = make_phantom(phantom, matrix, seed=seed, randomize=True)
+    wm_label = next(k for k, v in base.label_names.items() if v == "white_matter")
+    room = distance_transform_edt(base.labels == wm_label)
+    rng = np.random.default_rng(seed + 7919)
+    half = matrix / 2.0
+    out: list[tuple[float, float, float]] = []
+    for area in areas_voxels:
+        (dx, dy), r_vox = _disc_covering(int(round(area)))
+        ok = np.argwhere(room > r_vox + margin_voxels + 1)
+        if not len(ok):
+            raise ValueError(f"no room for a lesion of {area} voxels in the white matter at {matrix}^2")
+        iy, ix = ok[rng.integers(len(ok))]
+        out.append(((ix + dx - (matrix - 1) / 2.0) / half, (iy + dy - (matrix - 1) / 2.0) / half, r_vox / half))
+        yy, xx = np.ogrid[:matrix, :matrix]
+        room[np.hypot(yy - iy, xx - ix) <= 2 * r_vox + margin_voxels + 2] = 0
+    return out
+
+
+def _disc_covering(n: int) -> tuple[tuple[float, float], float]:
+    """(centre offset from a pixel centre, radius) in pixels of the roundest disc whose inside holds exactly ``n``
+    pixel centres (a disc on a pixel centre only holds 1, 5, 9, 13, ... pixels)."""
+    best: tuple[float, tuple[float, float], float] | None = None
+    yy, xx = np.mgrid[-8:9, -8:9]
+    for off in ((0.0, 0.0), (0.5, 0.0), (0.5, 0.5), (0.25, 0.25), (0.5, 0.25), (0.25, 0.0)):
+        d = np.sort(np.hypot(xx - off[0], yy - off[1]).ravel())
+        if n < 1 or n >= len(d) or d[n] - d[n - 1] < 1e-6:
+            continue
+        r = float((d[n - 1] + d[n]) / 2)  # holds the n nearest, not the (n+1)-th
+        roundness = abs(np.pi * r * r - n)
+        if best is None or roundness < best[0]:
+            best = (roundness, off, r)
+    if best is None:
+        raise ValueError(f"no disc holds exactly {n} pixels")
+    return best[1], best[2]

@@ -27,7 +27,7 @@ Randomisation (training data)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -619,6 +619,7 @@ def make_phantom(
     seed: int | None = None,
     randomize: bool = False,
     z: float = 0.0,
+    lesions: Sequence[tuple[float, float, float]] = (),
 ) -> Phantom:
     """Build the ``brain`` or ``thigh`` phantom on a ``matrix`` (int or (ny, nx)) grid.
 
@@ -631,6 +632,10 @@ def make_phantom(
     bit; other positions cut the 3D anatomy elsewhere (see ``_BRAIN_Z``, ``_THIGH_TAPER``), with the same label
     ids and, when randomised, the same pose and tissue values for every z of one seed, so a stack of slices is
     one consistent object. B1 falls off and the off-resonance gains a through-plane shim gradient away from z = 0.
+
+    ``lesions``: extra round lesions (x, y, radius) in image coordinates (normalised units as ``z``; the image
+    centre is 0), painted last with the ``lesion`` tissue. Defined in continuous coordinates, so the same lesions
+    drawn on a finer grid are the same objects (band-limited simulation; lesions of a few voxels).
     """
     if name not in _ANATOMIES:
         raise ValueError(f"unknown phantom {name!r}; choose one of {sorted(_ANATOMIES)}")
@@ -648,6 +653,10 @@ def make_phantom(
     )
     painter = _Painter(object_grid)
     _ANATOMIES[name](painter, opts)
+    for x, y, radius in lesions:
+        if not radius > 0:
+            raise ValueError(f"lesion radius must be > 0, got {radius}")
+        painter.paint("lesion", _ellipse(pixel_grid, (float(x), float(y)), (float(radius), float(radius))))
 
     table = tissue_table(field_strength_T)
     tissues = {label: table[tissue_name] for tissue_name, label in painter.ids.items()}
