@@ -25,6 +25,7 @@ from pipelines.mapping.maps import MODELS, MappingOptions, default_spec, estimat
 from pipelines.mapping.matching import DEFAULT_ENERGY
 from pipelines.physics.sequences import MRFSequence, get_sequence
 from pipelines.recon import llr
+from pipelines.recon.fat_subspace import with_fat_directions
 from pipelines.recon.ncpdnet import ncpdnet_subspace
 from pipelines.recon.raw_prep import te_cycle_aliasing, validate_raw
 from pipelines.recon.subspace import NonCartesianSubspace, SubspaceResult, kspace_filter, reconstruct, slice_operator
@@ -232,6 +233,15 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
     )
     rank = min(params["rank"], dictionary.complex.basis.shape[1])
     basis = dictionary.complex.basis[:, :rank].to(ctx.device)
+    fat_note = ""
+    if not 0 <= params["fat_directions"] <= 8:
+        raise ValueError(f"fat_directions must be between 0 and 8, got {params['fat_directions']}")
+    if model == "single" and params["fat_directions"] > 0 and params["recon"] != "ncpdnet":
+        # A water dictionary's subspace has no room for fat (scalp, marrow): give its signal directions of its own
+        # so that its aliasing does not land in the coefficients that carry T2 (pipelines/recon/fat_subspace.py).
+        basis = with_fat_directions(basis, seq, field, params["fat_directions"])
+        rank = int(basis.shape[1])
+        fat_note = f"subspace: rank {params['rank']} dictionary basis + {params['fat_directions']} fat directions"
     net = None
     if params["recon"] == "ncpdnet":
         net, basis = _ncpdnet_network(raw, seq, params, ctx)
@@ -273,13 +283,17 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
         if raw.trajectory_kind != "cartesian" and net is None:  # NC-PDNet was trained to the unfiltered truth
             c = kspace_filter(c, params["filter"])
         coefficients[:, i] = c
-        notes = res.notes + (
-            [
-                f"{data.shape[0]} virtual coils of {raw.data.shape[1]} (coil compression, "
-                f"{params['coil_energy']:g} of the energy)"
-            ]
-            if data.shape[0] < raw.data.shape[1]
-            else []
+        notes = (
+            res.notes
+            + ([fat_note] if fat_note else [])
+            + (
+                [
+                    f"{data.shape[0]} virtual coils of {raw.data.shape[1]} (coil compression, "
+                    f"{params['coil_energy']:g} of the energy)"
+                ]
+                if data.shape[0] < raw.data.shape[1]
+                else []
+            )
         )
         ctx.log.info(
             "slice %d/%d (index %d): %s reconstruction of %d coefficient images in %.1f s (%s)",
@@ -339,6 +353,12 @@ register(
             ),
             "weights": Param(str, "", "ncpdnet: a site's own safetensors weights (empty: the shipped ncpdnet_mrf)"),
             "rank": Param(int, 8, "subspace rank K (coefficient images reconstructed and matched)"),
+            "fat_directions": Param(
+                int,
+                2,
+                "single-compartment model: temporal directions of fat signals added to the rank-K basis (scalp, "
+                "marrow; 0: none), so their aliasing does not bias T2",
+            ),
             "filter": Param(
                 str, "hann", "k-space apodisation of non-Cartesian coefficient images", choices=("hann", "none")
             ),
