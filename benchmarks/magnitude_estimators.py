@@ -96,8 +96,10 @@ def main() -> None:
     for seq_name in args.sequences:
         rows = {e: evaluate(seq_name, e, args.matrix, args.seeds, args.snr) for e in ESTIMATORS}
         cols = [k for k in rows["dictionary"] if k != "seconds"]
-        print(f"\n### {seq_name}, magnitude images, {args.matrix}x{args.matrix}, SNR {args.snr:g}, seeds "
-              f"{', '.join(map(str, args.seeds))}\n")
+        print(
+            f"\n### {seq_name}, magnitude images, {args.matrix}x{args.matrix}, SNR {args.snr:g}, seeds "
+            f"{', '.join(map(str, args.seeds))}\n"
+        )
         unit = {"t1": "T1 %", "t2": "T2 %", "ff": "FF pp"}
         print("| estimator | " + " | ".join(f"{c.split()[0]} {unit[c.split()[1]]}" for c in cols) + " | s / slice |")
         print("|---|" + "---:|" * (len(cols) + 1))
