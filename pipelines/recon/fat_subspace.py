@@ -2,15 +2,16 @@
 
 The low-rank reconstruction models every voxel's fingerprint inside the rank-K span of the dictionary's SVD basis.
 A single-compartment (water) dictionary has no fat in it, and fat's six spectral peaks precess through a varying-TR
-FISP schedule in a way no water atom does: in the randomised brain, 63 % of the signal energy outside the rank-8
+FISP schedule in a way no water atom does: in a randomised brain, 62 % of the signal energy outside the rank-8
 basis is the scalp's fat (its fingerprints 13 % outside; white matter 1.7 %). One spiral interleaf per frame aliases
 that out-of-model energy across the image into the small high-order coefficients that carry T2, which the Hann
 filter cannot remove (benchmarks/mrf_error_budget.py).
 
 Adding the leading directions of fat fingerprints *outside* the water basis gives that energy somewhere to go. The
-extra coefficients are matched with the rest (the dictionary's atoms projected on the augmented basis). Measured on
-held-out band-limited brains (BENCHMARKS.md): white-matter T2 error 11.6 -> 7.5 %, grey matter 13.5 -> 8.0 % at 128²,
-8 coils, SNR 30, for two extra directions.
+K + n coefficients are then matched as any reconstruction basis is (estimate_maps maps them onto the dictionary's
+leading K + n components). Measured on three held-out band-limited brains (BENCHMARKS.md, SNR 30): white / grey
+matter T2 error 13.6 / 14.3 -> 8.9 / 10.6 % at 128² with 8 coils, 14.1 / 14.5 -> 8.9 / 10.6 % at 256² with 16,
+T1 unchanged, for two extra directions (four are no better).
 """
 
 from __future__ import annotations
