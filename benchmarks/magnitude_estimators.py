@@ -19,29 +19,12 @@ import numpy as np
 import torch
 
 from pipelines.definitions import get_pipeline
-from pipelines.physics.sequences import MRFSequence, get_sequence
-from pipelines.sim.acquisition import magnitude_images
+from pipelines.physics.sequences import get_sequence
+from pipelines.sim.acquisition import magnitude_study
 from pipelines.sim.phantoms import Phantom, make_phantom
-from pipelines.types import Geometry, ImageStudy, StudyInfo
 
 ESTIMATORS = ("dictionary", "fc", "inn", "blochnet", "hybrid")
 SETUPS = {"fisp": ("brain", ("white_matter", "grey_matter")), "t1ff": ("thigh", ("muscle",))}
-
-
-def magnitude_study(phantom: Phantom, seq: MRFSequence, snr: float, seed: int) -> ImageStudy:
-    """|fingerprints| of ``phantom`` with Rician noise at ``snr`` as the image series a scanner would export."""
-    mag = magnitude_images(phantom, seq, snr, seed)
-    n = phantom.matrix[0]
-    return ImageStudy(
-        pixels=mag[:, None],
-        geometry=Geometry.centred((n, n), (240.0, 240.0)),
-        study=StudyInfo(),
-        flip_angles_deg=seq.flip_angles_deg,
-        tr_ms=seq.tr_ms,
-        te_ms=seq.te_ms,
-        ti_ms=seq.ti_ms,
-        is_magnitude=True,
-    )
 
 
 def tissue_masks(phantom: Phantom, tissues: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ from pipelines.sim.coils import birdcage_maps
 from pipelines.sim.phantoms import Phantom, make_phantom
 from pipelines.sim.study import MultiSliceStudy, SimulatedStudy
 from pipelines.sim.trajectories import cartesian_frame_masks, mrf_radial_trajectory, mrf_spiral_trajectory
-from pipelines.types import Geometry, StudyInfo
+from pipelines.types import Geometry, ImageStudy, StudyInfo
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,21 @@ def magnitude_images(phantom: Phantom, sequence: MRFSequence, snr: float, seed: 
         noise = np.random.default_rng(seed).normal(0.0, sigma / np.sqrt(2), (2, *x.shape))
         x = x + (noise[0] + 1j * noise[1]).astype(np.complex64)
     return np.abs(x).astype(np.float32)
+
+
+def magnitude_study(phantom: Phantom, sequence: MRFSequence, snr: float, seed: int = 0) -> ImageStudy:
+    """:func:`magnitude_images` as the image series a scanner would export (240 mm FOV, schedule attached)."""
+    ny, nx = phantom.matrix
+    return ImageStudy(
+        pixels=magnitude_images(phantom, sequence, snr, seed)[:, None],
+        geometry=Geometry.centred((ny, nx), (240.0 * ny / max(ny, nx), 240.0 * nx / max(ny, nx))),
+        study=StudyInfo(),
+        flip_angles_deg=sequence.flip_angles_deg,
+        tr_ms=sequence.tr_ms,
+        te_ms=sequence.te_ms,
+        ti_ms=sequence.ti_ms,
+        is_magnitude=True,
+    )
 
 
 def _chunked_fisp(

@@ -11,9 +11,8 @@ from pipelines.definitions import get_pipeline
 from pipelines.mapping.estimators.base import load_estimator
 from pipelines.mapping.estimators.select import shipped_estimator_path
 from pipelines.physics.sequences import get_sequence
-from pipelines.sim.acquisition import magnitude_images
+from pipelines.sim.acquisition import magnitude_study
 from pipelines.sim.phantoms import _MUSCLE_FF, make_phantom
-from pipelines.types import Geometry, ImageStudy, StudyInfo
 
 MODELS = ("fc", "inn", "blochnet", "hybrid")
 MATRIX = 32
@@ -26,16 +25,7 @@ def studies():
     for seq_name, anatomy in (("fisp", "brain"), ("t1ff", "thigh")):
         seq = get_sequence(seq_name)
         ph = make_phantom(anatomy, MATRIX, seed=SEED, randomize=True)
-        study = ImageStudy(
-            pixels=magnitude_images(ph, seq, snr=30.0, seed=SEED)[:, None],
-            geometry=Geometry.centred((MATRIX, MATRIX), (240.0, 240.0)),
-            study=StudyInfo(),
-            flip_angles_deg=seq.flip_angles_deg,
-            tr_ms=seq.tr_ms,
-            te_ms=seq.te_ms,
-            ti_ms=seq.ti_ms,
-            is_magnitude=True,
-        )
+        study = magnitude_study(ph, seq, snr=30.0, seed=SEED)
         out[seq_name] = (ph, study)
     return out
 
