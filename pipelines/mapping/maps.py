@@ -102,11 +102,19 @@ def estimate_maps(
                 seq, spec, device=device, cache_dir=cache_dir, progress=progress, report=report
             )
         if basis is not None:
-            # Coefficients in `basis` -> coefficients in the dictionary's basis: M = V_dict^T conj(V), [R, K]
-            # (identity when the reconstruction used the dictionary's own leading components).
             vd = dictionary.complex.basis.to(device)
-            r = min(int(basis.shape[1]), vd.shape[1]) if options.rank is None else min(options.rank, vd.shape[1])
-            coeff_map = vd[:, :r].T @ basis.to(device=device, dtype=vd.dtype).conj()
+            k = int(basis.shape[1])
+            b = basis.to(device=device, dtype=vd.dtype)
+            own = k <= vd.shape[1] and bool(
+                torch.allclose(vd[:, :k].T @ b.conj(), torch.eye(k, dtype=vd.dtype, device=device), atol=1e-4)
+            )
+            if not own:  # another span (fat directions, a network's basis): atoms projected onto it
+                dictionary = dictionary.in_basis(b)
+                vd = dictionary.complex.basis
+            # Coefficients in `basis` -> coefficients in the dictionary's basis: M = V_dict^T conj(V), [R, K]
+            # (the identity for the dictionary's own leading components and for a projected dictionary).
+            r = min(k, vd.shape[1]) if options.rank is None else min(options.rank, vd.shape[1])
+            coeff_map = vd[:, :r].T @ b.conj()
     results: list[MatchResult] = []
     keeps: list[np.ndarray] = []
     for s in range(shape[0]):

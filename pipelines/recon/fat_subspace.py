@@ -8,10 +8,14 @@ that out-of-model energy across the image into the small high-order coefficients
 filter cannot remove (benchmarks/mrf_error_budget.py).
 
 Adding the leading directions of fat fingerprints *outside* the water basis gives that energy somewhere to go. The
-K + n coefficients are then matched as any reconstruction basis is (estimate_maps maps them onto the dictionary's
-leading K + n components). Measured on three held-out band-limited brains (BENCHMARKS.md, SNR 30): white / grey
-matter T2 error 13.6 / 14.3 -> 8.9 / 10.6 % at 128² with 8 coils, 14.1 / 14.5 -> 8.9 / 10.6 % at 256² with 16,
-T1 unchanged, for two extra directions (four are no better).
+K + n coefficients are matched against the atoms projected onto the same K + n directions
+(:meth:`pipelines.mapping.dictionary.MRFDictionary.in_basis`). Measured on three held-out band-limited brains at
+128² with 8 coils (BENCHMARKS.md, SNR 30): white / grey matter T2 error 13.6 / 14.3 -> 12.0 / 12.4 %, GM T2 bias
++9.2 -> +5.6 %, T1 unchanged, for two extra directions; at 64² the gain is under 1 point.
+
+An earlier version matched the K + n coefficients on the dictionary's own leading K + n components, which the
+fat directions are not: that read 8.9 / 10.6 % WM / GM T2 at 128², but by a bias (GM T2 +12 %; on exact
+fingerprints GM +3.8 %, CSF -5.7 %), not by a better reconstruction.
 """
 
 from __future__ import annotations
