@@ -6,7 +6,7 @@ the k-space the trajectory misses (an "inverse crime" in one direction, missing 
 64^2 brain's norm lies outside the spiral's disk). Here the phantom is drawn ``oversample`` times finer (the same
 anatomy: the phantom is defined in continuous coordinates) and its fingerprints are sampled at the scan's k-space
 positions, so the data are those of a finer object as a scanner sees it; the truth and labels for scoring stay
-on the reconstruction matrix.
+on the reconstruction matrix, with ``truth["purity"]`` saying which voxels are partial volumes of the fine object.
 
 Conventions: k in cycles/FOV on the recon matrix N. The fine image of N_f = f N pixels, through the same
 orthonormal NUFFT, gives f times the coarse samples (f^2 more pixels, 1/f in the 1/N_f scaling) and places pixel
@@ -81,9 +81,19 @@ def simulate_bandlimited(
     _add_noise(kspace, noise_std, np.random.default_rng(settings.seed))
     maps = birdcage_maps(settings.coils, (matrix, matrix))
     fingerprints = fingerprint_images(coarse, sequence)
-    return assemble_study(
+    study = assemble_study(
         coarse, sequence, settings, kspace, trajectory, lines, maps, fingerprints, noise_std, acceleration
     )
+    study.truth["purity"] = label_purity(coarse.labels, fine.labels)
+    return study
+
+
+def label_purity(coarse: np.ndarray, fine: np.ndarray) -> np.ndarray:
+    """float32 [n, n]: the fraction of each coarse voxel's f x f fine pixels that carry the coarse voxel's label
+    (1 inside a tissue, less where the voxel straddles an edge: partial volume the coarse truth does not show)."""
+    n, f = coarse.shape[0], fine.shape[0] // coarse.shape[0]
+    blocks = fine.reshape(n, f, n, f).transpose(0, 2, 1, 3).reshape(n, n, f * f)
+    return (blocks == coarse[:, :, None]).mean(axis=2).astype(np.float32)
 
 
 def white_matter_lesions(

@@ -251,6 +251,19 @@ def test_bandlimited_simulation_reduces_to_the_simulator_and_differs_from_it_whe
     assert np.array_equal(fine.truth["labels"], ref.truth["labels"]) and fine.matrix == (32, 32)
     rel = np.linalg.norm(fine.kspace - ref.kspace) / np.linalg.norm(ref.kspace)
     assert 0.02 < rel < 0.3, rel  # measured 0.11: the same object, up to its pixelation
+    # Partial volume: purity 1 inside tissues, below 1 on edges; the 3x finer object has some of each.
+    assert np.all(same.truth["purity"] == 1.0)
+    purity = fine.truth["purity"]
+    assert purity.shape == (32, 32) and purity.min() >= 0 and purity.max() == 1.0
+    assert 0.1 < float((purity < 1).mean()) < 0.8
+
+
+def test_label_purity_counts_fine_pixels():
+    from pipelines.sim.bandlimited import label_purity
+
+    coarse = np.array([[1, 2], [3, 3]], np.int16)
+    fine = np.array([[1, 1, 2, 3], [1, 0, 2, 2], [3, 3, 3, 3], [3, 3, 1, 3]], np.int16)
+    np.testing.assert_allclose(label_purity(coarse, fine), [[0.75, 0.75], [1.0, 0.75]])
 
 
 def test_fine_to_coarse_conventions():
