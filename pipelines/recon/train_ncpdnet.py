@@ -4,16 +4,19 @@ Anatomical tasks (``radial``, ``spiral``, ``mixed``): random brain / thigh image
 with random birdcage coils and noise, sampled on one fixed undersampled trajectory per kind (as the reference
 trains one network per trajectory); the loss is the fastMRI ``0.98 (1 - SSIM) + 0.02 L1`` on |buf[0]|.
 
-MRF task (``mrf``): randomised brain / thigh phantoms through the FISP schedule (``fingerprint_images``), one spiral
-interleaf per frame as the ``mrf`` pipeline acquires it, random coils and noise. The target is the true coefficient
-images ``c = V^T x`` (ground-truth fingerprints projected on the dictionary's rank-K basis V). The k-space is
-simulated through the subspace operator with a higher rank (``--sim-rank``, default 24: the fingerprints keep
-well over 99.9 % of their energy there), so the network also sees the signal outside the K-dimensional subspace
-that real data carry, at a cost of 24 instead of 1000 NUFFTs per coil. Loss: L1 on the real and imaginary parts
-of the K coefficient images, relative to the target's largest value. Why L1 on coefficients: dictionary matching
-uses the direction of each voxel's coefficient vector, so every coefficient matters in proportion to its
-(complex) error, not through a perceptual image metric; SSIM on magnitudes would discard the phase that carries
-T1/T2 information across coefficients, and L1 is less dominated by the few bright CSF voxels than L2.
+MRF task (``mrf``): randomised brain phantoms (with white-matter lesions of ``--lesions`` voxels) and thighs drawn
+``--oversample`` times finer than the training matrix, through the FISP schedule (``fingerprint_images``); their
+k-space is sampled at the positions of one spiral interleaf per frame, as the ``mrf`` pipeline acquires it
+(band-limited data with partial volume at every edge, as the held-out evaluation's
+:func:`pipelines.sim.bandlimited.simulate_bandlimited`), through each phantom's own rank-``--sim-rank`` temporal
+basis (its fat and CSF included: the network sees the signal outside its own subspace that real data carry, at
+24 instead of 1000 NUFFTs per coil). The network's basis is the pipeline's default: the dictionary's rank-K basis
+plus ``--fat-directions`` fat directions. The target is each voxel's mean fine-pixel fingerprint on that basis.
+Loss: L1 on the real and imaginary parts of the coefficient images, relative to the target's largest value, plus
+(``--loss direction``) the per-voxel relative coefficient error. Why L1 on coefficients: dictionary matching uses
+the direction of each voxel's coefficient vector, so every coefficient matters in proportion to its (complex)
+error, not through a perceptual image metric; SSIM on magnitudes would discard the phase that carries T1/T2
+information across coefficients, and L1 is less dominated by the few bright CSF voxels than L2.
 """
 
 from __future__ import annotations
@@ -33,11 +36,14 @@ import torch
 from pipelines.compute import select_device, set_threads
 from pipelines.recon.coil_maps import lowres_maps
 from pipelines.recon.dcf import pipe_menon_dcf
+from pipelines.recon.fat_subspace import with_fat_directions
 from pipelines.recon.ncpdnet import NCPDNet, NCPDNetConfig, save_ncpdnet, with_maps
 from pipelines.recon.operators import NonCartesianSense, SenseChannels, SubspaceChannels
 from pipelines.recon.subspace import NonCartesianSubspace, union_dcf
-from pipelines.recon.training import TrainConfig, ssim_l1_loss, train
+from pipelines.recon.training import TrainConfig, TrainResult, ssim_l1_loss, train
 from pipelines.sim.anatomy import heldout_image, random_coil_maps, random_image
+from pipelines.sim.bandlimited import fine_to_coarse
+from pipelines.sim.coils import birdcage_maps
 from pipelines.sim.trajectories import mrf_spiral_trajectory, radial_trajectory, spiral_full
 from pipelines.weights_io import load_weights
 
@@ -165,61 +171,95 @@ class MRFBatch:
     target: torch.Tensor  # [B, K, ny, nx] complex
 
 
+@dataclass
+class MRFExample:
+    """One pool phantom, kept as coefficients (its 1000-frame fingerprints would be 131 MB at 2 x 64^2)."""
+
+    sim: np.ndarray  # [Ks, f n, f n] the object drawn f times finer, on its own basis
+    basis: np.ndarray  # [T, Ks] that basis: the leading temporal singular vectors of its fine fingerprints
+    target: np.ndarray  # [K, n, n] the f x f means of the fine fingerprints on the network's basis
+    signal: float  # mean |fingerprint| in the object: the simulator's SNR convention
+    outside: float  # fraction of the fine fingerprints' norm outside that basis (logged)
+
+
+def _coil_pair(rng: np.random.Generator, matrix: int, oversample: int, coils: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same random birdcage sensitivities (RSS-normalised) on the fine and the reconstruction grid."""
+    radius, seed = float(rng.uniform(1.2, 2.0)), int(rng.integers(0, 2**31))
+    out = []
+    for n in (matrix * oversample, matrix):
+        m = birdcage_maps(coils, (n, n), radius=radius, seed=seed)
+        out.append((m / np.maximum(np.sqrt((np.abs(m) ** 2).sum(axis=0, keepdims=True)), 1e-12)).astype(np.complex64))
+    return out[0], out[1]
+
+
 class MRFSampler:
-    """Random phantom (from a pool of randomised brain / thigh fingerprint images) x flips x coils x noise."""
+    """Random pool phantom x flips x coils x noise, one spiral interleaf per frame.
+
+    The k-space is the NUFFT of the phantom drawn ``oversample`` times finer (band-limited, partial volume at
+    edges, as :func:`pipelines.sim.bandlimited.simulate_bandlimited`), through each phantom's own rank-Ks basis
+    (which holds its fat and CSF, all but ~0.1 % of the norm): the network sees the out-of-subspace signal real
+    data carry, and the maps the ``mrf`` pipeline would estimate from those data."""
 
     def __init__(
         self,
-        fingerprints: list[np.ndarray],
-        basis_sim: torch.Tensor,
-        rank: int,
+        pool: list[MRFExample],
+        basis_net: torch.Tensor,
         matrix: int,
+        oversample: int,
         coils: int,
         snr: tuple[float, float],
         device: torch.device,
     ) -> None:
-        self.rank, self.matrix, self.coils, self.snr, self.device = rank, matrix, coils, snr, device
-        n_frames = basis_sim.shape[0]
+        self.pool, self.matrix, self.oversample = pool, matrix, oversample
+        self.coils, self.snr, self.device = coils, snr, device
+        n_frames = basis_net.shape[0]
         k, frame = mrf_spiral_samples(n_frames, matrix)
+        self.frame = torch.as_tensor(frame, device=device)
+        fine = matrix * oversample
+        ones_f = np.ones((coils, fine, fine), np.complex64) / np.sqrt(coils)
         ones = np.ones((coils, matrix, matrix), np.complex64) / np.sqrt(coils)
-        self.sim_op = NonCartesianSubspace(ones, k, frame, basis_sim, device=device)  # forward only
-        self.op = mrf_slice_operator(k, frame, ones, basis_sim[:, :rank], device)
+        rank_sim = pool[0].basis.shape[1] if pool else 1
+        eye = torch.eye(n_frames, rank_sim, dtype=torch.complex64)
+        self.sim_op = NonCartesianSubspace(ones_f, k, frame, eye, device=device)  # forward only, basis per phantom
+        self.factor = torch.from_numpy(fine_to_coarse(k, matrix, oversample)).to(device)
+        self.op = mrf_slice_operator(k, frame, ones, basis_net, device)
         assert self.op.dcf is not None  # mrf_slice_operator always gives the operator its union DCF
         self.k, self.dcf = k, self.op.dcf.cpu().numpy()
         self.op.kernels()
-        v = basis_sim.cpu().numpy()
-        # Coefficients of every pool fingerprint image on the simulation basis: c = V^T x.
-        self.coefs = [np.einsum("tyx,tk->kyx", fp, v).astype(np.complex64) for fp in fingerprints]
-        self.signal = [float(np.abs(fp).mean(axis=0)[np.abs(fp).mean(axis=0) > 0].mean()) for fp in fingerprints]
 
     def make(
-        self, index: int, flip: int, maps: np.ndarray, snr: float, seed: int
+        self, index: int, flip: int, maps: tuple[np.ndarray, np.ndarray], snr: float, seed: int
     ) -> tuple[NonCartesianSubspace, torch.Tensor, torch.Tensor]:
-        c = self.coefs[index]
-        c = np.rot90(c, k=flip % 4, axes=(-2, -1))
-        if flip >= 4:
-            c = c[..., ::-1]
-        c = torch.from_numpy(np.ascontiguousarray(c)).to(self.device)
-        m = torch.from_numpy(maps).to(self.device)
+        ex = self.pool[index]
+
+        def oriented(a: np.ndarray) -> torch.Tensor:
+            a = np.rot90(a, k=flip % 4, axes=(-2, -1))
+            a = a[..., ::-1] if flip >= 4 else a
+            return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+        c_sim, target = oriented(ex.sim), oriented(ex.target)
+        m_fine, m = (torch.from_numpy(x).to(self.device) for x in maps)
         with torch.no_grad():
             sim = copy.copy(self.sim_op)
-            sim.maps = m
-            y = sim.forward(c)[None]
-            y = add_noise(y, torch.tensor([self.signal[index] / snr]), torch.Generator().manual_seed(seed))[0]
+            sim.maps = m_fine
+            sim.basis = torch.from_numpy(ex.basis).to(self.device)
+            sim.phi = sim.basis[self.frame]
+            y = (sim.forward(c_sim) * self.factor)[None]
+            y = add_noise(y, torch.tensor([ex.signal / snr]), torch.Generator().manual_seed(seed))[0]
         # The operator gets the maps the mrf pipeline estimates from the data (low resolution, RSS-normalised);
         # the target is then the true coefficients seen through them: c * sum_coils conj(S_est) S_true, which
         # carries the phase and shading those maps leave in any SENSE reconstruction (matching ignores both).
         est = torch.from_numpy(lowres_maps(y.cpu().numpy(), self.k, (self.matrix, self.matrix), self.dcf))
         est = est.to(self.device)
         seen = (est.conj() * m).sum(dim=0)
-        return with_maps(self.op, est), y, c[: self.rank] * seen
+        return with_maps(self.op, est), y, target * seen
 
     def __call__(self, rng: np.random.Generator, batch_size: int) -> MRFBatch:
         items = [
             self.make(
-                int(rng.integers(len(self.coefs))),
+                int(rng.integers(len(self.pool))),
                 int(rng.integers(8)),
-                random_coil_maps(rng, self.matrix, self.coils),
+                _coil_pair(rng, self.matrix, self.oversample, self.coils),
                 float(rng.uniform(*self.snr)),
                 int(rng.integers(2**31)),
             )
@@ -269,20 +309,56 @@ def coefficient_direction_loss(rank: int) -> Any:
     return loss
 
 
-def mrf_fingerprint_pool(seq: Any, n: int, matrix: int, seed: int, log: Any = print) -> list[np.ndarray]:
-    """``n`` randomised phantoms (brain and thigh alternately; seeds from the training range) through ``seq``."""
+def mrf_pool(
+    seq: Any,
+    n: int,
+    matrix: int,
+    oversample: int,
+    rank_sim: int,
+    basis_net: torch.Tensor,
+    seed: int,
+    lesions: tuple[float, ...] = (),
+    log: Any = print,
+) -> list[MRFExample]:
+    """``n`` randomised phantoms (two brains, with white-matter lesions of ``lesions`` voxels, to one thigh; seeds
+    from the training range) drawn ``oversample`` times finer than ``matrix``, through ``seq``."""
     from pipelines.sim.acquisition import fingerprint_images
+    from pipelines.sim.bandlimited import white_matter_lesions
     from pipelines.sim.phantoms import make_phantom
 
     rng = np.random.default_rng(seed)
+    vn = basis_net.cpu().numpy()
+    f = oversample
     pool = []
     t0 = time.perf_counter()
     for i in range(n):
-        ph = make_phantom(
-            ("brain", "thigh")[i % 2], matrix, field_strength_T=3.0, seed=int(rng.integers(0, 2**31)), randomize=True
+        kind = "thigh" if i % 3 == 2 else "brain"
+        s = int(rng.integers(0, 2**31))
+        spots: list[tuple[float, float, float]] = []
+        sizes = sorted(lesions) if kind == "brain" else []
+        while sizes and not spots:
+            try:
+                spots = white_matter_lesions(kind, matrix, s, sizes)
+            except ValueError:  # a thin white matter at this matrix: leave out the largest lesion
+                sizes = sizes[:-1]
+        ph = make_phantom(kind, matrix * f, field_strength_T=3.0, seed=s, randomize=True, lesions=spots)
+        fp = fingerprint_images(ph, seq)  # [T, f n, f n]
+        flat = torch.from_numpy(fp.reshape(fp.shape[0], -1))
+        _, vecs = torch.linalg.eigh(flat @ flat.conj().T)  # left singular vectors U, ascending
+        vs = vecs[:, -rank_sim:].flip(1).conj().resolve_conj().numpy()  # V = conj(U): x = conj(V) c, c = V^T x
+        sim = np.einsum("tyx,tk->kyx", fp, vs).astype(np.complex64)
+        inside = np.einsum("kyx,tk->tyx", sim, vs.conj())
+        outside = float(np.linalg.norm(fp - inside)) / max(float(np.linalg.norm(fp)), 1e-30)
+        del inside
+        coarse = fp.reshape(fp.shape[0], matrix, f, matrix, f).mean(axis=(2, 4))
+        target = np.einsum("tyx,tk->kyx", coarse, vn).astype(np.complex64)
+        mag = np.abs(fp).mean(axis=0)
+        pool.append(MRFExample(sim, vs.astype(np.complex64), target, float(mag[mag > 0].mean()), outside))
+        del fp
+        log(
+            f"MRF training phantom {i + 1}/{n} ({kind}, {len(spots)} lesions, {outside:.5f} of the norm outside its "
+            f"rank-{rank_sim} basis; {time.perf_counter() - t0:.0f} s)"
         )
-        pool.append(fingerprint_images(ph, seq))
-        log(f"MRF training phantom {i + 1}/{n} ({time.perf_counter() - t0:.0f} s)")
     return pool
 
 
@@ -334,7 +410,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-filters", type=int, default=32)
     ap.add_argument("--explicit", action="store_true", help="residual by the NUFFT pair instead of Toeplitz")
     ap.add_argument("--rank", type=int, default=8, help="MRF: subspace rank K (network channels)")
-    ap.add_argument("--sim-rank", type=int, default=24, help="MRF: rank of the basis the k-space is simulated with")
+    ap.add_argument(
+        "--sim-rank", type=int, default=24, help="MRF: rank of each phantom's own basis the k-space is simulated in"
+    )
+    ap.add_argument(
+        "--fat-directions", type=int, default=2, help="MRF: fat directions after the rank-K basis (as the mrf default)"
+    )
+    ap.add_argument("--oversample", type=int, default=2, help="MRF: phantoms drawn this many times finer")
+    ap.add_argument(
+        "--lesions",
+        type=float,
+        nargs="*",
+        default=[3.0, 6.0, 10.0, 30.0],
+        help="MRF: white-matter lesion areas (voxels) in every training brain",
+    )
     ap.add_argument("--pool", type=int, default=24, help="MRF: randomised phantoms simulated before training")
     ap.add_argument("--cache", default=None, help="MRF: dictionary cache folder")
     ap.add_argument("--half", action="store_true", help="store the weights in fp16")
@@ -346,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
         "relative coefficient error that matching depends on)",
     )
     ap.add_argument("--init", type=Path, default=None, help="start from these weights (same architecture)")
+    ap.add_argument(
+        "--export",
+        action="store_true",
+        help="write --out from the run directory's last checkpoint, without simulating or training (a run stopped "
+        "before --steps)",
+    )
     return ap
 
 
@@ -377,26 +472,40 @@ def main(argv: list[str] | None = None) -> int:
         sim_rank = min(args.sim_rank, basis.shape[1])
         if not 1 <= args.rank <= sim_rank:
             raise ValueError(f"--rank {args.rank} must be between 1 and the simulation rank {sim_rank}")
-        pool = mrf_fingerprint_pool(seq, args.pool + args.val, matrix, args.seed)
-        val_sampler = MRFSampler(
-            pool[args.pool :], basis[:, :sim_rank], args.rank, matrix, args.coils, args.snr, device
+        # The network's basis is the mrf pipeline's default (rank K + fat directions).
+        basis_net = with_fat_directions(basis[:, : args.rank], seq, 3.0, args.fat_directions)
+        lesions = tuple(float(a) for a in args.lesions)
+        pool = (
+            []
+            if args.export
+            else mrf_pool(seq, args.pool + args.val, matrix, args.oversample, sim_rank, basis_net, args.seed, lesions)
         )
-        sampler = MRFSampler(pool[: args.pool], basis[:, :sim_rank], args.rank, matrix, args.coils, args.snr, device)
-        vrng = np.random.default_rng(10_000)
         val = []
-        for i in range(args.val):
-            op, y, c = val_sampler.make(i, 0, random_coil_maps(vrng, matrix, args.coils), 30.0, 20_000 + i)
-            val.append(MRFBatch(SubspaceChannels([op]), y[None], c[None]))
-        run, loss = run_mrf, (coefficient_direction_loss(args.rank) if args.loss == "direction" else coefficient_l1)
-        n_ch = args.rank
-        basis_out = basis[:, : args.rank].cpu()
+        if not args.export:
+            val_sampler, sampler = (
+                MRFSampler(p, basis_net, matrix, args.oversample, args.coils, tuple(args.snr), device)
+                for p in (pool[args.pool :], pool[: args.pool])
+            )
+            vrng = np.random.default_rng(10_000)
+            for i in range(args.val):
+                coil_pair = _coil_pair(vrng, matrix, args.oversample, args.coils)
+                op, y, c = val_sampler.make(i, 0, coil_pair, 30.0, 20_000 + i)
+                val.append(MRFBatch(SubspaceChannels([op]), y[None], c[None]))
+        n_ch = int(basis_net.shape[1])
+        run, loss = run_mrf, (coefficient_direction_loss(n_ch) if args.loss == "direction" else coefficient_l1)
+        basis_out = basis_net.cpu()
         meta.update(
             {
                 "sequence": seq.name,
                 "n_frames": seq.n_frames,
-                "rank": args.rank,
+                "rank": n_ch,
+                "dictionary_rank": args.rank,
+                "fat_directions": args.fat_directions,
                 "sim_rank": sim_rank,
+                "oversample": args.oversample,
+                "lesions_voxels": list(lesions),
                 "pool": args.pool,
+                **({"pool_outside_sim_basis": [round(e.outside, 5) for e in pool]} if pool else {}),
                 "trajectory": f"spiral, one of {MRF_INTERLEAVES} interleaves per frame",
                 "loss": "L1 on coefficient real/imag parts, relative to the target max"
                 + (" + mean per-voxel relative coefficient error in the object" if args.loss == "direction" else ""),
@@ -449,7 +558,22 @@ def main(argv: list[str] | None = None) -> int:
         f"device {device}",
         flush=True,
     )
-    result = train(model, sampler, run, val, cfg, loss_fn=loss)
+    if args.export:
+        # A run stopped before --steps (CPU time ran out): its last checkpoint becomes the weights file.
+        state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        history = list(state["history"])
+        last = history[-1] if history else {}
+        result = TrainResult(
+            int(state["step"]),
+            history,
+            float(last.get("psnr", float("nan"))),
+            float(last.get("ssim", float("nan"))),
+            float(last.get("seconds", float("nan"))),
+        )
+        meta["exported_from"] = f"{run_dir / 'checkpoint.pt'} at step {result.steps}"
+    else:
+        result = train(model, sampler, run, val, cfg, loss_fn=loss)
     meta.update(
         {
             "steps": result.steps,

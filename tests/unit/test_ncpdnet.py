@@ -213,3 +213,49 @@ def test_pipelines_reject_mismatched_weights(dict_cache):
     op, _ = _sense(True)
     with pytest.raises(ValueError, match="MRF"):
         ncpdnet_noncartesian(op.op, op.forward(_image()[None, None]), weights=str(MRF))
+
+
+# ---- MRF training data -----------------------------------------------------------------------------------------
+def test_mrf_training_data_are_band_limited_scans_of_the_fine_phantom(dict_cache):
+    """The sampler's noise-free k-space (each pool phantom drawn 2x finer, kept as rank-24 coefficients on its own
+    basis) equals the frame-by-frame NUFFT of the fine phantom's 1000 fingerprints, as
+    :func:`pipelines.sim.bandlimited.simulate_bandlimited` samples them; the target is the f x f voxel mean."""
+    from pipelines.physics.sequences import fisp_sequence
+    from pipelines.recon.fat_subspace import with_fat_directions
+    from pipelines.recon.train_ncpdnet import MRFSampler, mrf_basis, mrf_pool, mrf_spiral_samples
+    from pipelines.sim.acquisition import fingerprint_images
+    from pipelines.sim.bandlimited import fine_to_coarse
+    from pipelines.sim.coils import birdcage_maps
+    from pipelines.sim.phantoms import make_phantom
+    from pipelines.recon.nufft import nufft_forward
+
+    seq, n, f = fisp_sequence(), 24, 2
+    basis = with_fat_directions(mrf_basis(seq, str(dict_cache))[:, :8], seq, 3.0, 2)
+    pool = mrf_pool(seq, 1, n, f, 24, basis, seed=3, lesions=(), log=lambda _: None)
+    assert pool[0].outside < 0.01 and pool[0].basis.shape == (1000, 24) and pool[0].target.shape == (10, n, n)
+    sampler = MRFSampler(pool, basis, n, f, 2, (30.0, 30.0), torch.device("cpu"))
+    maps_fine = birdcage_maps(2, (n * f, n * f)).astype(np.complex64)
+    maps = birdcage_maps(2, (n, n)).astype(np.complex64)
+    _, y, target = sampler.make(0, 0, (maps_fine, maps), float("inf"), 0)
+
+    seed = int(np.random.default_rng(3).integers(0, 2**31))  # mrf_pool's first draw
+    fp = fingerprint_images(make_phantom("brain", n * f, seed=seed, randomize=True), seq)
+    k, frame = mrf_spiral_samples(seq.n_frames, n)
+    ref = np.zeros((2, k.shape[0]), np.complex64)
+    n_s = k.shape[0] // seq.n_frames
+    arms = k.reshape(seq.n_frames, n_s, 2)
+    for a in range(24):  # frame t plays arm t mod 24: one NUFFT call per arm for all its frames
+        frames = np.arange(a, seq.n_frames, 24)
+        assert np.array_equal(arms[frames], np.broadcast_to(arms[a], arms[frames].shape))
+        samples = nufft_forward(maps_fine[None] * fp[frames, None], arms[a])  # [frames, coils, n_s]
+        for j, t in enumerate(frames):
+            ref[:, frame == t] = samples[j]
+    ref *= fine_to_coarse(k, n, f)
+    assert _rel(y, torch.from_numpy(ref)) < 0.01
+    coarse = fp.reshape(-1, n, f, n, f).mean(axis=(2, 4))
+    c = torch.from_numpy(np.einsum("tyx,tk->kyx", coarse, basis.numpy()).astype(np.complex64))
+    assert target.shape == c.shape and torch.isfinite(target.abs()).all()
+    # The target is c seen through the estimated maps (shading, phase): its direction per voxel is c's.
+    inside = c.abs().sum(0) > 0.2 * c.abs().sum(0).max()
+    cos = (target.conj() * c).sum(0).abs() / (torch.linalg.vector_norm(target, dim=0) * torch.linalg.vector_norm(c, dim=0))
+    assert float(cos[inside].min()) > 0.999
