@@ -201,7 +201,12 @@ class MRFDictionary:
         the coefficients onto the dictionary's own leading components instead compares the data's share of those
         components with the atoms' whole share, which biased water T2 by +4 % (GM) and -6 % (CSF) on exact
         fingerprints with two fat directions (benchmarks/mrf_accuracy.py, the floor row). Complex atoms only: the
-        magnitude compression is for magnitude images, which are never coefficients of a reconstruction."""
+        magnitude compression is for magnitude images, which are never coefficients of a reconstruction.
+
+        Caveat, measured: for a basis that drops most of the dictionary's leading components (one fitted to a single
+        object), atoms it represents poorly score as well as the true one once normalised by their projected norm
+        (benchmarks/mrf_error_budget.py row 6: 128² WM T2 6.0 -> 20.3 %). The bases the pipelines use keep the
+        dictionary's leading components (fat directions are added to them), where this does not arise."""
         b = basis.to(device=self.complex.basis.device, dtype=self.complex.basis.dtype)
         key = ("in_basis", hashlib.sha1(b.cpu().numpy().tobytes()).hexdigest())
         hit = self.search_cache.get(key)
