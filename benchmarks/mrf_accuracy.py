@@ -44,7 +44,7 @@ from pipelines.physics.sequences import MRFSequence, fisp_sequence
 from pipelines.recon.fat_subspace import with_fat_directions
 from pipelines.registry import RunContext
 from pipelines.sim.acquisition import AcquisitionSettings, fingerprint_images, simulate_study
-from pipelines.sim.bandlimited import simulate_bandlimited, white_matter_lesions
+from pipelines.sim.bandlimited import simulate_bandlimited, voxel_means, white_matter_lesions
 from pipelines.sim.mrd_writer import write_ismrmrd
 from pipelines.sim.phantoms import make_phantom
 from pipelines.types import Geometry
@@ -138,7 +138,7 @@ def ideal_maps(
     v = basis.cpu().numpy()
     c = np.zeros((v.shape[1], matrix, matrix), np.complex64)
     for t0 in range(0, fp.shape[0], 100):  # the f x f means, 100 frames at a time (2 GB of fine frames at 256^2)
-        block = fp[t0 : t0 + 100].reshape(-1, matrix, oversample, matrix, oversample).mean(axis=(2, 4))
+        block = voxel_means(fp[t0 : t0 + 100], oversample)
         c += np.einsum("tyx,tk->kyx", block, v[t0 : t0 + 100]).astype(np.complex64)
     del fp
     geometry = Geometry.centred((matrix, matrix), (240.0, 240.0))

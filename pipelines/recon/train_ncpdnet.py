@@ -42,7 +42,7 @@ from pipelines.recon.operators import NonCartesianSense, SenseChannels, Subspace
 from pipelines.recon.subspace import NonCartesianSubspace, union_dcf
 from pipelines.recon.training import TrainConfig, TrainResult, ssim_l1_loss, train
 from pipelines.sim.anatomy import heldout_image, random_coil_maps, random_image
-from pipelines.sim.bandlimited import fine_to_coarse
+from pipelines.sim.bandlimited import fine_to_coarse, voxel_means
 from pipelines.sim.coils import birdcage_maps
 from pipelines.sim.trajectories import mrf_spiral_trajectory, radial_trajectory, spiral_full
 from pipelines.weights_io import load_weights
@@ -350,7 +350,7 @@ def mrf_pool(
         inside = np.einsum("kyx,tk->tyx", sim, vs.conj())
         outside = float(np.linalg.norm(fp - inside)) / max(float(np.linalg.norm(fp)), 1e-30)
         del inside
-        coarse = fp.reshape(fp.shape[0], matrix, f, matrix, f).mean(axis=(2, 4))
+        coarse = voxel_means(fp, f)
         target = np.einsum("tyx,tk->kyx", coarse, vn).astype(np.complex64)
         mag = np.abs(fp).mean(axis=0)
         pool.append(MRFExample(sim, vs.astype(np.complex64), target, float(mag[mag > 0].mean()), outside))

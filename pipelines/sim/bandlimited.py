@@ -88,6 +88,13 @@ def simulate_bandlimited(
     return study
 
 
+def voxel_means(fine: np.ndarray, oversample: int) -> np.ndarray:
+    """[..., n, n]: each reconstruction voxel's mean over its ``oversample`` x ``oversample`` fine pixels of images
+    [..., f n, f n] (what a perfect reconstruction of band-limited data could at best hold in that voxel)."""
+    n = fine.shape[-1] // oversample
+    return fine.reshape(*fine.shape[:-2], n, oversample, n, oversample).mean(axis=(-3, -1))
+
+
 def label_purity(coarse: np.ndarray, fine: np.ndarray) -> np.ndarray:
     """float32 [n, n]: the fraction of each coarse voxel's f x f fine pixels that carry the coarse voxel's label
     (1 inside a tissue, less where the voxel straddles an edge: partial volume the coarse truth does not show)."""
