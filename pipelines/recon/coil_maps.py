@@ -1,8 +1,13 @@
-"""Coil sensitivity maps: ESPIRiT for Cartesian data, low-resolution RSS-normalised maps for any trajectory.
+"""Coil sensitivity maps: ESPIRiT for any trajectory, low-resolution RSS-normalised maps for any trajectory.
 
 ESPIRiT (Uecker et al., MRM 2014) comes from sigpy's ``EspiritCalib`` (k-space centred, orthonormal FFT: the
-same convention as ours). Low-resolution maps are what the NC-PDNet reference uses for non-Cartesian data:
-the adjoint of the k-space centre, divided by its root-sum-of-squares; cheap and robust, slightly blurred.
+same convention as ours); non-Cartesian data are first gridded (density-compensated adjoint, then FFT), which
+is exact enough in the densely sampled centre that ESPIRiT calibrates on. Low-resolution maps are what the
+NC-PDNet reference uses for non-Cartesian data: the adjoint of the k-space centre, divided by its
+root-sum-of-squares; cheap, but wrong wherever the low-resolution image itself is not smooth. A T1-FF schedule's
+time-averaged image is such a case: water and fat average to different phases, so at every water/fat edge the
+ratio of blurred images is not the coil's sensitivity (measured: radial thigh, 64², 4 coils, LLR; muscle FF error
+4.5 pp with low-resolution maps, 2.6 pp with ESPIRiT, 2.5 pp with the true maps).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import numpy as np
 import torch
 
 from pipelines.recon.nufft import FinufftPoints, _as_numpy_points
+from pipelines.recon.operators import fft2c
 
 
 def _rss_normalise(images: np.ndarray, floor: float = 1e-3) -> np.ndarray:
@@ -38,6 +44,62 @@ def espirit_maps(kspace: np.ndarray, calib: int = 24, **kw: Any) -> np.ndarray:
     kw.setdefault("kernel_width", 6 if calib >= 20 else 4)
     maps = EspiritCalib(kspace.astype(np.complex64), calib_width=int(calib), **kw).run()
     return np.asarray(maps, dtype=np.complex64)
+
+
+def espirit_maps_noncartesian(
+    data: np.ndarray,
+    k: np.ndarray,
+    shape: tuple[int, int],
+    dcf: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+    calib: int = 24,
+    grid: int = 64,
+) -> np.ndarray:
+    """Non-Cartesian data [C, M] at points ``k`` [M, 2] -> ESPIRiT maps [C, ny, nx] (unit RSS everywhere).
+
+    The samples (times ``dcf`` and ``weights``) are gridded onto the Cartesian k-space of ``shape``; ESPIRiT
+    calibrates on its central ``calib`` square and computes the maps on the central ``grid`` square (a coarser
+    pixel, same field of view), which are then interpolated to ``shape``: sensitivities are smooth, and the
+    eigen-decomposition per pixel is what costs (12 s at 256², 16 coils, full resolution; 64² is ~16x less).
+    ``weights`` select what is gridded: for subspace data, the first temporal basis vector at each sample's
+    frame gives the first coefficient image, one consistent object, rather than a mix of frames.
+    """
+    data = np.asarray(data)
+    pts = _as_numpy_points(k)
+    ny, nx = int(shape[0]), int(shape[1])
+    if data.ndim != 2 or data.shape[1] != pts.shape[0]:
+        raise ValueError(f"espirit_maps_noncartesian: data must be [coils, {pts.shape[0]}], got shape {data.shape}")
+    w = np.ones(pts.shape[0], dtype=np.complex128)
+    if dcf is not None:
+        w = w * np.asarray(dcf, dtype=np.float64).reshape(-1)
+    if weights is not None:
+        w = w * np.asarray(weights).reshape(-1)
+    op = FinufftPoints(pts, (ny, nx), dtype=np.complex64, nthreads=torch.get_num_threads())
+    img = op.adjoint((data * w[None]).astype(np.complex64))
+    ksp = fft2c(torch.from_numpy(img)).numpy()
+    gy, gx = min(grid, ny), min(grid, nx)
+    y0, x0 = ny // 2 - gy // 2, nx // 2 - gx // 2
+    low = espirit_maps(ksp[:, y0 : y0 + gy, x0 : x0 + gx], calib=min(calib, gy, gx), crop=0.0)
+    if (gy, gx) == (ny, nx):
+        return _rss_normalise(low)
+    return _rss_normalise(_upsample(low, (ny, nx)))
+
+
+def _upsample(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear interpolation of [C, g, g'] maps onto the same field of view at ``shape`` (centre pixel N/2 on
+    both grids, as in our centred FFT), clamped at the border."""
+    t = torch.from_numpy(np.ascontiguousarray(maps))
+    gy, gx = t.shape[-2:]
+
+    def coarse(n: int, g: int) -> torch.Tensor:  # fine pixel j sits at coarse (j - n/2) g/n + g/2
+        u = (torch.arange(n, dtype=torch.float32) - n // 2) * (g / n) + g // 2
+        return 2 * u / max(g - 1, 1) - 1  # grid_sample's align_corners=True coordinates
+
+    yy, xx = torch.meshgrid(coarse(shape[0], gy), coarse(shape[1], gx), indexing="ij")
+    grid = torch.stack([xx, yy], -1)[None].expand(2, -1, -1, -1)
+    parts = torch.stack([t.real, t.imag], 0)  # [2, C, gy, gx]
+    up = torch.nn.functional.grid_sample(parts, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return torch.complex(up[0], up[1]).numpy()
 
 
 def lowres_maps_cartesian(kspace: np.ndarray, calib: int = 24) -> np.ndarray:

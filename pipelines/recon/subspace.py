@@ -35,7 +35,7 @@ import torch
 
 from pipelines.recon.cartesian import coil_maps_from_mean
 from pipelines.recon.cartesian import ifft2c as ifft2c_np
-from pipelines.recon.coil_maps import lowres_maps
+from pipelines.recon.coil_maps import espirit_maps_noncartesian, lowres_maps
 from pipelines.recon.dcf import pipe_menon_dcf
 from pipelines.recon.nufft import NUFFT, toeplitz_kernel
 from pipelines.recon.operators import fft2c, ifft2c, max_eigenvalue
@@ -304,11 +304,25 @@ def union_dcf(k: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return (dcf_u[index] / multiplicity[index]).astype(np.float32)
 
 
+COIL_MAPS = ("lowres", "espirit")
+
+
 def slice_operator(
-    raw: RawStudy, rows: np.ndarray, basis: torch.Tensor, device: torch.device, weighted: bool, coil_energy: float = 1.0
+    raw: RawStudy,
+    rows: np.ndarray,
+    basis: torch.Tensor,
+    device: torch.device,
+    weighted: bool,
+    coil_energy: float = 1.0,
+    maps: str = "lowres",
 ) -> tuple[SubspaceOperator, np.ndarray]:
     """The subspace operator of the acquisitions ``rows`` (one slice) and its samples in the operator's layout
-    (virtual coils when ``coil_energy`` < 1); ``weighted``: with the density weights of :func:`union_dcf`."""
+    (virtual coils when ``coil_energy`` < 1); ``weighted``: with the density weights of :func:`union_dcf`.
+
+    ``maps`` (non-Cartesian): ``lowres`` (RSS-normalised low-resolution images) or ``espirit`` (ESPIRiT on the
+    gridded first coefficient image; see :mod:`pipelines.recon.coil_maps` for when it matters)."""
+    if maps not in COIL_MAPS:
+        raise ValueError(f"unknown coil maps {maps!r}: use one of {', '.join(COIL_MAPS)}")
     ny, nx = raw.matrix
     frame = raw.frame[rows]
     if raw.trajectory_kind == "cartesian":
@@ -322,8 +336,8 @@ def slice_operator(
         np.add.at(counts, raw.line[rows], 1)
         mean_k /= np.maximum(counts, 1)[None, :, None]
         # Time-averaged image per coil: every line sampled at least once gives a full-resolution reference.
-        maps = coil_maps_from_mean(ifft2c_np(mean_k)[None])
-        return CartesianSubspace(maps, raw.line[rows], frame, basis, device=device), data
+        sens = coil_maps_from_mean(ifft2c_np(mean_k)[None])
+        return CartesianSubspace(sens, raw.line[rows], frame, basis, device=device), data
     if raw.trajectory is None:
         raise ValueError(f"{raw.source_path or 'raw data'}: {raw.trajectory_kind} readouts without trajectory")
     traj = raw.trajectory[rows][..., :2]  # [A, samples, 2] cycles/FOV
@@ -333,6 +347,10 @@ def slice_operator(
     data = raw.data[rows].transpose(1, 0, 2).reshape(raw.data.shape[1], -1)  # [C, M]
     data, _ = compress_coils(data, coil_energy)
     dcf = union_dcf(k, (ny, nx))
-    maps = lowres_maps(data, k, (ny, nx), dcf)
-    op = NonCartesianSubspace(maps, k, frame_of_sample, basis, dcf=dcf if weighted else None, device=device)
+    if maps == "espirit":
+        first = basis[torch.as_tensor(frame_of_sample, device=basis.device), 0].cpu().numpy()
+        sens = espirit_maps_noncartesian(data, k, (ny, nx), dcf, weights=first)
+    else:
+        sens = lowres_maps(data, k, (ny, nx), dcf)
+    op = NonCartesianSubspace(sens, k, frame_of_sample, basis, dcf=dcf if weighted else None, device=device)
     return op, data

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.recon.coil_maps import espirit_maps, lowres_maps
+from pipelines.recon.coil_maps import espirit_maps, espirit_maps_noncartesian, lowres_maps
 from pipelines.recon.dcf import pipe_menon_dcf
 from pipelines.recon.nufft import NUFFT, nufft_adjoint, nufft_forward, toeplitz_kernel, toeplitz_normal
 from pipelines.recon.operators import CartesianSense, NonCartesianSense, fft2c
@@ -165,3 +165,26 @@ def test_espirit_and_lowres_maps_match_truth():
     data = nufft_forward(img, kr)
     low = lowres_maps(data, kr, (n, n), dcf=pipe_menon_dcf(kr, (n, n)))
     assert _coherence(low, maps, inner_mask) > 0.97
+
+
+def test_noncartesian_espirit_follows_the_coils_across_water_fat_edges():
+    """A T1-FF time average: water and fat at different phases. Low-resolution maps take the blurred object's
+    phase for the coil's at every water/fat edge; ESPIRiT on the gridded data does not (both at 256 spokes,
+    4 coils, 64², ESPIRiT computed on 32² and interpolated)."""
+    n, c = 64, 4
+    ph = make_phantom("thigh", n)
+    maps = norm_maps(c, n)
+    obj = ph.pd * ((1 - ph.ff) + ph.ff * np.exp(2.5j))
+    kr = radial_trajectory(256, 2 * n, n).reshape(-1, 2)
+    data = nufft_forward((maps * obj).astype(np.complex64), kr)
+    dcf = pipe_menon_dcf(kr, (n, n))
+    est = espirit_maps_noncartesian(data, kr, (n, n), dcf, grid=32)
+    low = lowres_maps(data, kr, (n, n), dcf=dcf)
+    fat = ph.ff > 0.5
+    edge = ph.mask & ((fat != np.roll(fat, 1, 0)) | (fat != np.roll(fat, 1, 1)))
+    c_est, c_low = _coherence(est, maps, edge), _coherence(low, maps, edge)
+    print(f"edge 1 - coherence: ESPIRiT {1 - c_est:.2e}, low-resolution {1 - c_low:.2e}")
+    # measured: 2.4e-5 against 5.3e-3
+    assert 1 - c_est < 2e-4
+    assert 1 - c_est < 0.05 * (1 - c_low)
+    assert _coherence(est, maps, ph.mask) > 0.9995
