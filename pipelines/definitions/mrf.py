@@ -28,7 +28,14 @@ from pipelines.recon import llr
 from pipelines.recon.fat_subspace import with_fat_directions
 from pipelines.recon.ncpdnet import ncpdnet_subspace
 from pipelines.recon.raw_prep import te_cycle_aliasing, validate_raw
-from pipelines.recon.subspace import NonCartesianSubspace, SubspaceResult, kspace_filter, reconstruct, slice_operator
+from pipelines.recon.subspace import (
+    COIL_MAPS,
+    NonCartesianSubspace,
+    SubspaceResult,
+    kspace_filter,
+    reconstruct,
+    slice_operator,
+)
 from pipelines.registry import Param, PipelineSpec, RunContext, register
 from pipelines.types import ImageStudy, PipelineOutput, RawStudy, StudyInfo
 
@@ -158,7 +165,7 @@ register(
 
 
 # ---- raw k-space ----------------------------------------------------------------------------------------------------
-RECONS = ("adjoint", "cgsense", "llr", "ncpdnet")
+RECONS = ("auto", "adjoint", "cgsense", "llr", "ncpdnet")
 
 # Said in every map the shipped MRF weights produce, so a reader of the DICOM series sees it (model card: CPU-trained).
 SHIPPED_MRF_CAVEAT = (
@@ -188,6 +195,28 @@ def sequence_for_raw(raw: RawStudy, name_or_path: str) -> MRFSequence:
             f"{seq.name!r} were received (idx.repetition); the scan looks incomplete"
         )
     return seq
+
+
+# What ``auto`` means per signal model. The water/fat model's FF lives in thin muscles between bright fat, where
+# the Hann filter and CG-SENSE's noise both mix fat into muscle; radial thigh, 64², 4 coils, SNR 30, median muscle
+# |FF error| mean / worst (benchmarks/ff_raw.py): CG-SENSE + Hann 8.2 / 24.3 pp, CG-SENSE 5.0 / 12.0, LLR (4x4)
+# 2.6 / 6.0, LLR (2x2) 1.8 / 2.8, all with ESPIRiT maps. For FISP brains the validated default stays CG-SENSE +
+# Hann with low-resolution maps (BENCHMARKS.md), and NC-PDNet was trained with the low-resolution maps.
+AUTO = {
+    "single": {"recon": "cgsense", "filter": "hann", "coil_maps": "lowres", "llr_block": llr.DEFAULT_BLOCK},
+    "water_fat": {"recon": "llr", "filter": "none", "coil_maps": "espirit", "llr_block": 2},
+}
+
+
+def resolve_auto(params: dict[str, Any], model: str) -> dict[str, Any]:
+    """``params`` with every ``auto`` (``llr_block`` 0) replaced by the signal model's choice (:data:`AUTO`)."""
+    out = dict(params)
+    for name, value in AUTO[model].items():
+        if out[name] in ("auto", 0):
+            out[name] = value
+    if out["recon"] == "ncpdnet" and params["coil_maps"] == "auto":
+        out["coil_maps"] = "lowres"
+    return out
 
 
 def _ncpdnet_network(
@@ -220,6 +249,7 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
     seq = sequence_for_raw(raw, params["sequence"])
     field = _field_T(params, raw.study)
     model = resolve_model(seq, params["model"])
+    params = resolve_auto(params, model)
     sampling_note = te_cycle_aliasing(raw, seq.te_ms) if model == "water_fat" else None
     if sampling_note:
         ctx.log.warning("%s", sampling_note)
@@ -256,7 +286,13 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
         t0 = time.perf_counter()
         rows = np.flatnonzero(raw.slice == s)
         op, data = slice_operator(
-            raw, rows, basis, ctx.device, weighted=params["dcf"], coil_energy=params["coil_energy"]
+            raw,
+            rows,
+            basis,
+            ctx.device,
+            weighted=params["dcf"],
+            coil_energy=params["coil_energy"],
+            maps=params["coil_maps"],
         )
         with torch.no_grad():
             if net is not None:
@@ -286,6 +322,11 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
         notes = (
             res.notes
             + ([fat_note] if fat_note else [])
+            + (
+                ["coil maps: ESPIRiT on the gridded first coefficient image"]
+                if params["coil_maps"] == "espirit" and raw.trajectory_kind != "cartesian"
+                else []
+            )
             + (
                 [
                     f"{data.shape[0]} virtual coils of {raw.data.shape[1]} (coil compression, "
@@ -346,9 +387,10 @@ register(
         params={
             "recon": Param(
                 str,
-                "cgsense",
+                "auto",
                 "adjoint (subspace back-projection), cgsense (low-rank CG-SENSE), llr (locally low-rank "
-                "regularised, ADMM) or ncpdnet (learned NC-PDNet subspace reconstruction; its own rank and basis)",
+                "regularised, ADMM), ncpdnet (learned NC-PDNet subspace reconstruction; its own rank and basis) "
+                "or auto (cgsense for single-compartment schedules, llr for water/fat)",
                 choices=RECONS,
             ),
             "weights": Param(str, "", "ncpdnet: a site's own safetensors weights (empty: the shipped ncpdnet_mrf)"),
@@ -360,7 +402,10 @@ register(
                 "marrow; 0: none), so their aliasing does not bias T2",
             ),
             "filter": Param(
-                str, "hann", "k-space apodisation of non-Cartesian coefficient images", choices=("hann", "none")
+                str,
+                "auto",
+                "k-space apodisation of non-Cartesian coefficient images (auto: hann, none for water/fat)",
+                choices=("auto", "hann", "none"),
             ),
             "lam": Param(float, 1e-3, "Tikhonov weight relative to the largest eigenvalue of A^H A"),
             "iterations": Param(int, 20, "CG iterations (llr: of its first, Tikhonov, solve)"),
@@ -370,12 +415,22 @@ register(
                 "llr: singular value threshold relative to the largest block singular value of the first solve",
             ),
             "llr_block": Param(
-                int, llr.DEFAULT_BLOCK, "llr: block side in pixels (blocks shifted at random every iteration)"
+                int,
+                0,
+                f"llr: block side in pixels, shifted at random every iteration (0: {llr.DEFAULT_BLOCK}, "
+                "2 for water/fat)",
             ),
             "admm_iterations": Param(
                 int, llr.DEFAULT_ITERATIONS, "llr: ADMM iterations (5 warm-started CG steps each)"
             ),
             "dcf": Param(bool, True, "density-weighted least squares (faster convergence for non-Cartesian data)"),
+            "coil_maps": Param(
+                str,
+                "auto",
+                "non-Cartesian coil sensitivities: espirit (ESPIRiT on the gridded first coefficient image), "
+                "lowres (RSS-normalised low-resolution images) or auto (espirit for the water/fat model)",
+                choices=("auto", *COIL_MAPS),
+            ),
             "coil_energy": Param(
                 float,
                 0.99,
