@@ -1,4 +1,4 @@
-"""Coil sensitivity maps: ESPIRiT for any trajectory, low-resolution RSS-normalised maps for any trajectory.
+"""Coil sensitivity maps: ESPIRiT (Cartesian, and non-Cartesian after gridding) and low-resolution RSS-normalised maps.
 
 ESPIRiT (Uecker et al., MRM 2014) comes from sigpy's ``EspiritCalib`` (k-space centred, orthonormal FFT: the
 same convention as ours); non-Cartesian data are first gridded (density-compensated adjoint, then FFT), which
