@@ -69,7 +69,8 @@ def mrf_table(seq_name: str, n_test: int, weights_dir: Path, seed: int = 2024,
     from pipelines.mapping.estimators.base import load_estimator
     from pipelines.mapping.estimators.data import add_noise, default_space, simulate
     from pipelines.mapping.maps import default_spec
-    from pipelines.mapping.matching import match, match_water_fat
+    from pipelines.mapping.matching import match
+    from pipelines.mapping.water_fat import match_water_fat
     from pipelines.physics.sequences import get_sequence
 
     seq = get_sequence(seq_name)

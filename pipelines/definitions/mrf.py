@@ -62,7 +62,8 @@ MAPPING_PARAMS: dict[str, Param] = {
     "search": Param(
         str,
         "fast",
-        "dictionary search: fast (coarse-to-fine, the default) or exhaustive (every atom; the reference, ~20x slower)",
+        "dictionary search: fast (coarse-to-fine, the default) or exhaustive (every atom or water/fat pair; the "
+        "reference, ~10-30x slower)",
         choices=("fast", "exhaustive"),
     ),
     "mask_threshold": Param(float, 0.05, "background: PD below this fraction of its 99th percentile"),

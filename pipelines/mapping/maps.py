@@ -16,7 +16,8 @@ import torch
 
 from pipelines.map_kinds import quantitative_map
 from pipelines.mapping.dictionary import DictionarySpec, MRFDictionary, build_dictionary, fisp_spec, t1ff_spec
-from pipelines.mapping.matching import DEFAULT_ENERGY, MatchResult, match, match_water_fat, pd_from_m0
+from pipelines.mapping.matching import DEFAULT_ENERGY, MatchResult, match, pd_from_m0
+from pipelines.mapping.water_fat import match_water_fat
 from pipelines.physics.sequences import MRFSequence
 from pipelines.types import Geometry, QuantitativeMap
 
@@ -38,7 +39,7 @@ class MappingOptions:
     # dictionary (matching, the default) or a learned / fitted estimator: fc, inn, blochnet, hybrid, mle
     estimator: str = "dictionary"
     weights: str = ""  # a site's own estimator weights (default: the shipped weights for the schedule)
-    search: str = "fast"  # dictionary search: fast (block search) or exhaustive (every atom)
+    search: str = "fast"  # dictionary search: fast (block search; water/fat: coarse grid + climb) or exhaustive
 
 
 def resolve_model(seq: MRFSequence, model: str) -> str:
@@ -152,6 +153,7 @@ def estimate_maps(
                         energy=options.energy,
                         memory_bytes=options.memory_bytes,
                         coefficients=coefficients,
+                        search=options.search,
                     )
                     if model == "water_fat"
                     else match(
