@@ -1,6 +1,7 @@
 """Fat fraction from raw t1ff data (issue 16): the ``mrf`` pipeline on the thigh phantom, radial and spiral.
 
-    OMP_NUM_THREADS=1 python benchmarks/ff_raw.py [--matrix 64] [--coils 4] [--trajectory radial spiral]
+    OMP_NUM_THREADS=1 python benchmarks/ff_raw.py [--matrix 64] [--coils 4] [--trajectory radial spiral cartesian]
+                                                  [--acceleration R] [--cartesian-mask random|equidistant]
 
 Thigh phantom, t1ff schedule (175 frames, varying TE), one readout per frame, SNR 30, written as ISMRMRD and run
 through ``mrf`` (water/fat model chosen by ``model=auto`` from the varying TE). Per muscle (and the fat ROIs): median
@@ -52,6 +53,8 @@ def main() -> None:
         default=None,
         help="spiral arms of the simulated scanner (default 24, a multiple of t1ff's 4-frame TE cycle)",
     )
+    ap.add_argument("--acceleration", type=float, default=None, help="Cartesian: lines per frame = matrix / R")
+    ap.add_argument("--cartesian-mask", default="random", help="Cartesian frame masks: random or equidistant")
     ap.add_argument("--cases", type=int, nargs="+", default=None, help="indices into CASES (default: all)")
     args = ap.parse_args()
     cases = CASES if args.cases is None else [CASES[i] for i in args.cases]
@@ -64,7 +67,16 @@ def main() -> None:
     mrf = get_pipeline("mrf")
     for traj in args.trajectory:
         study = simulate_study(
-            "thigh", seq, AcquisitionSettings(trajectory=traj, coils=args.coils, snr=args.snr), matrix=args.matrix
+            "thigh",
+            seq,
+            AcquisitionSettings(
+                trajectory=traj,
+                coils=args.coils,
+                snr=args.snr,
+                acceleration=args.acceleration if traj == "cartesian" else None,
+                cartesian_mask=args.cartesian_mask,
+            ),
+            matrix=args.matrix,
         )
         truth, names = study.truth, study.label_names
         rois = {n: truth["labels"] == k for k, n in sorted(names.items()) if n not in SKIP}

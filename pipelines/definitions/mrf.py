@@ -324,8 +324,8 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
             res.notes
             + ([fat_note] if fat_note else [])
             + (
-                ["coil maps: ESPIRiT on the gridded first coefficient image"]
-                if params["coil_maps"] == "espirit" and raw.trajectory_kind != "cartesian"
+                ["coil maps: ESPIRiT on the first coefficient image's k-space"]
+                if params["coil_maps"] == "espirit"
                 else []
             )
             + (
@@ -428,8 +428,9 @@ register(
             "coil_maps": Param(
                 str,
                 "auto",
-                "non-Cartesian coil sensitivities: espirit (ESPIRiT on the gridded first coefficient image), "
-                "lowres (RSS-normalised low-resolution images) or auto (espirit for the water/fat model)",
+                "coil sensitivities: espirit (ESPIRiT on the first coefficient image's k-space), lowres "
+                "(non-Cartesian: RSS-normalised low-resolution images; Cartesian: the time-averaged image over its "
+                "RSS) or auto (espirit for the water/fat model)",
                 choices=("auto", *COIL_MAPS),
             ),
             "coil_energy": Param(

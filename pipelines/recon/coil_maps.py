@@ -76,7 +76,40 @@ def espirit_maps_noncartesian(
         w = w * np.asarray(weights).reshape(-1)
     op = FinufftPoints(pts, (ny, nx), dtype=np.complex64, nthreads=torch.get_num_threads())
     img = op.adjoint((data * w[None]).astype(np.complex64))
-    ksp = fft2c(torch.from_numpy(img)).numpy()
+    return _espirit_from_kspace(fft2c(torch.from_numpy(img)).numpy(), calib, grid)
+
+
+def espirit_maps_cartesian(
+    data: np.ndarray, line: np.ndarray, ny: int, weights: np.ndarray | None = None, calib: int = 24, grid: int = 64
+) -> np.ndarray:
+    """Cartesian readouts [A, C, nx] of phase-encode lines ``line`` [A] -> ESPIRiT maps [C, ny, nx] (unit RSS).
+
+    Each line of the reference k-space is the weighted least-squares average of its readouts: with ``weights``
+    the first temporal basis vector at each readout's frame, that is the first coefficient image's k-space, one
+    consistent object (the plain time average of a T1-FF schedule adds water and fat at phases that vary from
+    voxel to voxel, and its ratio to its own RSS is not a sensitivity where they cancel). Lines never sampled
+    stay zero; ESPIRiT calibrates on the central ``calib`` lines and is computed on a ``grid`` square as in
+    :func:`espirit_maps_noncartesian`.
+    """
+    data = np.asarray(data)
+    line = np.asarray(line)
+    if data.ndim != 3 or line.shape != (data.shape[0],):
+        raise ValueError(
+            f"espirit_maps_cartesian: data must be [readouts, coils, nx] with one line each, got "
+            f"{data.shape} and {line.shape}"
+        )
+    w = np.ones(data.shape[0], dtype=np.complex128) if weights is None else np.asarray(weights).reshape(-1)
+    ksp = np.zeros((data.shape[1], ny, data.shape[2]), dtype=np.complex128)
+    norm = np.zeros(ny)
+    np.add.at(ksp.transpose(1, 0, 2), line, data * w[:, None, None])
+    np.add.at(norm, line, np.abs(w) ** 2)
+    ksp /= np.where(norm > 0, norm, 1.0)[None, :, None]
+    return _espirit_from_kspace(ksp.astype(np.complex64), calib, grid)
+
+
+def _espirit_from_kspace(ksp: np.ndarray, calib: int, grid: int) -> np.ndarray:
+    """ESPIRiT maps of centred k-space [C, ny, nx], computed on its central ``grid`` square and upsampled."""
+    ny, nx = ksp.shape[-2:]
     gy, gx = min(grid, ny), min(grid, nx)
     y0, x0 = ny // 2 - gy // 2, nx // 2 - gx // 2
     low = espirit_maps(ksp[:, y0 : y0 + gy, x0 : x0 + gx], calib=min(calib, gy, gx), crop=0.0)

@@ -35,7 +35,7 @@ import torch
 
 from pipelines.recon.cartesian import coil_maps_from_mean
 from pipelines.recon.cartesian import ifft2c as ifft2c_np
-from pipelines.recon.coil_maps import espirit_maps_noncartesian, lowres_maps
+from pipelines.recon.coil_maps import espirit_maps_cartesian, espirit_maps_noncartesian, lowres_maps
 from pipelines.recon.dcf import pipe_menon_dcf
 from pipelines.recon.nufft import NUFFT, toeplitz_kernel
 from pipelines.recon.operators import fft2c, ifft2c, max_eigenvalue
@@ -319,8 +319,9 @@ def slice_operator(
     """The subspace operator of the acquisitions ``rows`` (one slice) and its samples in the operator's layout
     (virtual coils when ``coil_energy`` < 1); ``weighted``: with the density weights of :func:`union_dcf`.
 
-    ``maps`` (non-Cartesian): ``lowres`` (RSS-normalised low-resolution images) or ``espirit`` (ESPIRiT on the
-    gridded first coefficient image; see :mod:`pipelines.recon.coil_maps` for when it matters)."""
+    ``maps``: ``espirit`` (ESPIRiT on the first coefficient image's k-space, gridded for non-Cartesian data; see
+    :mod:`pipelines.recon.coil_maps` for when it matters) or ``lowres``: for non-Cartesian data RSS-normalised
+    low-resolution images, for Cartesian data the full-resolution time-averaged image over its RSS."""
     if maps not in COIL_MAPS:
         raise ValueError(f"unknown coil maps {maps!r}: use one of {', '.join(COIL_MAPS)}")
     ny, nx = raw.matrix
@@ -330,6 +331,10 @@ def slice_operator(
         if coil_energy < 1:
             comp, _ = compress_coils(data.transpose(1, 0, 2), coil_energy)
             data = np.ascontiguousarray(comp.transpose(1, 0, 2))
+        if maps == "espirit":
+            first = basis[torch.as_tensor(frame, device=basis.device), 0].cpu().numpy()
+            sens = espirit_maps_cartesian(data, raw.line[rows], ny, weights=first)
+            return CartesianSubspace(sens, raw.line[rows], frame, basis, device=device), data
         mean_k = np.zeros((data.shape[1], ny, nx), dtype=np.complex128)
         counts = np.zeros(ny)
         np.add.at(mean_k.transpose(1, 0, 2), raw.line[rows], data)
