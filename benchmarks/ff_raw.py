@@ -36,6 +36,7 @@ CASES: list[tuple[str, dict[str, object]]] = [
     ("LLR 4x4, low-res maps (best before)", {"recon": "llr", "filter": "none", "coil_maps": "lowres", "llr_block": 4}),
     ("CG-SENSE + Hann, ESPIRiT", {"recon": "cgsense", "filter": "hann", "coil_maps": "espirit"}),
     ("default: LLR 2x2, no filter, ESPIRiT", {}),
+    ("LLR 2x2, no filter, low-res maps (Cartesian: time-averaged image)", {"coil_maps": "lowres"}),
 ]
 SKIP = ("cortical_bone",)  # no signal: its FF is undefined
 

@@ -107,7 +107,7 @@ def compare(label: str, x: torch.Tensor, dictionary, truth: dict, rois: dict | N
         t1_err = [per_muscle(r, r.t1_ms, truth["t1w"], True) for r in (e, f)]
     print(f"| {label} | {x.shape[0]} | {secs['exhaustive']:.1f} | {secs['fast']:.2f} | "
           f"{secs['exhaustive'] / secs['fast']:.0f}x | {100 * same:.1f} % | {100 * as_good:.1f} % | {dff:.2f} | "
-          f"{ff_err[0]} / {ff_err[1]} | {t1_err[0]} / {t1_err[1]} |", flush=True)
+          f"{ff_err[0]} vs {ff_err[1]} | {t1_err[0]} vs {t1_err[1]} |", flush=True)
 
 
 def main() -> None:
@@ -128,7 +128,7 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; "
           f"{d.params['water'].shape[0]} water + {d.params['fat'].shape[0]} fat atoms, {n_pairs} pairs\n")
     print("| input | voxels | exhaustive s | fast s | speed-up | same pair | fast explains as much | p99 dFF (pp) "
-          "| FF err exh / fast (pp) | T1 water err exh / fast (%) |")
+          "| FF err exh vs fast (pp) | T1 water err exh vs fast (%) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     x, truth = random_tissues(seq, a.voxels, a.snr)
     compare(f"random tissues, SNR {a.snr:g}, rank 8 coefficients", x @ d.complex.basis[:, :8], d, truth, None,
