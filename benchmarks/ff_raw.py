@@ -54,7 +54,13 @@ def main() -> None:
         default=None,
         help="spiral arms of the simulated scanner (default 24, a multiple of t1ff's 4-frame TE cycle)",
     )
-    ap.add_argument("--acceleration", type=float, default=None, help="Cartesian: lines per frame = matrix / R")
+    ap.add_argument(
+        "--acceleration",
+        type=float,
+        default=None,
+        help="lines per frame = matrix / R (Cartesian), readouts per frame = Nyquist's / R (radial, spiral); "
+        "default: one readout per frame (non-Cartesian), fully sampled (Cartesian)",
+    )
     ap.add_argument("--cartesian-mask", default="random", help="Cartesian frame masks: random or equidistant")
     ap.add_argument("--cases", type=int, nargs="+", default=None, help="indices into CASES (default: all)")
     args = ap.parse_args()
@@ -74,7 +80,7 @@ def main() -> None:
                 trajectory=traj,
                 coils=args.coils,
                 snr=args.snr,
-                acceleration=args.acceleration if traj == "cartesian" else None,
+                acceleration=args.acceleration,
                 cartesian_mask=args.cartesian_mask,
             ),
             matrix=args.matrix,

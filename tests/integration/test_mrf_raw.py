@@ -117,6 +117,28 @@ def test_radial_t1ff_fat_fraction_from_raw_data(dict_cache, tmp_path):
     assert max(before.values()) > 3 * max(ff.values())
 
 
+def test_radial_t1ff_two_spokes_per_frame_meets_the_ff_target(dict_cache, tmp_path):
+    """Issue 16's target (median |FF error| <= 2 pp in every muscle, T1 water <= 5 %) with two golden-angle spokes
+    per frame (350 spokes in all, 64², 4 coils, SNR 30). Measured (benchmarks/ff_raw.py --acceleration 50): 0.7-1.8
+    pp, T1 water 1.2 %; with one spoke per frame (the test above) 0.7-2.8 pp. At 256², 16 coils, four spokes per
+    frame give 0.5-1.0 pp and one spoke 1.2-5.7 pp: 175 spokes are fewer than one 256² image needs (403)."""
+    settings = AcquisitionSettings(trajectory="radial", coils=4, snr=30, acceleration=50)
+    study = simulate_study("thigh", t1ff_sequence(), settings, matrix=MATRIX)
+    raw = raw_study_from_hdf5(write_ismrmrd(study, tmp_path / "thigh.h5"))
+    assert raw.data.shape[0] == 2 * 175
+    labels, names = study.truth["labels"], study.label_names
+    fat_depots = ("subcutaneous_fat", "intermuscular_fat", "bone_marrow", "cortical_bone")
+    maps = {m.kind: m.data[0] for m in get_pipeline("mrf")(raw, {}, RunContext(cache_dir=dict_cache))}
+    for k, name in names.items():
+        if name in fat_depots:
+            continue
+        r = labels == k
+        ff = float(np.median(np.abs(maps["ff"][r] - study.truth["ff_percent"][r])))
+        t1 = float(np.median(np.abs(maps["t1"][r] / study.truth["t1_water_ms"][r] - 1)))
+        assert ff <= 2.0, f"{name}: median |FF error| {ff:.1f} pp"
+        assert t1 < 0.03, f"{name}: median |T1 water error| {t1:.1%}"
+
+
 def test_cartesian_t1ff_fat_fraction_from_raw_data(dict_cache, tmp_path):
     """FF from undersampled Cartesian t1ff data (thigh, 64², 4 coils, 12 random lines per frame, SNR 30).
 
