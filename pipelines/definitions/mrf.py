@@ -27,7 +27,7 @@ from pipelines.physics.sequences import MRFSequence, get_sequence
 from pipelines.recon import llr
 from pipelines.recon.fat_subspace import with_fat_directions
 from pipelines.recon.ncpdnet import ncpdnet_subspace
-from pipelines.recon.raw_prep import te_cycle_aliasing, validate_raw
+from pipelines.recon.raw_prep import coverage_note, te_cycle_aliasing, validate_raw
 from pipelines.recon.subspace import (
     COIL_MAPS,
     NonCartesianSubspace,
@@ -251,9 +251,11 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
     field = _field_T(params, raw.study)
     model = resolve_model(seq, params["model"])
     params = resolve_auto(params, model)
-    sampling_note = te_cycle_aliasing(raw, seq.te_ms) if model == "water_fat" else None
-    if sampling_note:
-        ctx.log.warning("%s", sampling_note)
+    sampling_notes = (
+        [n for n in (te_cycle_aliasing(raw, seq.te_ms), coverage_note(raw)) if n] if model == "water_fat" else []
+    )
+    for n in sampling_notes:
+        ctx.log.warning("%s", n)
     dictionary = build_dictionary(
         seq,
         default_spec(seq, model, field, complex_data=True),
@@ -371,10 +373,10 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
         m.notes = (
             [f"{raw.trajectory_kind} MRF, {params['recon']} subspace reconstruction (rank {rank})"]
             + notes
-            + ([sampling_note] if sampling_note else [])
+            + sampling_notes
             + m.notes
         )
-        m.warnings += [n for n in (sampling_note, SHIPPED_MRF_CAVEAT) if n and n in m.notes]
+        m.warnings += [n for n in (*sampling_notes, SHIPPED_MRF_CAVEAT) if n in m.notes]
     return list(maps)  # list is invariant: list[QuantitativeMap] is not a list[PipelineOutput] to mypy
 
 
