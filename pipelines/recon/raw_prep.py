@@ -240,7 +240,12 @@ def kspace_coverage(raw: RawStudy) -> float:
 
 
 def coverage_note(raw: RawStudy) -> str | None:
-    """Why small structures' fat fraction is biased in these raw data, or None (see :data:`MIN_COVERAGE`)."""
+    """Why small structures' fat fraction is biased in these raw data, or None (see :data:`MIN_COVERAGE`).
+
+    Non-Cartesian only: that is where it was measured. A Cartesian scheme that never samples its outermost lines
+    (equidistant masks drop a few) loses resolution, not a known number of FF points."""
+    if raw.trajectory_kind == "cartesian" or raw.trajectory is None:
+        return None
     c = kspace_coverage(raw)
     if c >= MIN_COVERAGE:
         return None

@@ -83,3 +83,16 @@ def test_kspace_under_covered_by_all_frames_is_flagged(matrix, spokes, flagged):
         assert cov < (0.97 if matrix == 128 else 0.75)
     else:
         assert cov >= 0.99
+
+
+def test_cartesian_coverage_is_measured_but_not_flagged():
+    from types import SimpleNamespace
+
+    from pipelines.recon.raw_prep import coverage_note, kspace_coverage
+    from pipelines.sim.trajectories import cartesian_frame_masks
+
+    lines = cartesian_frame_masks(175, 64, 8, kind="equidistant").reshape(-1)
+    raw = SimpleNamespace(matrix=(64, 64), slice=np.zeros(lines.size, dtype=int), trajectory=None,
+                          trajectory_kind="cartesian", line=lines)
+    assert kspace_coverage(raw) == pytest.approx(61 / 64)
+    assert coverage_note(raw) is None
