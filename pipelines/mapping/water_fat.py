@@ -285,7 +285,11 @@ def _search(
             found = [t[:, 0] for t in _best_in_groups(aw, af, grid.groups, atoms.group_rho, 1)]
         else:
             # Climb from the best coarse pair of each of the _STARTS best (B1, offset) groups; keep the best end.
-            starts = _best_in_groups(aw, af, grid.coarse, atoms.coarse_rho, _STARTS)
+            e, iw, jf = _best_in_groups(aw, af, grid.coarse, atoms.coarse_rho, _STARTS)
+            # Fewer coarse groups than starts: the empty slots (energy -1, rows 0 that need not share a group)
+            # start from the best pair instead.
+            top, empty = e.argmax(1, keepdim=True), e < 0
+            starts = [torch.where(empty, t.gather(1, top), t) for t in (e, iw, jf)]
             ends = [_climb(aw, af, atoms, grid, *(t[:, k] for t in starts)) for k in range(_STARTS)]
             pick = torch.stack([end[0] for end in ends], 1).argmax(1, keepdim=True)
             found = [torch.stack([end[j] for end in ends], 1).gather(1, pick)[:, 0] for j in range(3)]
