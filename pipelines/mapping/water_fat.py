@@ -11,7 +11,7 @@ default complex grid). ``search="exhaustive"`` scores all of them. ``"fast"`` (d
 (7,200 pairs), keeps the best pair of each of the three best (B1, offset) groups and moves each to its best
 neighbour among the 3^5 around it until none is better: 8-9x faster, and as good as the exhaustive pair (to float32
 precision) in 99.5 % of voxels (benchmarks/water_fat_matching.py). Its misses lie along the T2-B1 ridge, which is
-why the coarse grid keeps every water T2 value and why one start is not enough (92.5 % with one).
+why the coarse grid keeps every water T2 value and starts from three groups (92.5 % with every 2nd T2 and two).
 
 Magnitude-only data follow the exact non-linear model |x| = c |(1 - FF) s_w + FF s_f| instead: mixture atoms on
 an FF grid, then a fine FF search for the winning pair (a linear NNLS on magnitude atoms, which ignores the
