@@ -63,6 +63,7 @@ def validate_raw(raw: RawStudy, kind: str) -> None:
                 f"{where}: {raw.trajectory_kind} data without k-space coordinates: the acquisitions "
                 "carry no 'trajectory' (trajectory_dimensions = 0); ask the scanner to send them"
             )
+        _check_trajectory(raw, where)
     header = _header(raw)
     sysinfo = None if header is None else header.acquisitionSystemInformation
     expected = None if sysinfo is None else sysinfo.receiverChannels
@@ -70,6 +71,26 @@ def validate_raw(raw: RawStudy, kind: str) -> None:
         raise ValueError(
             f"{where}: the acquisitions hold {raw.data.shape[1]} coils but the header's "
             f"acquisitionSystemInformation.receiverChannels says {int(expected)}"
+        )
+
+
+def _check_trajectory(raw: RawStudy, where: str) -> None:
+    """Coordinates finite and in cycles/FOV within the encoded matrix (every later step trusts them)."""
+    traj = raw.trajectory[..., :2]  # type: ignore[index]
+    bad = int((~np.isfinite(traj)).sum())
+    if bad:
+        raise ValueError(f"{where}: {bad} trajectory coordinates are NaN or infinite")
+    n = max(raw.matrix)
+    kmax = float(np.abs(traj).max()) if traj.size else 0.0
+    if kmax <= 0.5 + 1e-6 and n > 2:
+        raise ValueError(
+            f"{where}: trajectory coordinates reach only {kmax:.3g}: they look normalised to "
+            f"[-0.5, 0.5); ISMRMRD expects cycles/FOV in [-N/2, N/2) (multiply by {n})"
+        )
+    if kmax > n / 2 * 1.01:
+        raise ValueError(
+            f"{where}: trajectory coordinates reach {kmax:.4g} cycles/FOV, beyond the encoded "
+            f"matrix's N/2 = {n / 2:g}; check encodedSpace.matrixSize or the trajectory units"
         )
 
 
@@ -156,18 +177,6 @@ def noncartesian_samples(raw: RawStudy) -> tuple[np.ndarray, np.ndarray]:
     validate_raw(raw, "noncartesian")
     where = _where(raw)
     traj = raw.trajectory[..., :2]  # type: ignore[index]
-    n = max(raw.matrix)
-    kmax = float(np.abs(traj).max())
-    if kmax <= 0.5 + 1e-6 and n > 2:
-        raise ValueError(
-            f"{where}: trajectory coordinates reach only {kmax:.3g}: they look normalised to "
-            f"[-0.5, 0.5); ISMRMRD expects cycles/FOV in [-N/2, N/2) (multiply by {n})"
-        )
-    if kmax > n / 2 * 1.01:
-        raise ValueError(
-            f"{where}: trajectory coordinates reach {kmax:.4g} cycles/FOV, beyond the encoded "
-            f"matrix's N/2 = {n / 2:g}; check encodedSpace.matrixSize or the trajectory units"
-        )
     slices = _slices(raw)
     rows0 = np.flatnonzero(raw.slice == slices[0])
     k = traj[rows0].reshape(-1, 2).astype(np.float32)

@@ -147,6 +147,15 @@ def test_errors_name_the_field():
         nonc(dataclasses.replace(raw, data=np.zeros((0, 4, 64), np.complex64)))
     with pytest.raises(ValueError, match="normalised"):
         nonc(dataclasses.replace(raw, trajectory=raw.trajectory / 32))
+    hostile = raw.trajectory.copy()
+    hostile[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="1 trajectory coordinates are NaN or infinite"):
+        nonc(dataclasses.replace(raw, trajectory=hostile))
+    # The MRF pipeline runs the same checks before anything reads the coordinates.
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        get_pipeline("mrf")(dataclasses.replace(raw, trajectory=hostile))
+    with pytest.raises(ValueError, match="beyond the encoded"):
+        get_pipeline("mrf")(dataclasses.replace(raw, trajectory=raw.trajectory * 3))
     xml = ('<?xml version="1.0"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"><acquisitionSystemInformation>'
            '<receiverChannels>8</receiverChannels></acquisitionSystemInformation><experimentalConditions>'
            '<H1resonanceFrequency_Hz>63500000</H1resonanceFrequency_Hz></experimentalConditions><encoding><encodedSpace>'
