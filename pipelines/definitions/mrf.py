@@ -168,10 +168,11 @@ register(
 # ---- raw k-space ----------------------------------------------------------------------------------------------------
 RECONS = ("auto", "adjoint", "cgsense", "llr", "ncpdnet")
 
-# Said in every map the shipped MRF weights produce, so a reader of the DICOM series sees it (model card: CPU-trained).
+# Said in every map the shipped MRF weights produce, so a reader of the DICOM series sees it (model card: trained
+# on simulated 64² data only; better than the default there, not everywhere at 128²).
 SHIPPED_MRF_CAVEAT = (
-    "shipped ncpdnet_mrf weights are under-trained (CPU, 825 steps): CSF T1/T2 unreliable; "
-    "recon=cgsense is the validated reconstruction"
+    "ncpdnet_mrf weights trained on simulated 64x64 spiral FISP only: T2 biased up to 12 %, and at 128x128 grey "
+    "matter T1 and CSF T2 worse than recon=cgsense, the validated reconstruction"
 )
 
 

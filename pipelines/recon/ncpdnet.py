@@ -118,7 +118,11 @@ class NCPDNet(nn.Module):
             ComplexResCNN(config.n_channels, config.n_primal, config.n_filters) for _ in range(config.n_iter)
         )
 
-    def forward(self, op: Operator | ChannelOperator, y: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, op: Operator | ChannelOperator, y: torch.Tensor | None, rhs: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``rhs``: A^H D y when the caller has it (training data made by CPU workers, so that the GPU needs no
+        NUFFT); the Toeplitz residual then never reads ``y``."""
         cfg = self.config
         op = channel_operator(op)
         if op.n_channels != cfg.n_channels:
@@ -130,18 +134,24 @@ class NCPDNet(nn.Module):
                 "NC-PDNet needs a density-compensated operator (NonCartesianSense(..., dcf=...), "
                 "NonCartesianSubspace(..., dcf=...))"
             )
-        rhs = op.adjoint(y, dcf=True)  # A^H D y [B, n_ch, ny, nx]
+        if rhs is None:
+            if y is None:
+                raise ValueError("NC-PDNet needs the data y or their density-compensated adjoint rhs")
+            rhs = op.adjoint(y, dcf=True)  # A^H D y [B, n_ch, ny, nx]
+        elif y is None and not cfg.toeplitz:
+            raise ValueError("the explicit residual (toeplitz=False) reads the data y, not only their adjoint")
         scale = torch.ones(rhs.shape[0], 1, 1, 1, device=rhs.device)
         if cfg.normalize:
             scale = rhs.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12).detach()
         rhs = rhs / scale
-        y_s = y / scale.reshape(-1, *([1] * (y.ndim - 1)))
+        y_s = None if y is None else y / scale.reshape(-1, *([1] * (y.ndim - 1)))
         buf = rhs[:, :, None].expand(-1, -1, cfg.n_primal, -1, -1).contiguous()
         for net in self.image_nets:
             x = buf[:, :, 0]
             if cfg.toeplitz:
                 residual = op.normal(x) - rhs
             else:
+                assert y_s is not None  # checked above: the explicit residual came with y
                 residual = op.adjoint(op.forward(x) - y_s, dcf=True)
             buf = net(buf, residual)
         return buf[:, :, 0] * scale

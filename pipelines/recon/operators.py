@@ -200,7 +200,16 @@ class SubspaceChannels:
 
     def normal(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x.shape[0])
+        if x.is_cuda and len(self.ops) > 1 and self._shared_kernels():
+            from pipelines.recon.subspace import batched_normal
+
+            return batched_normal(self.ops, x)
         return torch.stack([op.normal(xi) for op, xi in zip(self.ops, x, strict=True)])
+
+    def _shared_kernels(self) -> bool:
+        """True when every operator is a copy of one non-Cartesian template whose kernels are already built."""
+        first = getattr(self.ops[0], "_kernels", None)
+        return first is not None and all(getattr(op, "_kernels", None) is first for op in self.ops[1:])
 
 
 def channel_operator(op: Any) -> ChannelOperator:

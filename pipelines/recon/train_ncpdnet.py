@@ -17,6 +17,11 @@ Loss: L1 on the real and imaginary parts of the coefficient images, relative to 
 the direction of each voxel's coefficient vector, so every coefficient matters in proportion to its (complex)
 error, not through a perceptual image metric; SSIM on magnitudes would discard the phase that carries T1/T2
 information across coefficients, and L1 is less dominated by the few bright CSF voxels than L2.
+
+On a GPU (``--device cuda --workers N``), CPU processes simulate the examples (each with its ``A^H D y``, so the
+GPU needs no NUFFT) while the network trains on batches from a buffer of the latest ones, with the batched
+Toeplitz normal operator; ``--time-limit`` bounds the whole run (a lease) and ``--schedule cosine`` decays the
+learning rate over it. ``benchmarks/gpu_train_ncpdnet.sh`` is the lease's script.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import argparse
 import copy
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -167,8 +172,9 @@ def mrf_spiral_samples(n_frames: int, matrix: int) -> tuple[np.ndarray, np.ndarr
 @dataclass
 class MRFBatch:
     op: SubspaceChannels
-    y: torch.Tensor  # [B, C, M]
+    y: torch.Tensor | None  # [B, C, M]; None where the examples carry their adjoint
     target: torch.Tensor  # [B, K, ny, nx] complex
+    rhs: torch.Tensor | None = None  # [B, K, ny, nx] A^H D y, made with the data (by CPU workers)
 
 
 @dataclass
@@ -182,14 +188,39 @@ class MRFExample:
     outside: float  # fraction of the fine fingerprints' norm outside that basis (logged)
 
 
+@dataclass(frozen=True)
+class MRFDraw:
+    """The random choices of one training example, drawn by the trainer (so a run is reproducible however many
+    worker processes turn them into data)."""
+
+    index: int  # pool phantom
+    flip: int  # 0-7: rotation by 90 degrees x mirror
+    coil_radius: float
+    coil_seed: int
+    snr: float
+    noise_seed: int
+
+
 def _coil_pair(rng: np.random.Generator, matrix: int, oversample: int, coils: int) -> tuple[np.ndarray, np.ndarray]:
     """The same random birdcage sensitivities (RSS-normalised) on the fine and the reconstruction grid."""
-    radius, seed = float(rng.uniform(1.2, 2.0)), int(rng.integers(0, 2**31))
+    return coil_pair(float(rng.uniform(1.2, 2.0)), int(rng.integers(0, 2**31)), matrix, oversample, coils)
+
+
+def coil_pair(radius: float, seed: int, matrix: int, oversample: int, coils: int) -> tuple[np.ndarray, np.ndarray]:
+    """Birdcage maps of ``radius`` and ``seed`` on the fine [C, f n, f n] and the reconstruction [C, n, n] grid."""
     out = []
     for n in (matrix * oversample, matrix):
         m = birdcage_maps(coils, (n, n), radius=radius, seed=seed)
         out.append((m / np.maximum(np.sqrt((np.abs(m) ** 2).sum(axis=0, keepdims=True)), 1e-12)).astype(np.complex64))
     return out[0], out[1]
+
+
+def mrf_batch(
+    template: NonCartesianSubspace, items: Sequence[tuple[np.ndarray | torch.Tensor, ...]], device: torch.device
+) -> MRFBatch:
+    """Examples (estimated maps, A^H D y, target) as one batch over copies of ``template`` (shared kernels)."""
+    maps, rhs, target = (torch.stack([torch.as_tensor(i[j]) for i in items]).to(device) for j in range(3))
+    return MRFBatch(SubspaceChannels([with_maps(template, m) for m in maps]), None, target, rhs)
 
 
 class MRFSampler:
@@ -235,14 +266,14 @@ class MRFSampler:
         def oriented(a: np.ndarray) -> torch.Tensor:
             a = np.rot90(a, k=flip % 4, axes=(-2, -1))
             a = a[..., ::-1] if flip >= 4 else a
-            return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+            return torch.from_numpy(np.array(a)).to(self.device)  # a copy: pool arrays may be read-only maps
 
         c_sim, target = oriented(ex.sim), oriented(ex.target)
         m_fine, m = (torch.from_numpy(x).to(self.device) for x in maps)
         with torch.no_grad():
             sim = copy.copy(self.sim_op)
             sim.maps = m_fine
-            sim.basis = torch.from_numpy(ex.basis).to(self.device)
+            sim.basis = torch.from_numpy(np.array(ex.basis)).to(self.device)
             sim.phi = sim.basis[self.frame]
             y = (sim.forward(c_sim) * self.factor)[None]
             y = add_noise(y, torch.tensor([ex.signal / snr]), torch.Generator().manual_seed(seed))[0]
@@ -254,22 +285,135 @@ class MRFSampler:
         seen = (est.conj() * m).sum(dim=0)
         return with_maps(self.op, est), y, target * seen
 
-    def __call__(self, rng: np.random.Generator, batch_size: int) -> MRFBatch:
-        items = [
-            self.make(
-                int(rng.integers(len(self.pool))),
-                int(rng.integers(8)),
-                _coil_pair(rng, self.matrix, self.oversample, self.coils),
-                float(rng.uniform(*self.snr)),
-                int(rng.integers(2**31)),
-            )
-            for _ in range(batch_size)
-        ]
-        return MRFBatch(
-            SubspaceChannels([i[0] for i in items]),
-            torch.stack([i[1] for i in items]),
-            torch.stack([i[2] for i in items]),
+    def draw(self, rng: np.random.Generator) -> MRFDraw:
+        return MRFDraw(
+            int(rng.integers(len(self.pool))),
+            int(rng.integers(8)),
+            float(rng.uniform(1.2, 2.0)),
+            int(rng.integers(0, 2**31)),
+            float(rng.uniform(*self.snr)),
+            int(rng.integers(2**31)),
         )
+
+    def example(self, d: MRFDraw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(estimated maps [C, n, n], A^H D y [K, n, n], target [K, n, n]) of one draw, as complex64 arrays: all
+        the network's training step needs, so the NUFFTs stay where the example is made."""
+        maps = coil_pair(d.coil_radius, d.coil_seed, self.matrix, self.oversample, self.coils)
+        op, y, target = self.make(d.index, d.flip, maps, d.snr, d.noise_seed)
+        with torch.no_grad():
+            rhs = op.adjoint(y, dcf=True)
+        return tuple(t.cpu().numpy() for t in (op.maps, rhs, target))  # type: ignore[return-value]
+
+    def __call__(self, rng: np.random.Generator, batch_size: int) -> MRFBatch:
+        return mrf_batch(self.op, [self.example(self.draw(rng)) for _ in range(batch_size)], self.device)
+
+
+# ---- data made by CPU worker processes, for a GPU that trains faster than one CPU simulates ----------------------
+_WORKER_SAMPLER: MRFSampler | None = None
+
+
+def _worker_init(pool_file: str, basis_net: np.ndarray, matrix: int, oversample: int, coils: int) -> None:
+    global _WORKER_SAMPLER
+    set_threads(1)  # one core per worker: FINUFFT and torch follow torch's thread count
+    pool = load_pool(Path(pool_file))
+    _WORKER_SAMPLER = MRFSampler(
+        pool, torch.from_numpy(basis_net), matrix, oversample, coils, (30.0, 30.0), torch.device("cpu")
+    )
+
+
+def _worker_example(d: MRFDraw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    assert _WORKER_SAMPLER is not None  # set by _worker_init in every worker
+    return _WORKER_SAMPLER.example(d)
+
+
+class BufferedMRFSampler:
+    """MRF examples made by ``workers`` CPU processes while the network trains on the GPU.
+
+    One example costs ~0.7 s of one core (simulation at twice the matrix, coil maps, A^H D y); a GPU step of a
+    batch of 8 costs a few tens of ms. Each step therefore draws its batch from a buffer of the ``capacity``
+    latest examples, which the workers keep refreshing: the GPU never waits, and each example is seen about
+    (steps x batch) / made times (logged at the end). Workers are spawned (not forked: the parent holds CUDA and
+    OpenMP threads) and read the pool from the run directory's memory-mapped file.
+    """
+
+    def __init__(
+        self,
+        draws: MRFSampler,
+        pool_file: Path,
+        basis_net: torch.Tensor,
+        template: NonCartesianSubspace,
+        workers: int,
+        capacity: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.draws, self.template, self.capacity, self.device = draws, template, capacity, device
+        self.executor = ProcessPoolExecutor(
+            workers,
+            mp_context=mp.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(str(pool_file), basis_net.cpu().numpy(), draws.matrix, draws.oversample, draws.coils),
+        )
+        self.rng = np.random.default_rng(seed + 1)  # the draws: independent of the batch choice
+        self.pending: list[Any] = [
+            self.executor.submit(_worker_example, draws.draw(self.rng)) for _ in range(3 * workers)
+        ]
+        self.buffer: list[tuple[torch.Tensor, ...]] = []
+        self.made = 0
+
+    def _harvest(self, need: int) -> None:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        while True:
+            done = [f for f in self.pending if f.done()]
+            if not done and len(self.buffer) >= need:
+                return
+            if not done:
+                wait(self.pending, return_when=FIRST_COMPLETED)
+                continue
+            for f in done:
+                self.pending.remove(f)
+                self.pending.append(self.executor.submit(_worker_example, self.draws.draw(self.rng)))
+                item = tuple(torch.from_numpy(a).to(self.device) for a in f.result())
+                if len(self.buffer) < self.capacity:
+                    self.buffer.append(item)
+                else:
+                    self.buffer[self.made % self.capacity] = item
+                self.made += 1
+
+    def __call__(self, rng: np.random.Generator, batch_size: int) -> MRFBatch:
+        self._harvest(batch_size)
+        pick = rng.choice(len(self.buffer), size=batch_size, replace=len(self.buffer) < batch_size)
+        return mrf_batch(self.template, [self.buffer[int(i)] for i in pick], self.device)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def save_pool(pool: list[MRFExample], folder: Path) -> Path:
+    """The pool as stacked ``.npy`` files in ``folder`` (workers memory-map them; a resumed run reuses them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "sim": np.stack([e.sim for e in pool]),
+        "basis": np.stack([e.basis for e in pool]),
+        "target": np.stack([e.target for e in pool]),
+        "scalars": np.array([[e.signal, e.outside] for e in pool]),
+    }
+    for name, a in arrays.items():
+        np.save(folder / f"{name}.npy", a)
+    return folder
+
+
+def load_pool(folder: Path) -> list[MRFExample]:
+    sim, basis, target, scalars = (
+        np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("sim", "basis", "target", "scalars")
+    )
+    return [
+        MRFExample(sim[i], basis[i], target[i], float(scalars[i, 0]), float(scalars[i, 1])) for i in range(sim.shape[0])
+    ]
 
 
 def _stack_channels(c: torch.Tensor) -> torch.Tensor:
@@ -279,7 +423,9 @@ def _stack_channels(c: torch.Tensor) -> torch.Tensor:
 
 
 def run_mrf(model: NCPDNet, batch: MRFBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return _stack_channels(model(batch.op, batch.y.to(device))), _stack_channels(batch.target.to(device))
+    y = None if batch.y is None else batch.y.to(device)
+    rhs = None if batch.rhs is None else batch.rhs.to(device)
+    return _stack_channels(model(batch.op, y, rhs)), _stack_channels(batch.target.to(device))
 
 
 def coefficient_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -319,6 +465,7 @@ def mrf_pool(
     seed: int,
     lesions: tuple[float, ...] = (),
     log: Any = print,
+    device: torch.device | str = "cpu",
 ) -> list[MRFExample]:
     """``n`` randomised phantoms (two brains, with white-matter lesions of ``lesions`` voxels, to one thigh; seeds
     from the training range) drawn ``oversample`` times finer than ``matrix``, through ``seq``."""
@@ -327,7 +474,7 @@ def mrf_pool(
     from pipelines.sim.phantoms import make_phantom
 
     rng = np.random.default_rng(seed)
-    vn = basis_net.cpu().numpy()
+    vn = basis_net.to(device, torch.complex64)
     f = oversample
     pool = []
     t0 = time.perf_counter()
@@ -342,19 +489,28 @@ def mrf_pool(
             except ValueError:  # a thin white matter at this matrix: leave out the largest lesion
                 sizes = sizes[:-1]
         ph = make_phantom(kind, matrix * f, field_strength_T=3.0, seed=s, randomize=True, lesions=spots)
-        fp = fingerprint_images(ph, seq)  # [T, f n, f n]
-        flat = torch.from_numpy(fp.reshape(fp.shape[0], -1))
+        # EPG and the SVD on ``device``: on a GPU a phantom takes well under a second instead of ~15 s of one core.
+        chunk = 2048 if torch.device(device).type == "cpu" else 16384  # a GPU is launch-bound at small chunks
+        fp = torch.from_numpy(fingerprint_images(ph, seq, device=device, chunk=chunk)).to(device)  # [T, f n, f n]
+        flat = fp.reshape(fp.shape[0], -1)
         _, vecs = torch.linalg.eigh(flat @ flat.conj().T)  # left singular vectors U, ascending
-        vs = vecs[:, -rank_sim:].flip(1).conj().resolve_conj().numpy()  # V = conj(U): x = conj(V) c, c = V^T x
-        sim = np.einsum("tyx,tk->kyx", fp, vs).astype(np.complex64)
-        inside = np.einsum("kyx,tk->tyx", sim, vs.conj())
-        outside = float(np.linalg.norm(fp - inside)) / max(float(np.linalg.norm(fp)), 1e-30)
-        del inside
-        coarse = voxel_means(fp, f)
-        target = np.einsum("tyx,tk->kyx", coarse, vn).astype(np.complex64)
-        mag = np.abs(fp).mean(axis=0)
-        pool.append(MRFExample(sim, vs.astype(np.complex64), target, float(mag[mag > 0].mean()), outside))
-        del fp
+        vs = vecs[:, -rank_sim:].flip(1).conj().resolve_conj()  # V = conj(U): x = conj(V) c, c = V^T x
+        sim = vs.T @ flat  # [Ks, pixels]
+        outside = float(
+            torch.linalg.vector_norm(flat - vs.conj() @ sim) / torch.linalg.vector_norm(flat).clamp_min(1e-30)
+        )
+        target = torch.einsum("tyx,tk->kyx", voxel_means(fp, f), vn)  # type: ignore[arg-type]  # torch works too
+        mag = fp.abs().mean(dim=0)
+        pool.append(
+            MRFExample(
+                sim.reshape(rank_sim, *fp.shape[1:]).cpu().numpy(),
+                vs.cpu().numpy(),
+                target.cpu().numpy(),
+                float(mag[mag > 0].mean()),
+                outside,
+            )
+        )
+        del fp, flat
         log(
             f"MRF training phantom {i + 1}/{n} ({kind}, {len(spots)} lesions, {outside:.5f} of the norm outside its "
             f"rank-{rank_sim} basis; {time.perf_counter() - t0:.0f} s)"
@@ -363,7 +519,8 @@ def mrf_pool(
 
 
 def mrf_basis(seq: Any, cache_dir: str | None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The ``mrf`` pipeline's dictionary basis for ``seq`` at 3 T (complex, all stored columns)."""
+    """The ``mrf`` pipeline's dictionary basis for ``seq`` at 3 T (complex, all stored columns), built on
+    ``device`` (a GPU builds it in seconds where no cache holds it)."""
     from pipelines.mapping.dictionary import build_dictionary
     from pipelines.mapping.maps import default_spec, resolve_model
 
@@ -371,7 +528,7 @@ def mrf_basis(seq: Any, cache_dir: str | None, device: torch.device | str = "cpu
     d = build_dictionary(
         seq,
         default_spec(seq, model, 3.0, complex_data=True),
-        device="cpu",
+        device=device,
         cache_dir=Path(cache_dir) if cache_dir else None,
     )
     return d.complex.basis.to(device)
@@ -426,6 +583,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--pool", type=int, default=24, help="MRF: randomised phantoms simulated before training")
     ap.add_argument("--cache", default=None, help="MRF: dictionary cache folder")
+    ap.add_argument(
+        "--basis",
+        type=Path,
+        default=None,
+        help="MRF: the dictionary's complex temporal basis as .npy [frames, rank] (mrf_basis), instead of "
+        "building or loading the dictionary",
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="MRF: CPU processes that simulate examples while the network trains (a GPU run); 0: in the trainer",
+    )
+    ap.add_argument("--buffer", type=int, default=2000, help="MRF with --workers: examples kept to draw batches from")
+    ap.add_argument(
+        "--time-limit",
+        type=float,
+        default=0.0,
+        help="stop training once this many seconds have passed since the trainer started, simulation included "
+        "(a GPU lease's budget; 0: none)",
+    )
+    ap.add_argument("--pool-device", default=None, help="MRF: where the phantom pool is simulated (default: --device)")
+    ap.add_argument(
+        "--schedule", choices=("constant", "cosine"), default="constant", help="learning rate over steps / time"
+    )
     ap.add_argument("--half", action="store_true", help="store the weights in fp16")
     ap.add_argument(
         "--loss",
@@ -445,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     args = build_parser().parse_args(argv)
     device = select_device(args.device)
     if args.threads:
@@ -461,36 +644,68 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "argv": list(argv) if argv is not None else None,
     }
-    sampler: MRFSampler | AnatomySampler
+    sampler: MRFSampler | BufferedMRFSampler | AnatomySampler
     val: list[MRFBatch | AnatomyBatch]
     run: Callable[[NCPDNet, Any, torch.device], tuple[torch.Tensor, torch.Tensor]]
     if mrf:
         from pipelines.physics.sequences import fisp_sequence
 
         seq = fisp_sequence()
-        basis = mrf_basis(seq, args.cache)
+        if args.basis is not None:  # a machine without the dictionary cache (a GPU lease) need not rebuild it
+            basis = torch.from_numpy(np.load(args.basis)).to(torch.complex64)
+        else:
+            basis = mrf_basis(seq, args.cache, device).cpu()
         sim_rank = min(args.sim_rank, basis.shape[1])
         if not 1 <= args.rank <= sim_rank:
             raise ValueError(f"--rank {args.rank} must be between 1 and the simulation rank {sim_rank}")
         # The network's basis is the mrf pipeline's default (rank K + fat directions).
-        basis_net = with_fat_directions(basis[:, : args.rank], seq, 3.0, args.fat_directions)
+        basis_net = with_fat_directions(basis[:, : args.rank], seq, 3.0, args.fat_directions).cpu()
         lesions = tuple(float(a) for a in args.lesions)
-        pool = (
-            []
-            if args.export
-            else mrf_pool(seq, args.pool + args.val, matrix, args.oversample, sim_rank, basis_net, args.seed, lesions)
-        )
         val = []
+        pool: list[MRFExample] = []
         if not args.export:
-            val_sampler, sampler = (
-                MRFSampler(p, basis_net, matrix, args.oversample, args.coils, tuple(args.snr), device)
-                for p in (pool[args.pool :], pool[: args.pool])
-            )
+            # The pool is kept in the run directory: a resumed run (or one with --workers) reads it back.
+            folders = (run_dir / "pool", run_dir / "pool_val")
+            if args.resume and all((f / "sim.npy").is_file() for f in folders):
+                train_pool, val_pool = (load_pool(f) for f in folders)
+            else:
+                pool = mrf_pool(
+                    seq,
+                    args.pool + args.val,
+                    matrix,
+                    args.oversample,
+                    sim_rank,
+                    basis_net,
+                    args.seed,
+                    lesions,
+                    device=select_device(args.pool_device) if args.pool_device else device,
+                )
+                train_pool, val_pool = pool[: args.pool], pool[args.pool :]
+                for part, folder in zip((train_pool, val_pool), folders, strict=True):
+                    if part:
+                        save_pool(part, folder)
+            pool = train_pool + val_pool
+            cpu = torch.device("cpu")
+            draws = MRFSampler(train_pool, basis_net, matrix, args.oversample, args.coils, tuple(args.snr), cpu)
+            template = draws.op.to(device)  # the training step's operator: kernels computed once, on the CPU
+            if device.type == "cuda":
+                template.full_kernels()  # batched_normal's, built before the per-example copies share them
+            if args.workers > 0:
+                sampler = BufferedMRFSampler(
+                    draws, folders[0], basis_net, template, args.workers, args.buffer, args.seed, device
+                )
+            else:
+                sampler = draws
+                draws.op = template  # batches on the training device
+            val_sampler = MRFSampler(val_pool, basis_net, matrix, args.oversample, args.coils, (30.0, 30.0), cpu)
             vrng = np.random.default_rng(10_000)
             for i in range(args.val):
-                coil_pair = _coil_pair(vrng, matrix, args.oversample, args.coils)
-                op, y, c = val_sampler.make(i, 0, coil_pair, 30.0, 20_000 + i)
-                val.append(MRFBatch(SubspaceChannels([op]), y[None], c[None]))
+                maps = _coil_pair(vrng, matrix, args.oversample, args.coils)
+                d = MRFDraw(i, 0, 0.0, 0, 30.0, 20_000 + i)
+                op, y, c = val_sampler.make(d.index, d.flip, maps, d.snr, d.noise_seed)
+                with torch.no_grad():
+                    rhs = op.adjoint(y, dcf=True)
+                val.append(mrf_batch(template, [(op.maps, rhs, c)], device))
         n_ch = int(basis_net.shape[1])
         run, loss = run_mrf, (coefficient_direction_loss(n_ch) if args.loss == "direction" else coefficient_l1)
         basis_out = basis_net.cpu()
@@ -552,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         resume=args.resume,
         progress=not args.no_progress,
+        # The budget is the whole run's: what simulation took is not left for training (at least one second).
+        time_limit_s=max(args.time_limit - (time.perf_counter() - started), 1.0) if args.time_limit else 0.0,
+        schedule=args.schedule,
     )
     print(
         f"NC-PDNet ({args.task}): {model.n_parameters()} parameters, {matrix}x{matrix}, {args.coils} coils, "
@@ -573,7 +791,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         meta["exported_from"] = f"{run_dir / 'checkpoint.pt'} at step {result.steps}"
     else:
-        result = train(model, sampler, run, val, cfg, loss_fn=loss)
+        try:
+            result = train(model, sampler, run, val, cfg, loss_fn=loss)
+        finally:
+            if isinstance(sampler, BufferedMRFSampler):
+                sampler.close()
+        if isinstance(sampler, BufferedMRFSampler):
+            meta["examples_made"] = sampler.made
+            print(f"{sampler.made} examples made by {args.workers} workers for {result.steps} steps", flush=True)
     meta.update(
         {
             "steps": result.steps,

@@ -94,6 +94,8 @@ class TrainConfig:
     resume: bool = False
     grad_clip: float = 1.0  # 0: off
     progress: bool = True
+    time_limit_s: float = 0.0  # > 0: stop after this many seconds of steps (a lease or a shared machine's budget)
+    schedule: str = "constant"  # constant | cosine: lr decays to 0 over steps or time_limit_s, whichever ends first
 
 
 @dataclass
@@ -199,6 +201,12 @@ def train(
         logf.flush()
         log(line)
 
+    def validate(done: int, running: float) -> None:
+        metrics = evaluate(model, run_model, val_set, device)
+        history.append({"step": done, "loss": running, **metrics, "seconds": time.perf_counter() - t0})
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+        note(f"step {done}: loss {running:.4f}, validation PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}")
+
     t0 = time.perf_counter()
     running = math.nan
     bar = tqdm(
@@ -209,7 +217,20 @@ def train(
         desc="train",
         dynamic_ncols=True,
     )
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be constant or cosine, not {cfg.schedule!r}")
+    done = start
     for step in bar:
+        elapsed = time.perf_counter() - t0
+        if cfg.time_limit_s and elapsed >= cfg.time_limit_s:
+            note(f"time limit of {cfg.time_limit_s:.0f} s reached after {step} steps")
+            break
+        if cfg.schedule == "cosine":
+            # Progress by steps or by the time budget, whichever is further: a run cut short by its lease still
+            # ends on a decayed learning rate instead of stopping mid-plateau.
+            frac = max(step / cfg.steps, elapsed / cfg.time_limit_s if cfg.time_limit_s else 0.0)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
         batch = sample_batch(rng, cfg.batch_size)
         pred, target = run_model(model, batch, device)
         loss = loss_fn(pred, target)
@@ -225,19 +246,18 @@ def train(
         bar.set_postfix(loss=f"{running:.4f}")
         done = step + 1
         if val_set and (done % cfg.val_every == 0 or done == cfg.steps):
-            metrics = evaluate(model, run_model, val_set, device)
-            history.append({"step": done, "loss": running, **metrics, "seconds": time.perf_counter() - t0})
-            (out / "history.json").write_text(json.dumps(history, indent=1))
-            note(
-                f"step {done}: loss {running:.4f}, validation PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}"
-            )
+            validate(done, running)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _save_checkpoint(ckpt, model, opt, done, rng, history)
     bar.close()
+    if done < cfg.steps:  # stopped by the time limit: validate and keep the last step
+        if val_set and (not history or history[-1]["step"] != done):
+            validate(done, running)
+        _save_checkpoint(ckpt, model, opt, done, rng, history)
     logf.close()
     last = history[-1] if history else {}
     return TrainResult(
-        steps=cfg.steps,
+        steps=done,
         history=history,
         val_psnr=last.get("psnr", math.nan),
         val_ssim=last.get("ssim", math.nan),

@@ -78,6 +78,52 @@ def test_train_resumes_from_checkpoint_exactly(tmp_path) -> None:
     assert (tmp_path / "a" / "history.json").is_file()
 
 
+def test_time_limit_stops_validates_and_checkpoints(tmp_path) -> None:
+    """A run given a time budget stops inside it, validates and checkpoints its last step, and a cosine schedule
+    has decayed the learning rate by then (a lease that ends mid-run still yields usable weights)."""
+    import time
+
+    target = torch.from_numpy(np.abs(heldout_image(0, 24)))
+
+    def sample(rng: np.random.Generator, b: int) -> torch.Tensor:
+        time.sleep(0.05)  # a step costs ~50 ms: 0.5 s of budget is ~10 steps of the 1000 asked for
+        return target[None] + 0.05 * torch.from_numpy(rng.standard_normal((b, 24, 24))).float()
+
+    model = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def run(m: torch.nn.Module, batch: torch.Tensor, device: torch.device):
+        pred = m(batch[:, None].to(device))[:, 0]
+        return pred, target.expand_as(pred).to(device)
+
+    # The optimiser is the loop's own: its steps record the learning rate the schedule set.
+    lrs_seen: list[float] = []
+    orig_step = torch.optim.Adam.step
+
+    def step(self, *a, **k):  # type: ignore[no-untyped-def]
+        lrs_seen.append(self.param_groups[0]["lr"])
+        return orig_step(self, *a, **k)
+
+    torch.optim.Adam.step = step  # type: ignore[method-assign]
+    try:
+        t0 = time.perf_counter()
+        res = train(model, sample, run, [sample(np.random.default_rng(9), 2)],
+                    TrainConfig(steps=1000, batch_size=2, lr=1e-2, optimizer="adam", val_every=500,
+                                checkpoint_every=500, device="cpu", progress=False, time_limit_s=0.5,
+                                schedule="cosine", out_dir=tmp_path),
+                    log=lambda s: None)
+        wall = time.perf_counter() - t0
+    finally:
+        torch.optim.Adam.step = orig_step  # type: ignore[method-assign]
+    assert 1 <= res.steps < 1000 and wall < 5.0, (res.steps, wall)
+    assert res.history and res.history[-1]["step"] == res.steps  # validated at the step it stopped
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == res.steps
+    assert lrs_seen[0] > 0.9e-2 and lrs_seen[-1] < 0.5 * lrs_seen[0], lrs_seen  # cosine over the time budget
+    with pytest.raises(ValueError, match="schedule"):
+        train(model, sample, run, [], TrainConfig(steps=1, schedule="linear", device="cpu", progress=False,
+                                                  out_dir=tmp_path / "x"), log=lambda s: None)
+
+
 def test_weights_round_trip_and_errors(tmp_path) -> None:
     t = {"w": torch.randn(4, 3), "n": torch.arange(3)}
     p = save_weights(tmp_path / "m.safetensors", t, {"n_iter": 3, "name": "x"})
