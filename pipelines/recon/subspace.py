@@ -184,7 +184,7 @@ def batched_normal(ops: Sequence[NonCartesianSubspace], c: torch.Tensor) -> torc
 
     One FFT pair and one K x K product per pixel for the whole batch, where :meth:`NonCartesianSubspace.normal`
     issues K^2 multiply-adds per slice: on a GPU those small launches, not arithmetic, bound a training step
-    (B 8, K 10: ~1800 launches per residual). On the CPU the per-slice loop stays faster (see ``normal``).
+    (B 8, K 10: ~900 launches per residual). On the CPU the per-slice loop stays faster (see ``normal``).
     """
     first = ops[0]
     if any(op.kernels() is not first.kernels() for op in ops[1:]):
