@@ -44,17 +44,26 @@ def load_weights(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
+    meta = weights_metadata(path)
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors weights file: {e}") from e
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    return tensors, meta
+
+
+def weights_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata stored by :func:`save_weights`, without reading the tensors."""
     try:
         with safe_open(str(path), framework="pt") as f:
             raw_meta = (f.metadata() or {}).get(_META_KEY)
-        tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors weights file: {e}") from e
     if raw_meta is None:
         raise ValueError(f"{path} carries no recon-node metadata (was it written by save_weights?)")
-    meta = json.loads(raw_meta)
-    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    return tensors, meta
+    meta: dict[str, Any] = json.loads(raw_meta)
+    return meta
 
 
 def shipped_weights(name: str) -> Path:

@@ -49,7 +49,7 @@ def test_demo_closes_the_loop(tmp_path, capsys, dict_cache):
     # The printed ROI table: T1 within 10 %, T2 within 15 % of the truth for every tissue of the DICOM path.
     rows = [m.groups() for m in map(ROW.match, out.splitlines()) if m]
     dicom_rows = {r[1]: [float(v) for v in r[2:]] for r in rows if r[0] == "dicom"}
-    assert set(dicom_rows) == {"white_matter", "grey_matter", "csf"}, out
+    assert set(dicom_rows) == {"white_matter", "grey_matter", "csf", "lesion"}, out
     for tissue, (t1, t1_truth, t2, t2_truth) in dicom_rows.items():
         assert abs(t1 / t1_truth - 1) < 0.10, (tissue, t1, t1_truth)
         assert abs(t2 / t2_truth - 1) < 0.15, (tissue, t2, t2_truth)
@@ -61,3 +61,7 @@ def test_demo_closes_the_loop(tmp_path, capsys, dict_cache):
     summary = json.loads((work / "demo_results.json").read_text())
     assert summary["study_instance_uid"] == source.StudyInstanceUID
     assert summary["dicom"]["state"] == "sent" and summary["mrd"]["state"] == "sent"
+    # The image path resolves the lesion even at 32² (3 voxels): every voxel above the surrounding white matter.
+    # The raw path at 64² is held to this in tests/unit/test_demo_lesion.py.
+    lesion = summary["dicom"]["lesion"]
+    assert lesion["visible"] == 1.0 and abs(lesion["contrast"] - lesion["contrast_truth"]) < 0.15, lesion
