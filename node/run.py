@@ -177,8 +177,10 @@ def compute_unit(
     check: Callable[[Any], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
     gpu_lock: threading.Lock | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> Computed:
-    """Load ``req.input`` and run the pipeline (stages ``setup``, ``load``, ``check``, ``run``); writes nothing."""
+    """Load ``req.input`` and run the pipeline (stages ``setup``, ``load``, ``check``, ``run``); writes nothing.
+    ``on_phase(name)``: told each phase the pipeline begins (``ctx.phase``), on the thread that runs it."""
     from pipelines.compute import select_device
     from pipelines.definitions import get_pipeline
 
@@ -199,6 +201,12 @@ def compute_unit(
     stage("run")
     # the pipeline's phases (ctx.phase); before the first it is reconstructing (raw input) or mapping (images)
     marks = [("reconstruction" if spec.input_kind == "raw" else "mapping", time.perf_counter())]
+
+    def phase(name: str) -> None:
+        marks.append((name, time.perf_counter()))
+        if on_phase is not None:
+            on_phase(name)
+
     outputs, ran_on = run_pipeline(
         spec,
         study,
@@ -208,7 +216,7 @@ def compute_unit(
         log=plog,
         progress=req.progress,
         gpu_lock=gpu_lock,
-        on_phase=lambda name: marks.append((name, time.perf_counter())),
+        on_phase=phase,
     )
     marks.append(("", time.perf_counter()))
     for (name, t), (_, t_next) in pairwise(marks):
@@ -232,15 +240,17 @@ def run_unit(
     check: Callable[[Any], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
     gpu_lock: threading.Lock | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> RunOutcome:
     """Load ``req.input``, run the pipeline, write the results atomically; exceptions pass through unchanged.
 
     ``log``: the job's log (input warnings, pipeline messages, UID notes); default the pipeline's own logger.
     ``check(study)``: called between loading and running (the worker's completeness check), may raise.
     ``on_stage(name)``: told ``setup``, ``load``, ``check``, ``run``, ``write`` as each begins, so the caller can
-    classify a failure. ``gpu_lock``: serialises CUDA runs between the node's workers.
+    classify a failure. ``gpu_lock``: serialises CUDA runs between the node's workers. ``on_phase``: as for
+    :func:`compute_unit`.
     """
-    computed = compute_unit(req, log=log, check=check, on_stage=on_stage, gpu_lock=gpu_lock)
+    computed = compute_unit(req, log=log, check=check, on_stage=on_stage, gpu_lock=gpu_lock, on_phase=on_phase)
     if on_stage is not None:
         on_stage("write")
     return write_results(req, computed, log=log)

@@ -27,8 +27,10 @@ from typing import Any
 
 from node import metrics
 from node.config import SiteConfig
+from node.cores import CoreShare
 from node.jobs import Job, JobStore
 from node.run import RunOutcome, RunRequest, run_unit
+from pipelines.compute import thread_budget
 
 log = logging.getLogger("recon-node.worker")
 
@@ -154,6 +156,7 @@ class Worker:
         self.store = store
         self.on_done: list[DoneHook] = []
         self.gpu_lock = threading.Lock()
+        self.cores = CoreShare(thread_budget(cfg.node.threads))
         self._busy = 0
         self._busy_lock = threading.Lock()
 
@@ -185,8 +188,27 @@ class Worker:
     def compute(
         self, job: Job, req: RunRequest, jlog: logging.Logger, check: Callable[[Any], None], stage: list[str]
     ) -> tuple[RunOutcome, str]:
-        """Run and write one job here (threads in the node's process); returns the outcome and ``ran_on``."""
-        outcome = run_unit(req, log=jlog, check=check, on_stage=stage.append, gpu_lock=self.gpu_lock)
+        """Run and write one job here (threads in the node's process) on its share of the node's CPU threads
+        (:mod:`node.cores`); returns the outcome and ``ran_on``."""
+        with self.cores.job() as n:
+            jlog.info("CPU threads: %d of %d (%d job(s) running)", n, self.cores.total, self.cores.running)
+            threads = [n]
+
+            def rebalance(phase: str) -> None:
+                now = self.cores.apply()
+                if now != threads[-1]:
+                    jlog.info(
+                        "CPU threads: %d of %d for %s (%d job(s) running)",
+                        now,
+                        self.cores.total,
+                        phase,
+                        self.cores.running,
+                    )
+                    threads.append(now)
+
+            outcome = run_unit(
+                req, log=jlog, check=check, on_stage=stage.append, gpu_lock=self.gpu_lock, on_phase=rebalance
+            )
         return outcome, host_label(outcome.device)
 
     # ---- one job -------------------------------------------------------------------------------------------

@@ -36,9 +36,13 @@ def select_device(
     return device
 
 
+def thread_budget(n: int | None = None) -> int:
+    """The CPU threads a process may use: ``n``, else ``OMP_NUM_THREADS``, else every core."""
+    return max(1, n or int(os.environ.get("OMP_NUM_THREADS", 0) or 0) or (os.cpu_count() or 1))
+
+
 def set_threads(n: int | None = None) -> int:
-    """Set torch's CPU threads: ``n``, else ``OMP_NUM_THREADS``, else every core. Returns the number set."""
-    n = n or int(os.environ.get("OMP_NUM_THREADS", 0) or 0) or (os.cpu_count() or 1)
-    n = max(1, n)
+    """Set torch's CPU threads to :func:`thread_budget` (``n``). Returns the number set."""
+    n = thread_budget(n)
     torch.set_num_threads(n)
     return n

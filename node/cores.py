@@ -1,0 +1,55 @@
+"""The node's CPU threads shared among the jobs that run at once in its process (``executor: local``).
+
+Each thread that runs torch work has its own OpenMP team, sized by that thread's ``torch.set_num_threads``. Two
+workers that each kept the process's full count would run 2 x N threads on N cores, and OpenMP's spinning makes
+oversubscribed teams slow (benchmarks/concurrent_jobs.py: two 64² raw MRF jobs on 2 cores at 2 threads each take
+4.6 s wall against 3.4 s with one thread each; one job alone takes 3.3 s). So every job takes
+``threads // running`` (at least 1) when it starts and again at each phase of its pipeline (reconstruction,
+mapping): a job alone has every core, two share them, and a job that outlives its neighbour takes the freed cores
+back at its next phase. finufft and the matcher read the calling thread's count, so they follow.
+
+Ray tasks are not counted here: each runs in its own worker process with the threads its route asks for.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+class CoreShare:
+    """Splits ``total`` CPU threads evenly among the jobs registered with :meth:`job`."""
+
+    def __init__(self, total: int) -> None:
+        self.total = max(1, int(total))
+        self._running = 0
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def fair(self) -> int:
+        """Threads for one job now: the total split among the running jobs (at least 1)."""
+        return max(1, self.total // max(1, self._running))
+
+    def apply(self) -> int:
+        """Set the calling thread's torch threads to :meth:`fair`; returns it."""
+        n = self.fair()
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)  # this thread's OpenMP team; other threads keep theirs
+        return n
+
+    @contextmanager
+    def job(self) -> Iterator[int]:
+        """Count the calling thread's job as running for the block; yields its threads (already applied)."""
+        with self._lock:
+            self._running += 1
+        try:
+            yield self.apply()
+        finally:
+            with self._lock:
+                self._running -= 1
