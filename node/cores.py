@@ -1,9 +1,10 @@
 """The node's CPU threads shared among the jobs that run at once in its process (``executor: local``).
 
 Each thread that runs torch work has its own OpenMP team, sized by that thread's ``torch.set_num_threads``. Two
-workers that each kept the process's full count would run 2 x N threads on N cores, and OpenMP's spinning makes
-oversubscribed teams slow (benchmarks/concurrent_jobs.py: two 64² raw MRF jobs on 2 cores at 2 threads each take
-4.6 s wall against 3.4 s with one thread each; one job alone takes 3.3 s). So every job takes
+workers that each kept the process's full count would run 2 x N threads on N cores (and finufft, which takes the
+calling thread's count, as many again). libgomp throttles its spinning once a process's teams outnumber the cores,
+so the cost is modest: benchmarks/concurrent_jobs.py, two raw MRF jobs at once on 2 cores, 3.6 -> 3.3 s at 64²
+and 8.8 -> 8.6 s at 128² with the share. So every job takes
 ``threads // running`` (at least 1) when it starts and again at each phase of its pipeline (reconstruction,
 mapping): a job alone has every core, two share them, and a job that outlives its neighbour takes the freed cores
 back at its next phase. finufft and the matcher read the calling thread's count, so they follow.
