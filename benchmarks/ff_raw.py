@@ -37,6 +37,7 @@ CASES: list[tuple[str, dict[str, object]]] = [
     ("CG-SENSE + Hann, ESPIRiT", {"recon": "cgsense", "filter": "hann", "coil_maps": "espirit"}),
     ("default: LLR 2x2, no filter, ESPIRiT", {}),
     ("LLR 2x2, no filter, low-res maps (Cartesian: time-averaged image)", {"coil_maps": "lowres"}),
+    ("coupled TV, no filter, ESPIRiT", {"recon": "tv"}),
 ]
 SKIP = ("cortical_bone",)  # no signal: its FF is undefined
 
@@ -63,6 +64,7 @@ def main() -> None:
     )
     ap.add_argument("--cartesian-mask", default="random", help="Cartesian frame masks: random or equidistant")
     ap.add_argument("--cases", type=int, nargs="+", default=None, help="indices into CASES (default: all)")
+    ap.add_argument("--set", action="append", default=[], help="extra pipeline parameter NAME=VALUE for every case")
     args = ap.parse_args()
     cases = CASES if args.cases is None else [CASES[i] for i in args.cases]
     torch.set_num_threads(args.threads)
@@ -99,7 +101,8 @@ def main() -> None:
             raw = raw_study_from_hdf5(path)
             for _, params in cases:
                 t0 = time.perf_counter()
-                maps = {m.kind: m.data[0] for m in mrf.run(raw, mrf.resolve_params(params), RunContext())}
+                run_params = mrf.resolve_params({**params, **dict(kv.split("=", 1) for kv in args.set)})
+                maps = {m.kind: m.data[0] for m in mrf.run(raw, run_params, RunContext())}
                 seconds = time.perf_counter() - t0
                 for n, roi in rois.items():
                     ff = maps["ff"][roi]

@@ -57,6 +57,8 @@ CASES: list[tuple[str, dict[str, object]]] = [
     ("LLR (ADMM), no filter", {"recon": "llr", "filter": "none"}),
     ("LLR (ADMM) + Hann", {"recon": "llr", "filter": "hann"}),
     ("NC-PDNet (shipped weights)", {"recon": "ncpdnet", "filter": "none"}),
+    ("coupled TV (ADMM), no filter", {"recon": "tv", "filter": "none"}),
+    ("coupled TV (ADMM) + Hann", {"recon": "tv", "filter": "hann"}),
 ]
 TISSUES = ("white_matter", "grey_matter", "csf", "ventricles")
 SHORT = {"white_matter": "WM", "grey_matter": "GM", "csf": "CSF", "ventricles": "ventr."}

@@ -24,7 +24,7 @@ from pipelines.mapping.estimators.select import ESTIMATOR_CHOICES
 from pipelines.mapping.maps import MODELS, MappingOptions, default_spec, estimate_maps, resolve_model
 from pipelines.mapping.matching import DEFAULT_ENERGY
 from pipelines.physics.sequences import MRFSequence, get_sequence
-from pipelines.recon import llr
+from pipelines.recon import llr, tv
 from pipelines.recon.fat_subspace import with_fat_directions
 from pipelines.recon.ncpdnet import ncpdnet_subspace
 from pipelines.recon.raw_prep import coverage_note, te_cycle_aliasing, validate_raw
@@ -166,7 +166,7 @@ register(
 
 
 # ---- raw k-space ----------------------------------------------------------------------------------------------------
-RECONS = ("auto", "adjoint", "cgsense", "llr", "ncpdnet")
+RECONS = ("auto", "adjoint", "cgsense", "llr", "tv", "ncpdnet")
 
 # Said in every map the shipped MRF weights produce, so a reader of the DICOM series sees it (model card: trained
 # on simulated 64² data only; better than the default there, not everywhere at 128²).
@@ -218,6 +218,8 @@ def resolve_auto(params: dict[str, Any], model: str) -> dict[str, Any]:
             out[name] = value
     if out["recon"] == "ncpdnet" and params["coil_maps"] == "auto":
         out["coil_maps"] = "lowres"
+    if out["recon"] == "tv" and params["filter"] == "auto":
+        out["filter"] = "none"  # TV removes what the filter was for; with it, CSF reads the filter's -20 to -35 %
     return out
 
 
@@ -314,7 +316,15 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
                     data,
                     lam=params["llr_lambda"],
                     block=params["llr_block"],
-                    iterations=params["admm_iterations"],
+                    iterations=params["admm_iterations"] or llr.DEFAULT_ITERATIONS,
+                    first=params["iterations"],
+                )
+            elif params["recon"] == "tv":
+                res = tv.tv_reconstruct(
+                    op,
+                    data,
+                    lam=params["tv_lambda"],
+                    iterations=params["admm_iterations"] or tv.DEFAULT_ITERATIONS,
                     first=params["iterations"],
                 )
             else:
@@ -393,7 +403,8 @@ register(
                 str,
                 "auto",
                 "adjoint (subspace back-projection), cgsense (low-rank CG-SENSE), llr (locally low-rank "
-                "regularised, ADMM), ncpdnet (learned NC-PDNet subspace reconstruction; its own rank and basis) "
+                "regularised, ADMM), tv (coupled total variation on the coefficient images, ADMM), ncpdnet "
+                "(learned NC-PDNet subspace reconstruction; its own rank and basis) "
                 "or auto (cgsense for single-compartment schedules, llr for water/fat)",
                 choices=RECONS,
             ),
@@ -408,11 +419,11 @@ register(
             "filter": Param(
                 str,
                 "auto",
-                "k-space apodisation of non-Cartesian coefficient images (auto: hann, none for water/fat)",
+                "k-space apodisation of non-Cartesian coefficient images (auto: hann; none for tv and for water/fat)",
                 choices=("auto", "hann", "none"),
             ),
             "lam": Param(float, 1e-3, "Tikhonov weight relative to the largest eigenvalue of A^H A"),
-            "iterations": Param(int, 20, "CG iterations (llr: of its first, Tikhonov, solve)"),
+            "iterations": Param(int, 20, "CG iterations (llr, tv: of their first, regularised, solve)"),
             "llr_lambda": Param(
                 float,
                 llr.DEFAULT_LAMBDA,
@@ -424,8 +435,16 @@ register(
                 f"llr: block side in pixels, shifted at random every iteration (0: {llr.DEFAULT_BLOCK}, "
                 "2 for water/fat)",
             ),
+            "tv_lambda": Param(
+                float,
+                tv.DEFAULT_LAMBDA,
+                "tv: threshold relative to the 99th percentile of the first solve's per-pixel gradient norm",
+            ),
             "admm_iterations": Param(
-                int, llr.DEFAULT_ITERATIONS, "llr: ADMM iterations (5 warm-started CG steps each)"
+                int,
+                0,
+                f"llr, tv: ADMM iterations (0: {llr.DEFAULT_ITERATIONS} for llr with 5 warm-started CG steps each, "
+                f"{tv.DEFAULT_ITERATIONS} for tv with {tv.DEFAULT_INNER})",
             ),
             "dcf": Param(bool, True, "density-weighted least squares (faster convergence for non-Cartesian data)"),
             "coil_maps": Param(
