@@ -74,10 +74,10 @@ def _raw_pipeline(matrix: int) -> tuple[str, dict[str, Any], str, str]:
     """The MRD route: raw spiral MRF -> pipeline, its parameters, the trajectory, and why that reconstruction.
 
     At the matrix the shipped MRF NC-PDNet weights were trained for (64², the demo's default) the route uses the
-    learned reconstruction: on held-out band-limited brains there it beats the default CG-SENSE + Hann in white
-    matter, grey matter and CSF, and on the demo's brain it is the only raw-path reconstruction that shows the
-    lesion (contrast against the surrounding white matter, tests/unit/test_ncpdnet.py). At any other matrix the
-    weights are not validated (at 128² they lose in grey matter and CSF), so the pipeline's default runs."""
+    learned reconstruction: on held-out band-limited brains there it beats the classical reconstructions in white
+    matter, grey matter and CSF, and on the demo's brain it shows the lesion, which CG-SENSE + Hann blurs away
+    (coupled TV, the default, shows it too; tests/unit/test_demo_lesion.py). At any other matrix the weights are not validated (at 128² they lose in grey
+    matter and CSF), so the pipeline's default runs."""
     from pipelines.recon.ncpdnet import SHIPPED_MRF
     from pipelines.weights_io import shipped_weights, weights_metadata
 
@@ -88,13 +88,13 @@ def _raw_pipeline(matrix: int) -> tuple[str, dict[str, Any], str, str]:
             {"recon": "ncpdnet"},
             "spiral",
             f"recon=ncpdnet, the learned reconstruction, at the {trained}x{trained} matrix its shipped weights were "
-            "trained for (a site's default stays recon=auto, CG-SENSE + Hann)",
+            "trained for (a site's default stays recon=auto: coupled TV)",
         )
     return (
         "mrf",
         {},
         "spiral",
-        f"the default reconstruction (CG-SENSE + Hann); the shipped NC-PDNet weights are for {trained}x{trained}",
+        f"the default reconstruction (coupled TV); the shipped NC-PDNet weights are for {trained}x{trained}",
     )
 
 

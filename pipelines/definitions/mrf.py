@@ -172,7 +172,7 @@ RECONS = ("auto", "adjoint", "cgsense", "llr", "tv", "ncpdnet")
 # on simulated 64² data only; better than the default there, not everywhere at 128²).
 SHIPPED_MRF_CAVEAT = (
     "ncpdnet_mrf weights trained on simulated 64x64 spiral FISP only: T2 biased up to 12 %, and at 128x128 grey "
-    "matter T1 and CSF T2 worse than recon=cgsense, the validated reconstruction"
+    "matter T1 and CSF T2 worse than the classical reconstructions (recon=tv, the default, or cgsense)"
 )
 
 
@@ -202,24 +202,30 @@ def sequence_for_raw(raw: RawStudy, name_or_path: str) -> MRFSequence:
 # What ``auto`` means per signal model. The water/fat model's FF lives in thin muscles between bright fat, where
 # the Hann filter and CG-SENSE's noise both mix fat into muscle; radial thigh, 64², 4 coils, SNR 30, median muscle
 # |FF error| mean / worst (benchmarks/ff_raw.py): CG-SENSE + Hann 8.2 / 24.3 pp, CG-SENSE 5.0 / 12.0, LLR (4x4)
-# 2.6 / 6.0, LLR (2x2) 1.8 / 2.8, all with ESPIRiT maps. For FISP brains the validated default stays CG-SENSE +
-# Hann with low-resolution maps (BENCHMARKS.md), and NC-PDNet was trained with the low-resolution maps.
+# 2.6 / 6.0, LLR (2x2) 1.8 / 2.8, all with ESPIRiT maps (coupled TV: 1.5 / 2.9 at its best threshold, 0.1; worse at
+# the brains' 0.3). For non-Cartesian FISP brains coupled TV without the filter: on held-out band-limited brains it
+# beats CG-SENSE + Hann in white matter, grey matter, CSF and the ventricles, T1 and T2, at 64², 128² and 256², at
+# 2-2.5x the reconstruction time (BENCHMARKS.md, "Coupled TV"). Cartesian FISP keeps CG-SENSE (TV was not measured
+# there), with the low-resolution coil maps NC-PDNet was also trained with.
 AUTO = {
-    "single": {"recon": "cgsense", "filter": "hann", "coil_maps": "lowres", "llr_block": llr.DEFAULT_BLOCK},
+    "single": {"recon": "tv", "filter": "none", "coil_maps": "lowres", "llr_block": llr.DEFAULT_BLOCK},
     "water_fat": {"recon": "llr", "filter": "none", "coil_maps": "espirit", "llr_block": 2},
 }
 
 
-def resolve_auto(params: dict[str, Any], model: str) -> dict[str, Any]:
-    """``params`` with every ``auto`` (``llr_block`` 0) replaced by the signal model's choice (:data:`AUTO`)."""
+def resolve_auto(params: dict[str, Any], model: str, cartesian: bool = False) -> dict[str, Any]:
+    """``params`` with every ``auto`` (``llr_block`` 0) replaced by the signal model's choice (:data:`AUTO`);
+    Cartesian single-compartment data reconstruct with CG-SENSE."""
     out = dict(params)
     for name, value in AUTO[model].items():
         if out[name] in ("auto", 0):
             out[name] = value
+    if cartesian and model == "single" and params["recon"] == "auto":
+        out["recon"] = "cgsense"
     if out["recon"] == "ncpdnet" and params["coil_maps"] == "auto":
         out["coil_maps"] = "lowres"
-    if out["recon"] == "tv" and params["filter"] == "auto":
-        out["filter"] = "none"  # TV removes what the filter was for; with it, CSF reads the filter's -20 to -35 %
+    if params["filter"] == "auto" and out["recon"] in ("cgsense", "adjoint", "llr") and model == "single":
+        out["filter"] = "hann"  # what these were measured with; TV removes what the filter was for
     return out
 
 
@@ -253,7 +259,7 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
     seq = sequence_for_raw(raw, params["sequence"])
     field = _field_T(params, raw.study)
     model = resolve_model(seq, params["model"])
-    params = resolve_auto(params, model)
+    params = resolve_auto(params, model, cartesian=raw.trajectory_kind == "cartesian")
     sampling_notes = (
         [n for n in (te_cycle_aliasing(raw, seq.te_ms), coverage_note(raw)) if n] if model == "water_fat" else []
     )
@@ -405,7 +411,8 @@ register(
                 "adjoint (subspace back-projection), cgsense (low-rank CG-SENSE), llr (locally low-rank "
                 "regularised, ADMM), tv (coupled total variation on the coefficient images, ADMM), ncpdnet "
                 "(learned NC-PDNet subspace reconstruction; its own rank and basis) "
-                "or auto (cgsense for single-compartment schedules, llr for water/fat)",
+                "or auto (tv for single-compartment schedules on spiral / radial data, cgsense on Cartesian, llr for "
+                "water/fat)",
                 choices=RECONS,
             ),
             "weights": Param(str, "", "ncpdnet: a site's own safetensors weights (empty: the shipped ncpdnet_mrf)"),
@@ -419,7 +426,8 @@ register(
             "filter": Param(
                 str,
                 "auto",
-                "k-space apodisation of non-Cartesian coefficient images (auto: hann; none for tv and for water/fat)",
+                "k-space apodisation of non-Cartesian coefficient images (auto: none for tv and water/fat, hann "
+                "for the other reconstructions)",
                 choices=("auto", "hann", "none"),
             ),
             "lam": Param(float, 1e-3, "Tikhonov weight relative to the largest eigenvalue of A^H A"),

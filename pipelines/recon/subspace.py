@@ -247,6 +247,15 @@ def conjugate_gradient(
 ) -> tuple[torch.Tensor, int]:
     """CG for one Hermitian positive definite system over the whole tensor (all K coefficients are coupled,
     unlike the per-slice batches of :func:`pipelines.recon.classical.cg_sense`)."""
+    x, done, _ = conjugate_gradient_residual(apply, b, iterations, tol)
+    return x, done
+
+
+def conjugate_gradient_residual(
+    apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iterations: int, tol: float
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """:func:`conjugate_gradient` that also returns its final residual b - apply(x), which ADMM's warm-started
+    x-updates use to keep apply(x) up to date without another application of the operator."""
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
@@ -264,7 +273,7 @@ def conjugate_gradient(
             break
         p = r + (rr_new / max(rr, 1e-30)) * p
         rr = rr_new
-    return x, done
+    return x, done, r
 
 
 def reconstruct(

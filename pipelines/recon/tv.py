@@ -24,15 +24,16 @@ import numpy as np
 import torch
 
 from pipelines.recon.operators import max_eigenvalue
-from pipelines.recon.subspace import SubspaceOperator, SubspaceResult, _as_tensor, conjugate_gradient
+from pipelines.recon.subspace import SubspaceOperator, SubspaceResult, _as_tensor, conjugate_gradient_residual
 
 # Chosen on one held-out-style brain (seed 9001, band-limited, 64² and 128², benchmarks/mrf_accuracy.py): a larger
 # threshold keeps improving white / grey matter (128² WM T2 10.0 / 8.6 / 8.3 % at 0.2 / 0.4 / 0.8) but costs the
-# small lesions (8-12 voxels T2 8.4 / 8.5 / 10.1 %, 5-7 voxels 9.3 / 12.7 / 16.0 %); 0.3 is between. 15 ADMM
-# iterations gave the same maps as 30 at 64² (within the dictionary's grid steps) at half the time, and 3 CG steps
-# per x-update the same as 5 at 128² (WM / GM / CSF T2 9.3 / 11.6 / 8.7 % against 9.4 / 11.2 / 8.9 %).
+# small lesions (8-12 voxels T2 8.4 / 8.5 / 10.1 %, 5-7 voxels 9.3 / 12.7 / 16.0 %); 0.3 is between. 10 or 15
+# ADMM iterations gave the same maps as 30 at 64² (within the dictionary's grid steps: WM / GM / CSF T2 10.2 / 13.3 /
+# 12.0 and 9.7 / 13.8 / 12.1 against 9.9 / 14.1 / 12.1 %), and 3 CG steps per x-update the same as 5 at 128²
+# (9.3 / 11.6 / 8.7 % against 9.4 / 11.2 / 8.9 %); 10 x 3 keeps a 10-slice 256² study near 5 minutes on 2 cores.
 DEFAULT_LAMBDA = 0.3  # x the 99th percentile of the first solve's gradient norm
-DEFAULT_ITERATIONS = 15
+DEFAULT_ITERATIONS = 10
 DEFAULT_INNER = 3  # warm-started CG steps per x-update
 DEFAULT_RHO = 0.05  # x ||A^H D A|| / ||G^H G||
 _GTG_NORM = 8.0  # largest eigenvalue of the periodic 2-D forward-difference G^H G
@@ -102,7 +103,8 @@ def tv_reconstruct(
     def system(v: torch.Tensor) -> torch.Tensor:
         return op.normal(v) + rho_abs * gradient_adjoint(gradient(v))
 
-    x, cg_total = conjugate_gradient(system, rhs, first, tol)
+    x, cg_total, r = conjugate_gradient_residual(system, rhs, first, tol)
+    sx = rhs - r  # system(x), kept current from CG's residuals: no extra operator application per iteration
     g = gradient(x)
     norms = pixel_norms(g).flatten()
     tau = lam * (float(torch.quantile(norms[:: max(1, norms.numel() // 65536)], 0.99)) if norms.numel() else 0.0)
@@ -116,10 +118,11 @@ def tv_reconstruct(
     u = g - z
     for _ in range(int(iterations)):
         b = rhs + rho_abs * gradient_adjoint(z - u)
-        r = b - system(x)
+        r = b - sx
         if float(torch.linalg.vector_norm(r)) > tol * float(torch.linalg.vector_norm(b)):
-            d, n_cg = conjugate_gradient(system, r, inner, tol)
+            d, n_cg, r_left = conjugate_gradient_residual(system, r, inner, tol)
             x = x + d
+            sx = sx + (r - r_left)  # system(d) = r - (r - system(d))
             cg_total += n_cg
         g = gradient(x)
         z = shrink(g + u, tau)

@@ -1,10 +1,10 @@
 """The demo's raw route shows the lesion in its T2 map (issue 16: "previews in the demo should show the lesion").
 
 The demo's own brain and scan (node.demo: canonical phantom, 64², 8 coils, SNR 40, one spiral interleaf per
-frame) through the route's reconstruction and through the pipeline default. Measured (2026-11-30): the route
-(recon=ncpdnet) puts 8 of the lesion's 8 voxels above the surrounding white matter's 95th percentile, contrast
-+29 % against a true +59 %; the default (CG-SENSE + Hann) puts 0 of 8 there, contrast +19 % (recon=llr filter=none:
-8 of 8, +30 %, at 5x the default's reconstruction time)."""
+frame) through the route's reconstruction and through CG-SENSE + Hann (the default until coupled TV). Measured
+(2026-11-30): the route (recon=ncpdnet) puts 8 of the lesion's 8 voxels above the surrounding white matter's 95th
+percentile, contrast +29 % against a true +59 %; CG-SENSE + Hann puts 0 of 8 there, contrast +19 % (recon=tv, now
+the default at other matrices: 7 of 8, +34 %; recon=llr filter=none: 8 of 8, +30 %)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from node.demo import DemoOptions, _raw_pipeline, _simulate, lesion_conspicuity
 pytestmark = pytest.mark.integration
 
 
-def test_the_demo_route_shows_the_lesion_the_default_blurs_away(dict_cache, tmp_path):
+def test_the_demo_route_shows_the_lesion_cgsense_hann_blurs_away(dict_cache, tmp_path):
     from pipelines.definitions import get_pipeline
     from pipelines.io.mrd_reader import raw_study_from_hdf5
     from pipelines.registry import RunContext
@@ -29,7 +29,7 @@ def test_the_demo_route_shows_the_lesion_the_default_blurs_away(dict_cache, tmp_
     write_ismrmrd(study, tmp_path / "demo.h5")
     raw = raw_study_from_hdf5(tmp_path / "demo.h5")
     seen = {}
-    for label, params in (("route", route), ("default", {})):
+    for label, params in (("route", route), ("default", {"recon": "cgsense"})):
         maps = {m.kind: m.data[0] for m in get_pipeline(name)(raw, params, RunContext(cache_dir=dict_cache))}
         seen[label] = lesion_conspicuity(maps, study.truth, study.label_names)
     route_l, default_l = seen["route"], seen["default"]
