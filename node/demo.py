@@ -76,8 +76,8 @@ def _raw_pipeline(matrix: int) -> tuple[str, dict[str, Any], str, str]:
     At the matrix the shipped MRF NC-PDNet weights were trained for (64², the demo's default) the route uses the
     learned reconstruction: on held-out band-limited brains there it beats the classical reconstructions in white
     matter, grey matter and CSF, and on the demo's brain it shows the lesion, which CG-SENSE + Hann blurs away
-    (coupled TV, the default, shows it too; tests/unit/test_demo_lesion.py). At any other matrix the weights are not validated (at 128² they lose in grey
-    matter and CSF), so the pipeline's default runs."""
+    (coupled TV, the default, shows it too; tests/unit/test_demo_lesion.py). At any other matrix the weights are
+    not validated (at 128² they lose in grey matter and CSF), so the pipeline's default runs."""
     from pipelines.recon.ncpdnet import SHIPPED_MRF
     from pipelines.weights_io import shipped_weights, weights_metadata
 
