@@ -3,8 +3,9 @@
     OMP_NUM_THREADS=1 python benchmarks/mrf_accuracy.py [--matrix 64 [128 256]] [--coils 8] [--sim pixel bandlimited]
         [--phantom canonical|random] [--seeds 9001 9002 9003] [--lesions 3 6 10 30] [--cases 1 3] [--json F]
 
-Brain phantom, FISP 1000 frames, one spiral interleaf per frame, SNR 30, through the ``mrf`` pipeline (ISMRMRD
-file -> reconstruction -> dictionary matching, defaults except the listed parameters). Two simulations:
+Brain phantom, FISP 1000 frames, one spiral interleaf (or, ``--trajectory radial``, one spoke) per frame, SNR 30,
+through the ``mrf`` pipeline (ISMRMRD file -> reconstruction -> dictionary matching, defaults except the listed
+parameters). Two simulations:
 ``pixel`` is :func:`pipelines.sim.acquisition.simulate_study` (k-space of the phantom drawn on the recon matrix),
 ``bandlimited`` is :func:`pipelines.sim.bandlimited.simulate_bandlimited` (the phantom drawn ``--oversample``
 times finer, sampled at the same k-space positions: what a scanner sees of a continuous object).
@@ -153,6 +154,7 @@ def main() -> None:
     ap.add_argument("--matrix", type=int, nargs="+", default=[64])
     ap.add_argument("--coils", type=int, nargs="+", default=[8], help="one per matrix, or one for all")
     ap.add_argument("--snr", type=float, default=30.0)
+    ap.add_argument("--trajectory", default="spiral", choices=("spiral", "radial"), help="one readout per frame")
     ap.add_argument("--sim", nargs="+", default=["pixel", "bandlimited"], choices=("pixel", "bandlimited"))
     ap.add_argument("--oversample", type=int, default=2)
     ap.add_argument("--phantom", default="canonical", choices=("canonical", "random"))
@@ -193,7 +195,7 @@ def main() -> None:
             t_sim = 0.0
             acc = 0.0
             for seed in seeds:
-                settings = AcquisitionSettings(trajectory="spiral", coils=n_coils, snr=args.snr, seed=seed)
+                settings = AcquisitionSettings(trajectory=args.trajectory, coils=n_coils, snr=args.snr, seed=seed)
                 t0 = time.perf_counter()
                 random = args.phantom == "random"
                 lesions = white_matter_lesions("brain", matrix, seed, args.lesions) if random else []
@@ -248,8 +250,8 @@ def main() -> None:
             )
             print(
                 f"\n### {matrix}x{matrix}, {n_coils} coils, {sim} simulation ({what})\n\n{which}, FISP 1000 frames, "
-                f"spiral 1 interleaf per frame (R {acc:.0f}), SNR {args.snr:g}, {args.threads} thread(s); simulated "
-                f"in {t_sim:.0f} s\n"
+                f"{args.trajectory}, one readout per frame (R {acc:.0f}), SNR {args.snr:g}, {args.threads} "
+                f"thread(s); simulated in {t_sim:.0f} s\n"
             )
             first = pooled[sim_cases[0][0]]
             main_keys = [
