@@ -1,7 +1,7 @@
 """Coupled-TV ADMM subspace reconstruction: the operators, convergence to an independent dense solve, scale.
 
-The accuracy on brains and thighs is measured in benchmarks/mrf_accuracy.py and benchmarks/ff_raw.py (BENCHMARKS.md)
-and asserted at CI size in tests/integration/test_mrf_raw.py.
+The accuracy on brains and thighs is measured in benchmarks/mrf_accuracy.py and benchmarks/ff_raw.py (BENCHMARKS.md);
+the last test here asserts it at CI size on a held-out 64² brain.
 """
 
 from __future__ import annotations
