@@ -242,6 +242,23 @@ class CartesianSubspace:
 SubspaceOperator = NonCartesianSubspace | CartesianSubspace
 
 
+def data_term(op: SubspaceOperator, c: torch.Tensor, rhs: torch.Tensor, yy: float) -> float:
+    """1/2 ||D^{1/2}(A c - y)||^2 = 1/2 <c, A^H D A c> - Re <c, A^H D y> + 1/2 y^H D y, from the normal operator
+    (no NUFFT needed): the data part of the regularised solvers' objectives. ``rhs`` = A^H D y, ``yy`` =
+    :func:`weighted_energy` of y."""
+    return float(
+        0.5 * torch.vdot(c.flatten(), op.normal(c).flatten()).real
+        - torch.vdot(c.flatten(), rhs.flatten()).real
+        + 0.5 * yy
+    )
+
+
+def weighted_energy(op: SubspaceOperator, y: torch.Tensor) -> float:
+    """y^H D y (D the operator's density weights; only non-Cartesian operators carry them)."""
+    dcf = getattr(op, "dcf", None)
+    return float(torch.vdot(y.flatten(), (y if dcf is None else y * dcf).flatten()).real)
+
+
 def conjugate_gradient(
     apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iterations: int, tol: float
 ) -> tuple[torch.Tensor, int]:

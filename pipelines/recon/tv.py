@@ -24,7 +24,14 @@ import numpy as np
 import torch
 
 from pipelines.recon.operators import max_eigenvalue
-from pipelines.recon.subspace import SubspaceOperator, SubspaceResult, _as_tensor, conjugate_gradient_residual
+from pipelines.recon.subspace import (
+    SubspaceOperator,
+    SubspaceResult,
+    _as_tensor,
+    conjugate_gradient_residual,
+    data_term,
+    weighted_energy,
+)
 
 # Chosen on one held-out-style brain (seed 9001, band-limited, 64² and 128², benchmarks/mrf_accuracy.py): a larger
 # threshold keeps improving white / grey matter (128² WM T2 10.0 / 8.6 / 8.3 % at 0.2 / 0.4 / 0.8) but costs the
@@ -65,15 +72,6 @@ def tv_norm(x: torch.Tensor) -> float:
     return float(pixel_norms(gradient(x)).sum())
 
 
-def _data_term(op: SubspaceOperator, c: torch.Tensor, rhs: torch.Tensor, yy: float) -> float:
-    """1/2 ||D^{1/2}(A c - y)||^2 from the normal operator (no NUFFT needed)."""
-    return float(
-        0.5 * torch.vdot(c.flatten(), op.normal(c).flatten()).real
-        - torch.vdot(c.flatten(), rhs.flatten()).real
-        + 0.5 * yy
-    )
-
-
 def tv_reconstruct(
     op: SubspaceOperator,
     y: np.ndarray | torch.Tensor,
@@ -111,9 +109,8 @@ def tv_reconstruct(
     lam_abs = tau * rho_abs  # the lambda of the objective
     yy = 0.0
     if objective is not None:
-        dcf = getattr(op, "dcf", None)
-        yy = float(torch.vdot(y.flatten(), (y if dcf is None else y * dcf).flatten()).real)
-        objective.append(_data_term(op, x, rhs, yy) + lam_abs * tv_norm(x))
+        yy = weighted_energy(op, y)
+        objective.append(data_term(op, x, rhs, yy) + lam_abs * tv_norm(x))
     z = shrink(g, tau)
     u = g - z
     for _ in range(int(iterations)):
@@ -128,7 +125,7 @@ def tv_reconstruct(
         z = shrink(g + u, tau)
         u = u + g - z
         if objective is not None:
-            objective.append(_data_term(op, x, rhs, yy) + lam_abs * tv_norm(x))
+            objective.append(data_term(op, x, rhs, yy) + lam_abs * tv_norm(x))
     return SubspaceResult(
         x.cpu().numpy(),
         int(iterations),
