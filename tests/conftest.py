@@ -43,3 +43,20 @@ def dict_cache(tmp_path_factory):
     path.mkdir(parents=True, exist_ok=True)
     os.environ["RECON_NODE_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def held_out_brain_64(tmp_path_factory):
+    """(study, raw): the held-out band-limited brain the raw-path accuracy tests share (seed 9002, 64², 8 coils, one
+    spiral interleaf per frame, SNR 30, drawn 2x finer), simulated once and read back through its ISMRMRD file."""
+    from pipelines.io.mrd_reader import raw_study_from_hdf5
+    from pipelines.physics.sequences import fisp_sequence
+    from pipelines.sim.acquisition import AcquisitionSettings
+    from pipelines.sim.bandlimited import simulate_bandlimited
+    from pipelines.sim.mrd_writer import write_ismrmrd
+
+    settings = AcquisitionSettings(trajectory="spiral", coils=8, snr=30, seed=9002)
+    study = simulate_bandlimited("brain", fisp_sequence(), settings, matrix=64, randomize=True)
+    path = tmp_path_factory.mktemp("held_out_brain") / "s.h5"
+    write_ismrmrd(study, path)
+    return study, raw_study_from_hdf5(path)

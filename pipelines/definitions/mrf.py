@@ -39,6 +39,9 @@ from pipelines.recon.subspace import (
 from pipelines.registry import Param, PipelineSpec, RunContext, register
 from pipelines.types import ImageStudy, PipelineOutput, RawStudy, StudyInfo
 
+# What b1_smooth_mm=-1 means for raw data (pipelines/mapping/b1_field.py; BENCHMARKS.md, "A smooth B1 field").
+AUTO_B1_SMOOTH_MM = 20.0
+
 # ---- mapping parameters common to the MRF pipelines ---------------------------------------------------------------
 MAPPING_PARAMS: dict[str, Param] = {
     "sequence": Param(
@@ -66,6 +69,13 @@ MAPPING_PARAMS: dict[str, Param] = {
         "reference, ~10-30x slower)",
         choices=("fast", "exhaustive"),
     ),
+    "b1_smooth_mm": Param(
+        float,
+        -1.0,
+        "single-compartment matching: hold B1 to the voxel-wise B1 smoothed over this many mm (Gaussian sigma) and "
+        "match T1 / T2 again (fluid keeps its free match); FISP's T2 and B1 otherwise trade off voxel by voxel. "
+        "0: B1 free in every voxel; -1 (auto): 20 for raw data reconstructed with recon=tv (measured there), else 0",
+    ),
     "mask_threshold": Param(float, 0.05, "background: PD below this fraction of its 99th percentile"),
     "memory_gb": Param(float, 2.0, "peak memory budget of the matcher"),
 }
@@ -76,7 +86,12 @@ def _field_T(params: dict[str, Any], study: StudyInfo) -> float:
 
 
 def mapping_options(
-    params: dict[str, Any], *, model: str, rank: int | None, field_T: float, energy: float = DEFAULT_ENERGY
+    params: dict[str, Any],
+    *,
+    model: str,
+    rank: int | None,
+    field_T: float,
+    energy: float = DEFAULT_ENERGY,
 ) -> MappingOptions:
     """The :class:`MappingOptions` of resolved :data:`MAPPING_PARAMS` plus what each pipeline decides itself."""
     return MappingOptions(
@@ -89,6 +104,7 @@ def mapping_options(
         estimator=params["estimator"],
         weights=params["estimator_weights"],
         search=params["search"],
+        b1_smooth_mm=max(params["b1_smooth_mm"], 0.0),  # raw data: resolve_auto's choice; image series: off
     )
 
 
@@ -169,10 +185,11 @@ register(
 RECONS = ("auto", "adjoint", "cgsense", "llr", "tv", "ncpdnet")
 
 # Said in every map the shipped MRF weights produce, so a reader of the DICOM series sees it (model card: trained
-# on simulated 64² data only; better than the default there, not everywhere at 128²).
+# on simulated 64² data only; better than TV there with B1 free, not than TV's default smooth B1, nor at 128²).
 SHIPPED_MRF_CAVEAT = (
-    "ncpdnet_mrf weights trained on simulated 64x64 spiral FISP only: T2 biased up to 12 %, and at 128x128 grey "
-    "matter T1 and CSF T2 worse than the classical reconstructions (recon=tv, the default, or cgsense)"
+    "ncpdnet_mrf weights trained on simulated 64x64 spiral FISP only: T2 biased up to 12 %; white matter T2 worse "
+    "than the default (recon=tv, B1 held to a smooth field), and at 128x128 grey matter T1 and CSF T2 worse than "
+    "the classical reconstructions (tv or cgsense)"
 )
 
 
@@ -226,6 +243,10 @@ def resolve_auto(params: dict[str, Any], model: str, cartesian: bool = False) ->
         out["coil_maps"] = "lowres"
     if params["filter"] == "auto" and out["recon"] in ("cgsense", "adjoint", "llr") and model == "single":
         out["filter"] = "hann"  # what these were measured with; TV removes what the filter was for
+    if out["b1_smooth_mm"] < 0:
+        # Measured with TV only. CG-SENSE + Hann reads grey matter's voxel-wise B1 +6 % (the filter spreads CSF into
+        # the cortex), so a field of it moved 64² GM T1 from 7.2 to 10.2 % (while WM T2 went 9.6 -> 4.8 %).
+        out["b1_smooth_mm"] = AUTO_B1_SMOOTH_MM if out["recon"] == "tv" and model == "single" else 0.0
     return out
 
 
