@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/mrf_accuracy.py [--matrix 64 [128 256]] [--coils 8] [--sim pixel bandlimited]
         [--phantom canonical|random] [--seeds 9001 9002 9003] [--lesions 3 6 10 30] [--cases 1 3] [--json F]
 
-Brain phantom, FISP 1000 frames, one spiral interleaf (or, ``--trajectory radial``, one spoke) per frame, SNR 30,
+Brain phantom, FISP 1000 frames, one spiral interleaf (or, ``--trajectory radial``, one spoke; ``cartesian``: every
+``--acceleration``-th phase-encoding line, shifted frame to frame) per frame, SNR 30,
 through the ``mrf`` pipeline (ISMRMRD file -> reconstruction -> dictionary matching, defaults except the listed
 parameters). Two simulations:
 ``pixel`` is :func:`pipelines.sim.acquisition.simulate_study` (k-space of the phantom drawn on the recon matrix),
@@ -154,7 +155,15 @@ def main() -> None:
     ap.add_argument("--matrix", type=int, nargs="+", default=[64])
     ap.add_argument("--coils", type=int, nargs="+", default=[8], help="one per matrix, or one for all")
     ap.add_argument("--snr", type=float, default=30.0)
-    ap.add_argument("--trajectory", default="spiral", choices=("spiral", "radial"), help="one readout per frame")
+    ap.add_argument(
+        "--trajectory",
+        default="spiral",
+        choices=("spiral", "radial", "cartesian"),
+        help="spiral, radial: one readout per frame; cartesian: --acceleration",
+    )
+    ap.add_argument(
+        "--acceleration", type=float, default=8.0, help="cartesian: nominal R per frame (equidistant, rotating lines)"
+    )
     ap.add_argument("--sim", nargs="+", default=["pixel", "bandlimited"], choices=("pixel", "bandlimited"))
     ap.add_argument("--oversample", type=int, default=2)
     ap.add_argument("--phantom", default="canonical", choices=("canonical", "random"))
@@ -195,7 +204,13 @@ def main() -> None:
             t_sim = 0.0
             acc = 0.0
             for seed in seeds:
-                settings = AcquisitionSettings(trajectory=args.trajectory, coils=n_coils, snr=args.snr, seed=seed)
+                settings = AcquisitionSettings(
+                    trajectory=args.trajectory,
+                    coils=n_coils,
+                    snr=args.snr,
+                    seed=seed,
+                    acceleration=args.acceleration if args.trajectory == "cartesian" else None,
+                )
                 t0 = time.perf_counter()
                 random = args.phantom == "random"
                 lesions = white_matter_lesions("brain", matrix, seed, args.lesions) if random else []
@@ -241,6 +256,7 @@ def main() -> None:
                             slot["voxels"].append(int(roi.sum()))
                         print(f"  seed {seed}: {label} done in {wall[label][-1]:.0f} s", flush=True)
                 del study, raw
+            readouts = f"{round(matrix / acc)} lines" if args.trajectory == "cartesian" else "one readout"
             what = "phantom on the recon matrix" if sim == "pixel" else f"phantom at {args.oversample}x, band-limited"
             which = (
                 f"{len(seeds)} random held-out brains (seeds {', '.join(map(str, seeds))}; lesions "
@@ -250,7 +266,7 @@ def main() -> None:
             )
             print(
                 f"\n### {matrix}x{matrix}, {n_coils} coils, {sim} simulation ({what})\n\n{which}, FISP 1000 frames, "
-                f"{args.trajectory}, one readout per frame (R {acc:.0f}), SNR {args.snr:g}, {args.threads} "
+                f"{args.trajectory}, {readouts} per frame (R {acc:.1f}), SNR {args.snr:g}, {args.threads} "
                 f"thread(s); simulated in {t_sim:.0f} s\n"
             )
             first = pooled[sim_cases[0][0]]

@@ -1,4 +1,4 @@
-"""Band-limited (continuous-object) non-Cartesian MRF data, for evaluating reconstructions honestly.
+"""Band-limited (continuous-object) MRF data, for evaluating reconstructions honestly.
 
 :func:`pipelines.sim.acquisition.simulate_study` samples the NUFFT of the phantom drawn on the reconstruction's own
 matrix: the data then come from a pixelated object whose edges the reconstruction can represent exactly except for
@@ -54,14 +54,13 @@ def simulate_bandlimited(
     randomize: bool = False,
     lesions: Sequence[tuple[float, float, float]] = (),
 ) -> SimulatedStudy:
-    """A non-Cartesian single-slice study on ``matrix`` whose k-space is the NUFFT of the phantom drawn at
-    ``oversample * matrix`` (see the module docstring). Truth, labels and ``fingerprints`` are on ``matrix``; the
-    noise level follows the simulator's SNR convention (mean object signal / SNR, image-domain std = k-space std).
+    """A single-slice study on ``matrix`` whose k-space is the NUFFT of the phantom drawn at ``oversample * matrix``
+    (see the module docstring; Cartesian: the central ``matrix`` lines and columns of its FFT). Truth, labels and
+    ``fingerprints`` are on ``matrix``; the noise level follows the simulator's SNR convention (mean object signal /
+    SNR, image-domain std = k-space std).
 
     ``randomize`` draws pose, tissue values, texture, B1 and off-resonance from ``settings.seed`` (held-out
     phantoms); ``lesions`` adds round lesions (see :func:`make_phantom`), the same objects on both grids."""
-    if settings.trajectory == "cartesian":
-        raise ValueError("band-limited simulation is for non-Cartesian trajectories (spiral, radial)")
     if oversample < 1:
         raise ValueError(f"oversample must be >= 1, got {oversample}")
     coarse, fine = (
@@ -73,9 +72,11 @@ def simulate_bandlimited(
     fine_fp = fingerprint_images(fine, sequence)
     maps_fine = birdcage_maps(settings.coils, fine.pd.shape)
     trajectory, lines, acceleration = _sampling(settings, sequence.n_frames, matrix, matrix)
-    assert trajectory is not None
-    kspace = _noiseless_kspace(fine_fp, maps_fine, trajectory, lines)
-    kspace *= fine_to_coarse(trajectory, matrix, oversample)[:, :, None, :]  # [frames, readouts, 1, samples]
+    if trajectory is None:
+        kspace = _cartesian_kspace(fine_fp, maps_fine, lines, matrix, oversample)
+    else:
+        kspace = _noiseless_kspace(fine_fp, maps_fine, trajectory, lines)
+        kspace *= fine_to_coarse(trajectory, matrix, oversample)[:, :, None, :]  # [frames, readouts, 1, samples]
     noise_std = object_noise_std(fine_fp, fine.mask, settings.snr)
     del fine_fp
     _add_noise(kspace, noise_std, np.random.default_rng(settings.seed))
@@ -86,6 +87,29 @@ def simulate_bandlimited(
     )
     study.truth["purity"] = label_purity(coarse.labels, fine.labels)
     return study
+
+
+def _cartesian_kspace(
+    fine_fp: np.ndarray, maps_fine: np.ndarray, lines: np.ndarray, matrix: int, oversample: int
+) -> np.ndarray:
+    """complex64 [frames, lines, coils, matrix]: the fine object's k-space on the coarse Cartesian grid, i.e. the
+    central ``matrix`` x ``matrix`` of its FFT (what a scanner's band-limited acquisition of it holds), with the
+    :func:`fine_to_coarse` scale and shift; oversample 1 is the simulator's own FFT."""
+    nf = matrix * oversample
+    lo = nf // 2 - matrix // 2
+    k = np.arange(matrix) - matrix // 2
+    ky, kx = np.meshgrid(k, k, indexing="ij")
+    factor = fine_to_coarse(np.stack([kx, ky], -1).astype(np.float64), matrix, oversample)  # [ky, kx]
+    frames, n_coils = fine_fp.shape[0], maps_fine.shape[0]
+    kspace = np.empty((frames, lines.shape[1], n_coils, matrix), dtype=np.complex64)
+    for f in range(frames):
+        coil_img = maps_fine * fine_fp[f]
+        full = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(coil_img, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+        grid = full[:, lo : lo + matrix, lo : lo + matrix]
+        if oversample > 1:
+            grid = grid * factor
+        kspace[f] = grid[:, lines[f], :].transpose(1, 0, 2)
+    return kspace
 
 
 def voxel_means(fine: np.ndarray, oversample: int) -> np.ndarray:

@@ -281,3 +281,32 @@ def test_fine_to_coarse_conventions():
     for f in (2, 3):
         fine = nufft_forward(blob(32 * f), k) * fine_to_coarse(k, 32, f)
         assert np.linalg.norm(fine - coarse) / np.linalg.norm(coarse) < 1e-5
+
+
+def test_cartesian_bandlimited_kspace_conventions():
+    """Cartesian: a smooth object drawn 2x / 3x finer, cropped from its FFT, gives the coarse grid's FFT; and
+    oversample 1 is the simulator's Cartesian data bit for bit."""
+    from pipelines.physics.sequences import MRFSequence, fisp_sequence
+    from pipelines.sim.acquisition import AcquisitionSettings, simulate_study
+    from pipelines.sim.bandlimited import _cartesian_kspace, simulate_bandlimited
+
+    def blob(n: int) -> np.ndarray:  # as in test_fine_to_coarse_conventions; [frames=1, n, n]
+        c = (np.arange(n) - (n - 1) / 2) / (n / 2)
+        yy, xx = np.meshgrid(c, c, indexing="ij")
+        return np.exp(-((xx - 0.2) ** 2 + (yy + 0.1) ** 2) / (2 * 0.15**2)).astype(np.complex64)[None]
+
+    lines = np.arange(32)[None]
+    coarse = _cartesian_kspace(blob(32), np.ones((1, 32, 32), np.complex64), lines, 32, 1)
+    for f in (2, 3):
+        fine = _cartesian_kspace(blob(32 * f), np.ones((1, 32 * f, 32 * f), np.complex64), lines, 32, f)
+        assert np.linalg.norm(fine - coarse) / np.linalg.norm(coarse) < 1e-5
+
+    s = fisp_sequence()
+    seq = MRFSequence("fisp20", s.flip_angles_deg[:20], s.tr_ms[:20], s.te_ms[:20], ti_ms=s.ti_ms)
+    settings = AcquisitionSettings(trajectory="cartesian", coils=2, snr=float("inf"), acceleration=4.0)
+    ref = simulate_study("brain", seq, settings, matrix=32)
+    same = simulate_bandlimited("brain", seq, settings, matrix=32, oversample=1)
+    assert np.array_equal(same.kspace, ref.kspace)
+    fine = simulate_bandlimited("brain", seq, settings, matrix=32, oversample=2)
+    rel = np.linalg.norm(fine.kspace - ref.kspace) / np.linalg.norm(ref.kspace)
+    assert 0.02 < rel < 0.3, rel
