@@ -222,23 +222,22 @@ def sequence_for_raw(raw: RawStudy, name_or_path: str) -> MRFSequence:
 # 2.6 / 6.0, LLR (2x2) 1.8 / 2.8, all with ESPIRiT maps (coupled TV: 1.5 / 2.9 at its best threshold, 0.1; worse at
 # the brains' 0.3). For non-Cartesian FISP brains coupled TV without the filter: on held-out band-limited brains it
 # beats CG-SENSE + Hann in white matter, grey matter, CSF and the ventricles, T1 and T2, at 64², 128² and 256², at
-# 2-2.5x the reconstruction time (BENCHMARKS.md, "Coupled TV"). Cartesian FISP keeps CG-SENSE (TV was not measured
-# there), with the low-resolution coil maps NC-PDNet was also trained with.
+# 2-2.5x the reconstruction time (BENCHMARKS.md, "Coupled TV"); so does Cartesian FISP (band-limited held-out brains,
+# R 5.3 per frame, 128², 8 coils: WM / GM T2 9.7 / 12.2 -> 1.9 / 4.7 %, with the smooth B1 field; "Cartesian FISP"),
+# with the low-resolution coil maps NC-PDNet was also trained with.
 AUTO = {
     "single": {"recon": "tv", "filter": "none", "coil_maps": "lowres", "llr_block": llr.DEFAULT_BLOCK},
     "water_fat": {"recon": "llr", "filter": "none", "coil_maps": "espirit", "llr_block": 2},
 }
 
 
-def resolve_auto(params: dict[str, Any], model: str, cartesian: bool = False) -> dict[str, Any]:
-    """``params`` with every ``auto`` (``llr_block`` 0) replaced by the signal model's choice (:data:`AUTO`);
-    Cartesian single-compartment data reconstruct with CG-SENSE."""
+def resolve_auto(params: dict[str, Any], model: str) -> dict[str, Any]:
+    """``params`` with every ``auto`` (``llr_block`` 0, ``b1_smooth_mm`` -1) replaced by the signal model's choice
+    (:data:`AUTO`), Cartesian or not."""
     out = dict(params)
     for name, value in AUTO[model].items():
         if out[name] in ("auto", 0):
             out[name] = value
-    if cartesian and model == "single" and params["recon"] == "auto":
-        out["recon"] = "cgsense"
     if out["recon"] == "ncpdnet" and params["coil_maps"] == "auto":
         out["coil_maps"] = "lowres"
     if params["filter"] == "auto" and out["recon"] in ("cgsense", "adjoint", "llr") and model == "single":
@@ -280,7 +279,7 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
     seq = sequence_for_raw(raw, params["sequence"])
     field = _field_T(params, raw.study)
     model = resolve_model(seq, params["model"])
-    params = resolve_auto(params, model, cartesian=raw.trajectory_kind == "cartesian")
+    params = resolve_auto(params, model)
     sampling_notes = (
         [n for n in (te_cycle_aliasing(raw, seq.te_ms), coverage_note(raw)) if n] if model == "water_fat" else []
     )
@@ -432,8 +431,7 @@ register(
                 "adjoint (subspace back-projection), cgsense (low-rank CG-SENSE), llr (locally low-rank "
                 "regularised, ADMM), tv (coupled total variation on the coefficient images, ADMM), ncpdnet "
                 "(learned NC-PDNet subspace reconstruction; its own rank and basis) "
-                "or auto (tv for single-compartment schedules on spiral / radial data, cgsense on Cartesian, llr for "
-                "water/fat)",
+                "or auto (tv for single-compartment schedules, spiral, radial or Cartesian; llr for water/fat)",
                 choices=RECONS,
             ),
             "weights": Param(str, "", "ncpdnet: a site's own safetensors weights (empty: the shipped ncpdnet_mrf)"),

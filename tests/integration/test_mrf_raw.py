@@ -86,6 +86,25 @@ def test_cartesian_undersampled_mrf(dict_cache, tmp_path):
         assert e2 < 0.12, f"{name}: median T2 error {e2:.1%}"
 
 
+def test_cartesian_fisp_default_is_tv_with_the_smooth_b1_field(dict_cache, tmp_path):
+    """Cartesian FISP, 12 of 64 lines per frame, 8 coils, SNR 30, a held-out randomised brain drawn 2x finer
+    (band-limited): the default (coupled TV, B1 held to a smooth field) against CG-SENSE, the Cartesian default
+    before. Measured (benchmarks/mrf_accuracy.py --trajectory cartesian, seeds 9002-9003 pooled, BENCHMARKS.md
+    "Cartesian FISP"), median |error| T1 / T2 %: default WM 1.8 / 3.3, GM 4.7 / 10.4; CG-SENSE 3.7 / 21.9, 5.6 / 26.5."""
+    from pipelines.sim.bandlimited import simulate_bandlimited
+
+    settings = AcquisitionSettings(trajectory="cartesian", coils=8, snr=30, seed=9002, acceleration=8.0)
+    study = simulate_bandlimited("brain", fisp_sequence(), settings, matrix=MATRIX, randomize=True)
+    raw = raw_study_from_hdf5(write_ismrmrd(study, tmp_path / "cart.h5"))
+    ctx = RunContext(cache_dir=dict_cache)
+    default = _errors(get_pipeline("mrf")(raw, {}, ctx), study)
+    cg = _errors(get_pipeline("mrf")(raw, {"recon": "cgsense"}, ctx), study)
+    assert default["white_matter"][0] < 0.04 and default["white_matter"][1] < 0.07, default
+    assert default["grey_matter"][0] < 0.08 and default["grey_matter"][1] < 0.15, default
+    for tissue in ("white_matter", "grey_matter"):
+        assert default[tissue][1] < 0.6 * cg[tissue][1], (default, cg)
+
+
 def test_radial_t1ff_fat_fraction_from_raw_data(dict_cache, tmp_path):
     """Issue 16: FF from raw radial t1ff data (thigh, 64², 4 coils, one spoke per frame, SNR 30).
 

@@ -131,16 +131,16 @@ def test_smooth_b1_cuts_the_raw_path_t2_error_on_a_held_out_band_limited_brain(d
 
 
 def test_auto_holds_b1_only_where_it_was_measured():
-    """``b1_smooth_mm=-1`` (the default): the field for single-compartment data reconstructed with TV (spiral and
-    radial FISP); off for CG-SENSE (Cartesian FISP, or chosen), LLR, water/fat and image series."""
+    """``b1_smooth_mm=-1`` (the default): the field for single-compartment data reconstructed with TV (spiral,
+    radial and Cartesian FISP); off for CG-SENSE, LLR, water/fat and image series."""
     from pipelines.definitions import get_pipeline
     from pipelines.definitions.mrf import mapping_options, resolve_auto
 
     defaults = {name: p.default for name, p in get_pipeline("mrf").params.items()}
     assert defaults["b1_smooth_mm"] == -1
     assert resolve_auto(defaults, "single")["b1_smooth_mm"] == 20
-    assert resolve_auto(defaults, "single", cartesian=True)["b1_smooth_mm"] == 0
     assert resolve_auto({**defaults, "recon": "cgsense"}, "single")["b1_smooth_mm"] == 0
     assert resolve_auto(defaults, "water_fat")["b1_smooth_mm"] == 0
-    assert resolve_auto({**defaults, "b1_smooth_mm": 12.0}, "single", cartesian=True)["b1_smooth_mm"] == 12
+    assert resolve_auto({**defaults, "b1_smooth_mm": 12.0}, "single")["b1_smooth_mm"] == 12
+    assert resolve_auto({**defaults, "b1_smooth_mm": 0.0}, "single")["b1_smooth_mm"] == 0
     assert mapping_options(defaults, model="single", rank=None, field_T=3.0).b1_smooth_mm == 0  # image series
