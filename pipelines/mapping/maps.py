@@ -24,8 +24,9 @@ from pipelines.types import Geometry, QuantitativeMap
 
 MODELS = ("auto", "single", "water_fat")
 # Voxels whose fingerprint norm is below this fraction of the mask threshold (relative to the slice's 99th
-# percentile) are background for sure and search their best block only: PD = |<a, x>| / ||s|| scales with
-# |x| up to the atom norm, which varies ~3x over brain tissues, so a quarter of the threshold leaves margin.
+# percentile) are background for sure and search their best block only (water/fat: their best coarse pair, no
+# climb): PD = |<a, x>| / ||s|| scales with |x| up to the atom norm, which varies ~3x over brain tissues, so a
+# quarter of the threshold leaves margin.
 _COARSE_MARGIN = 0.25
 
 
@@ -158,6 +159,7 @@ def estimate_maps(
                         memory_bytes=options.memory_bytes,
                         coefficients=coefficients,
                         search=options.search,
+                        coarse_below=options.mask_threshold * _COARSE_MARGIN,
                     )
                     if model == "water_fat"
                     else match(

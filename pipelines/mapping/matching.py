@@ -313,6 +313,15 @@ def _in_components(
     return xr_all, x_norm, comp, r, norms
 
 
+def weak_voxels(xr: torch.Tensor, below: float) -> torch.Tensor | None:
+    """Voxels [n] whose fingerprint norm is below ``below`` times the 99th percentile of all (None for ``below``
+    <= 0): background for sure, which the fast searches only place coarsely."""
+    if below <= 0 or xr.shape[0] == 0:
+        return None
+    mag = _norm(xr)
+    return mag < below * torch.quantile(mag[:: max(1, xr.shape[0] // 100000)].float(), 0.99)
+
+
 def match(
     x: torch.Tensor | np.ndarray,
     dictionary: MRFDictionary,
@@ -351,10 +360,7 @@ def match(
     n_vox = xr_all.shape[0]
     best_idx = torch.empty(n_vox, dtype=torch.long, device=device)
     block = 16384
-    weak = None
-    if ix is not None and coarse_below > 0:
-        mag = _norm(xr_all)
-        weak = mag < coarse_below * torch.quantile(mag[:: max(1, n_vox // 100000)].float(), 0.99)
+    weak = weak_voxels(xr_all, coarse_below) if ix is not None else None
     for v0 in _chunks(n_vox, block):
         xb = xr_all[v0 : v0 + block]
         best_idx[v0 : v0 + block] = (

@@ -36,6 +36,7 @@ from pipelines.mapping.matching import (
     _norm,
     _prepare,
     _truncated,
+    weak_voxels,
 )
 
 # Coarse sub-grid of the fast search: every n-th value along water T1, water T2, fat T1, fat T2, B1, field offset
@@ -271,15 +272,29 @@ def _climb(
 
 
 def _search(
-    xr: torch.Tensor, atoms: _PairAtoms, grid: _PairGrid, exhaustive: bool
+    xr: torch.Tensor, atoms: _PairAtoms, grid: _PairGrid, exhaustive: bool, weak: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(explained energy, water row, fat row) of the best pair per voxel."""
+    """(explained energy, water row, fat row) of the best pair per voxel. Voxels flagged ``weak`` (background the
+    maps mask) take the best pair of one coarse (B1, offset) group: no full GEMM, no climb."""
     out = [torch.empty(xr.shape[0], device=xr.device)] + [
         torch.empty(xr.shape[0], dtype=torch.long, device=xr.device) for _ in range(2)
     ]
     wc, fc = atoms.water.conj().T, atoms.fat.conj().T
-    for v0 in _chunks(xr.shape[0], _VOXEL_CHUNK):
-        xc = xr[v0 : v0 + _VOXEL_CHUNK]
+    if weak is not None and bool(weak.any()):
+        groups, rhos = (grid.coarse, atoms.coarse_rho) if grid.coarse else (grid.groups, atoms.group_rho)
+        (wi, fi), rho = groups[len(groups) // 2], rhos[len(groups) // 2]
+        rows = torch.nonzero(weak)[:, 0]
+        xw = xr[rows]
+        one = [(torch.arange(wi.numel(), device=xr.device), torch.arange(fi.numel(), device=xr.device))]
+        e, iw, jf = _best_in_groups(xw @ wc[:, wi], xw @ fc[:, fi], one, [rho], 1)
+        for o, t in zip(out, (e[:, 0], wi[iw[:, 0]], fi[jf[:, 0]]), strict=True):
+            o[rows] = t
+        xr_rows = torch.nonzero(~weak)[:, 0]
+    else:
+        xr_rows = None
+    xs = xr if xr_rows is None else xr[xr_rows]
+    for v0 in _chunks(xs.shape[0], _VOXEL_CHUNK):
+        xc = xs[v0 : v0 + _VOXEL_CHUNK]
         aw, af = xc @ wc, xc @ fc  # every atom's <atom, x>: one GEMM, then the pairs only gather
         if exhaustive or not grid.coarse:
             found = [t[:, 0] for t in _best_in_groups(aw, af, grid.groups, atoms.group_rho, 1)]
@@ -293,8 +308,9 @@ def _search(
             ends = [_climb(aw, af, atoms, grid, *(t[:, k] for t in starts)) for k in range(_STARTS)]
             pick = torch.stack([end[0] for end in ends], 1).argmax(1, keepdim=True)
             found = [torch.stack([end[j] for end in ends], 1).gather(1, pick)[:, 0] for j in range(3)]
+        at = slice(v0, v0 + xc.shape[0]) if xr_rows is None else xr_rows[v0 : v0 + xc.shape[0]]
         for o, t in zip(out, found, strict=True):
-            o[v0 : v0 + xc.shape[0]] = t
+            o[at] = t
     return out[0], out[1], out[2]
 
 
@@ -308,12 +324,14 @@ def match_water_fat(
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     coefficients: bool = False,
     search: str = "fast",
+    coarse_below: float = 0.0,
 ) -> MatchResult:
     """Best (water atom, fat atom) pair with its weights per fingerprint; see the module docstring.
 
     ``coefficients=True``: ``x`` holds complex coefficients [voxels, K] in the dictionary's basis (see
     :func:`pipelines.mapping.matching.match`). ``search``: ``fast`` (coarse sub-grid, then a climb) or
-    ``exhaustive`` (every pair).
+    ``exhaustive`` (every pair). ``coarse_below`` > 0 (fast search): voxels whose |x| is below that fraction of the
+    99th percentile keep their best coarse pair (background the maps will mask).
 
     Magnitude data cannot be fitted linearly (|c_w s_w + c_f s_f| is not linear in the weights where water and
     fat interfere, which is what the TE cycling of a T1-FF schedule creates): they go to
@@ -341,7 +359,8 @@ def match_water_fat(
     atoms = _pair_atoms(dictionary, grid, r)
     w_all, f_all, kept_w, kept_f = atoms.water, atoms.fat, atoms.kept_water, atoms.kept_fat
     xr = torch.cat([x[v0 : v0 + 4096] @ basis for v0 in _chunks(x.shape[0], 4096)]) if x.shape[0] else x @ basis
-    best, best_w, best_f = _search(xr, atoms, grid, search == "exhaustive")
+    exhaustive = search == "exhaustive"
+    best, best_w, best_f = _search(xr, atoms, grid, exhaustive, None if exhaustive else weak_voxels(xr, coarse_below))
     w, f = w_all[best_w], f_all[best_f]
     aw, af = (xr * w.conj()).sum(1), (xr * f.conj()).sum(1)
     cw, cf = _pair_weights(aw, af, (w.conj() * f).sum(1).real)

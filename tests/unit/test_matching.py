@@ -163,6 +163,32 @@ def test_fast_water_fat_search_finds_the_exhaustive_pair(t1ff_dict):
         match_water_fat(xc, t1ff_dict, coefficients=True, search="greedy")
 
 
+def test_water_fat_background_shortcut_leaves_tissue_alone(t1ff_dict):
+    """``coarse_below`` (the pipeline passes a quarter of the PD mask threshold): noise-only background voxels keep
+    their coarse pair, tissue voxels at SNR 30 get exactly the pair and FF of the full search."""
+    seq = t1ff_sequence()
+    rng = np.random.default_rng(11)
+    n = 200
+    ff = rng.uniform(0, 1, n)
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    x = epg_water_fat(seq, f64(ff), f64(rng.uniform(600, 2500, n)), f64(rng.uniform(20, 80, n)),
+                      f64(rng.uniform(260, 440, n)), torch.full((n,), 68.0, dtype=torch.float64),
+                      f64(rng.uniform(0.77, 1.23, n)), f64(rng.uniform(-38, 38, n)), field_strength_T=3.0)
+    tissue = _noisy(x.to(torch.complex64), 30)
+    sigma = float(x.abs().mean()) / 30
+    g = torch.Generator().manual_seed(12)
+    background = sigma / np.sqrt(2) * torch.complex(torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g))
+    xc = torch.cat([tissue, background]) @ t1ff_dict.complex.basis[:, :8]
+    full = match_water_fat(xc, t1ff_dict, coefficients=True, rank=8)
+    short = match_water_fat(xc, t1ff_dict, coefficients=True, rank=8, coarse_below=0.05 * 0.25)
+    for name in ("t1_ms", "t2_ms", "b1", "df_hz", "t1_fat_ms", "ff"):
+        np.testing.assert_array_equal(getattr(short, name)[:n], getattr(full, name)[:n], err_msg=name)
+    assert np.median(np.abs(short.ff[:n] - ff)) * 100 < 1.5
+    # The background is placed coarsely: most of it elsewhere than where the climb ends.
+    moved = ~np.all([getattr(short, k)[n:] == getattr(full, k)[n:] for k in ("t1_ms", "t2_ms", "b1", "t1_fat_ms")], 0)
+    assert moved.mean() > 0.5
+
+
 def test_fast_water_fat_search_on_a_grid_with_one_b1_and_offset(tmp_path):
     """One (B1, offset) group: fewer coarse groups than climb starts; the search still pairs within the group and
     finds the exhaustive pair."""
