@@ -24,8 +24,8 @@ from pipelines.types import Geometry, QuantitativeMap
 
 MODELS = ("auto", "single", "water_fat")
 # Voxels whose fingerprint norm is below this fraction of the mask threshold (relative to the slice's 99th
-# percentile) are background for sure and search their best block only (water/fat: their best coarse pair, no
-# climb): PD = |<a, x>| / ||s|| scales with |x| up to the atom norm, which varies ~3x over brain tissues, so a
+# percentile) are background for sure and search their best block only (water/fat: the best pair of one coarse
+# group): PD = |<a, x>| / ||s|| scales with |x| up to the atom norm, which varies ~3x over brain tissues, so a
 # quarter of the threshold leaves margin.
 _COARSE_MARGIN = 0.25
 

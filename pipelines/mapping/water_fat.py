@@ -331,7 +331,7 @@ def match_water_fat(
     ``coefficients=True``: ``x`` holds complex coefficients [voxels, K] in the dictionary's basis (see
     :func:`pipelines.mapping.matching.match`). ``search``: ``fast`` (coarse sub-grid, then a climb) or
     ``exhaustive`` (every pair). ``coarse_below`` > 0 (fast search): voxels whose |x| is below that fraction of the
-    99th percentile keep their best coarse pair (background the maps will mask).
+    99th percentile take the best pair of one coarse (B1, offset) group (background the maps will mask).
 
     Magnitude data cannot be fitted linearly (|c_w s_w + c_f s_f| is not linear in the weights where water and
     fat interfere, which is what the TE cycling of a T1-FF schedule creates): they go to
