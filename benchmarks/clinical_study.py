@@ -1,11 +1,12 @@
 """A clinical-size raw MRF study end to end: simulate once, then `recon-node process --pipeline mrf` to DICOM maps.
 
     OMP_NUM_THREADS=2 python benchmarks/clinical_study.py [--slices 10] [--matrix 256] [--coils 16]
-        [--work /tmp/clinical] [--cache DIR] [--cold-dictionary] [--set KEY=VALUE ...]
+        [--trajectory spiral|radial|cartesian] [--acceleration R] [--work /tmp/clinical] [--cache DIR]
+        [--cold-dictionary] [--set KEY=VALUE ...]
 
 Steps, each in its own subprocess (its wall time and peak RSS from getrusage of that child alone):
-1. ``recon-node simulate --slices N --matrix M --coils C --trajectory spiral --snr 30`` (skipped when the file
-   exists; FISP, 1000 frames, brain phantom with distinct anatomy per slice);
+1. ``recon-node simulate --slices N --matrix M --coils C --trajectory T --snr 30`` (one interleaf or spoke per
+   frame; Cartesian: ``--acceleration`` R, default 8) (skipped when the file exists; FISP, 1000 frames, brain phantom with distinct anatomy per slice);
 2. with ``--cold-dictionary``: the default FISP dictionary built into an empty cache (a new schedule's cost);
 3. ``recon-node process <file> --pipeline mrf`` with a warm dictionary cache: per-stage seconds read from the job
    log lines (per-slice reconstruction, mapping), total wall time and peak RSS.
@@ -69,6 +70,8 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=10)
     ap.add_argument("--matrix", type=int, default=256)
     ap.add_argument("--coils", type=int, default=16)
+    ap.add_argument("--trajectory", default="spiral", choices=("spiral", "radial", "cartesian"))
+    ap.add_argument("--acceleration", type=float, default=8.0, help="cartesian: R per frame")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "recon-node-clinical")
     ap.add_argument("--cache", type=Path, default=None, help="dictionary cache (default: <work>/cache)")
     ap.add_argument("--cold-dictionary", action="store_true", help="also time a cold build of the dictionary")
@@ -77,15 +80,20 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     cache = a.cache or a.work / "cache"
     threads = os.environ.get("OMP_NUM_THREADS", "2")
-    tag = f"{a.slices}x{a.matrix}_{a.coils}c"
+    cartesian = a.trajectory == "cartesian"
+    tag = f"{a.slices}x{a.matrix}_{a.coils}c" + ("" if a.trajectory == "spiral" else f"_{a.trajectory}")
+    if cartesian:
+        tag += f"_R{a.acceleration:g}"
     raw = a.work / f"study_{tag}.h5"
-    print(f"## Clinical MRF study: {a.slices} slices, {a.matrix}^2, {a.coils} coils, spiral FISP 1000 frames\n")
+    print(f"## Clinical MRF study: {a.slices} slices, {a.matrix}^2, {a.coils} coils, {a.trajectory}"
+          + (f" (R {a.acceleration:g})" if cartesian else "") + " FISP 1000 frames\n")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {threads} threads; python {platform.python_version()}\n")
     print("| step | wall s | peak RSS GB |\n|---|---|---|")
     if not raw.exists():
         wall, rss = run(["recon-node", "simulate", "--matrix", str(a.matrix), "--coils", str(a.coils),
-                         "--trajectory", "spiral", "--snr", "30", "--slices", str(a.slices), "--out", str(raw),
-                         "--threads", threads, "--quiet"], a.work / "simulate.log")
+                         "--trajectory", a.trajectory, "--snr", "30", "--slices", str(a.slices), "--out", str(raw),
+                         "--threads", threads, "--quiet"]
+                        + (["--acceleration", str(a.acceleration)] if cartesian else []), a.work / "simulate.log")
         print(f"| simulate (not part of the node) | {wall:.0f} | {rss:.2f} |")
     if a.cold_dictionary:
         cold = a.work / "cold-cache"

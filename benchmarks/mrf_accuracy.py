@@ -40,7 +40,7 @@ import torch
 
 from pipelines.definitions import get_pipeline
 from pipelines.io.mrd_reader import raw_study_from_hdf5
-from pipelines.mapping.dictionary import build_dictionary
+from pipelines.mapping.dictionary import MRFDictionary, build_dictionary
 from pipelines.mapping.maps import MappingOptions, default_spec, estimate_maps
 from pipelines.physics.sequences import MRFSequence, fisp_sequence
 from pipelines.recon.fat_subspace import with_fat_directions
@@ -127,13 +127,12 @@ def relative_errors(
 IDEAL = "ideal voxel: the fine object's f x f mean, all k-space, no noise (floor)"
 
 
-def ideal_maps(
+def ideal_coefficients(
     seq: MRFSequence, matrix: int, oversample: int, seed: int, random: bool, lesions: list, cache: Path | None
-) -> dict[str, np.ndarray]:
-    """Maps matched from what a perfect reconstruction of band-limited data could give at best: each voxel's mean
-    fingerprint over its f x f fine pixels (partial volume included), on the default basis (rank 8 + 2 fat
-    directions), matched as the ``mrf`` pipeline matches. Its error against the point truth is the floor that
-    partial volume and the single-compartment subspace model leave to every reconstruction."""
+) -> tuple[np.ndarray, torch.Tensor, MRFDictionary]:
+    """What a perfect reconstruction of band-limited data could give at best: each voxel's mean fingerprint over its
+    f x f fine pixels (partial volume included) as coefficient images [K, 1, y, x] on the default basis (rank 8 +
+    2 fat directions), with that basis and the dictionary."""
     d = build_dictionary(seq, default_spec(seq, "single", 3.0, complex_data=True), cache_dir=cache)
     basis = with_fat_directions(d.complex.basis[:, :8], seq, 3.0, 2)
     fine = make_phantom("brain", matrix * oversample, seed=seed, randomize=random, lesions=lesions)
@@ -144,10 +143,19 @@ def ideal_maps(
     for t0 in range(0, fp.shape[0], 100):  # the f x f means, 100 frames at a time (2 GB of fine frames at 256^2)
         block = voxel_means(fp[t0 : t0 + 100], oversample)
         c += np.einsum("tyx,tk->kyx", block, v[t0 : t0 + 100]).astype(np.complex64)
-    del fp
+    return c[:, None], basis, d
+
+
+def ideal_maps(
+    seq: MRFSequence, matrix: int, oversample: int, seed: int, random: bool, lesions: list, cache: Path | None
+) -> dict[str, np.ndarray]:
+    """Maps of :func:`ideal_coefficients`, matched as the ``mrf`` pipeline matches. Their error against the point
+    truth is the floor that partial volume and the single-compartment subspace model leave to every
+    reconstruction."""
+    c, basis, d = ideal_coefficients(seq, matrix, oversample, seed, random, lesions, cache)
     geometry = Geometry.centred((matrix, matrix), (240.0, 240.0))
-    options = MappingOptions(rank=v.shape[1])
-    return {m.kind: m.data[0] for m in estimate_maps(c[:, None], seq, geometry, options, basis=basis, dictionary=d)}
+    options = MappingOptions(rank=basis.shape[1])
+    return {m.kind: m.data[0] for m in estimate_maps(c, seq, geometry, options, basis=basis, dictionary=d)}
 
 
 def main() -> None:

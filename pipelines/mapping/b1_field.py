@@ -26,7 +26,7 @@ from scipy.ndimage import gaussian_filter
 # TV reconstructions (128², seed 9002): white and grey matter, CSF and lesions have 10th percentiles of 0.04-0.07;
 # scalp fat's is 0.21, bone's 0.34 (its median 0.22).
 FIT_RESIDUAL = 0.15
-# Voxels whose free match has a T2 above this keep it (fluid; see maps._in_smooth_b1). Brain tissue, muscle, fat and
+# Voxels whose free match has a T2 above this keep it (fluid; see maps._in_b1_field). Brain tissue, muscle, fat and
 # lesions are below 300 ms; CSF ~2 s.
 FLUID_T2_MS = 600.0
 

@@ -75,6 +75,7 @@ def estimate_maps(
     basis: torch.Tensor | None = None,
     report: Callable[[str], None] | None = None,
     dictionary: MRFDictionary | None = None,
+    b1_map: np.ndarray | None = None,
 ) -> list[QuantitativeMap]:
     """Maps from fingerprint images [frames, slices, y, x] (or [frames, y, x]).
 
@@ -82,7 +83,9 @@ def estimate_maps(
     (a subspace reconstruction's output, x_t = sum_k conj(V[t, k]) c_k): they are matched in the coefficient
     domain, never expanded to frames (for the learned estimators, which take frames, one slice at a time).
     Slices are matched one at a time, so memory stays at one slice's fingerprints. ``dictionary``: one the caller
-    already holds for the same spec (used instead of building or loading it again).
+    already holds for the same spec (used instead of building or loading it again). ``b1_map`` [slices, y, x] (or
+    [y, x]): B1+ given per voxel (a measured map on the maps' grid; NaN where it has none), which T1 and T2 are
+    matched at instead of the smooth field of ``options.b1_smooth_mm`` (single-compartment dictionary matching only).
     """
     x = np.asarray(fingerprints) if not isinstance(fingerprints, torch.Tensor) else fingerprints.cpu().numpy()
     if x.ndim == 3:
@@ -98,6 +101,13 @@ def estimate_maps(
         )
     model = resolve_model(seq, options.model)
     shape = x.shape[1:]
+    if b1_map is not None:
+        b1_map = np.asarray(b1_map, dtype=np.float32)
+        b1_map = b1_map[None] if b1_map.ndim == 2 else b1_map
+        if b1_map.shape != shape:
+            raise ValueError(f"a B1 map of shape {b1_map.shape} does not fit fingerprint images of {shape}")
+        if model != "single" or options.estimator != "dictionary":
+            raise ValueError("a given B1 map is used by single-compartment dictionary matching only")
     coeff_map = None
     if options.estimator != "dictionary":
         dictionary = None
@@ -175,8 +185,8 @@ def estimate_maps(
                         coarse_below=options.mask_threshold * _COARSE_MARGIN,
                     )
                 )
-                if model == "single" and options.b1_smooth_mm > 0:
-                    res = _in_smooth_b1(
+                if model == "single" and (options.b1_smooth_mm > 0 or b1_map is not None):
+                    res = _in_b1_field(
                         kept,
                         res,
                         keep.cpu().numpy(),
@@ -187,6 +197,7 @@ def estimate_maps(
                         magnitude,
                         rank,
                         coefficients,
+                        given=None if b1_map is None else b1_map[s],
                     )
         results.append(res)
         keeps.append(keep.cpu().numpy())
@@ -196,7 +207,7 @@ def estimate_maps(
 _PER_VOXEL = ("t1_ms", "t2_ms", "b1", "df_hz", "m0", "residual")
 
 
-def _in_smooth_b1(
+def _in_b1_field(
     signals: torch.Tensor,
     first: MatchResult,
     keep: np.ndarray,
@@ -207,23 +218,33 @@ def _in_smooth_b1(
     magnitude: bool,
     rank: int | None,
     coefficients: bool,
+    given: np.ndarray | None = None,
 ) -> MatchResult:
-    """``first`` matched again with B1 held at its smoothed field (one slice; see :mod:`pipelines.mapping.b1_field`)."""
+    """``first`` matched again with B1 held at its smoothed field, or at ``given`` [y, x] (one slice; see
+    :mod:`pipelines.mapping.b1_field`)."""
     if np.unique(dictionary.params["water"][:, 2]).size < 2:
         return first
-    img = np.full(shape, np.nan, np.float32)
-    img.reshape(-1)[keep] = first.b1
-    weight = np.zeros(shape, np.float32)
-    weight.reshape(-1)[keep] = field_weights(first.m0, first.residual)
-    dy, dx = geometry.pixel_spacing_mm
-    sigma_px = (options.b1_smooth_mm / dy, options.b1_smooth_mm / dx)
-    field = smooth_field(img, weight, sigma_px).reshape(-1)[keep]
+    if given is not None:
+        field = given.reshape(-1)[keep]
+        note = "B1 held at the given B1 map"
+    else:
+        img = np.full(shape, np.nan, np.float32)
+        img.reshape(-1)[keep] = first.b1
+        weight = np.zeros(shape, np.float32)
+        weight.reshape(-1)[keep] = field_weights(first.m0, first.residual)
+        dy, dx = geometry.pixel_spacing_mm
+        sigma_px = (options.b1_smooth_mm / dy, options.b1_smooth_mm / dx)
+        field = smooth_field(img, weight, sigma_px).reshape(-1)[keep]
+        note = (
+            f"B1 held to a smooth field (Gaussian, sigma {options.b1_smooth_mm:g} mm, of the voxel-wise B1 where the "
+            "model fits): FISP's T2 and B1 otherwise trade off voxel by voxel"
+        )
     # Fluid keeps its free match: at T2 ~2 s FISP barely encodes T2, so a B1 off by 2 % (what the field's
     # neighbours give CSF) moves it ~10 %; measured, 128² CSF T2 8.9 % free, 14.2 % held, 12.1 % at the true B1.
     # Background (well below the PD mask) keeps it too: masked anyway, and half of a slice's search.
     m0 = np.abs(first.m0)
     floor = 0.5 * options.mask_threshold * (float(np.percentile(m0, 99)) if m0.size else 0.0)
-    redo = np.flatnonzero((first.t2_ms <= FLUID_T2_MS) & (m0 >= floor))
+    redo = np.flatnonzero((first.t2_ms <= FLUID_T2_MS) & (m0 >= floor) & np.isfinite(field))
     res = replace(first, **{n: getattr(first, n).copy() for n in _PER_VOXEL}, notes=list(first.notes))
     if redo.size:
         part = match_in_field(
@@ -238,10 +259,7 @@ def _in_smooth_b1(
         )
         for n in _PER_VOXEL:
             getattr(res, n)[redo] = getattr(part, n)
-    res.notes.append(
-        f"B1 held to a smooth field (Gaussian, sigma {options.b1_smooth_mm:g} mm, of the voxel-wise B1 where the "
-        "model fits): FISP's T2 and B1 otherwise trade off voxel by voxel"
-    )
+    res.notes.append(note)
     return res
 
 

@@ -11,6 +11,7 @@ from pipelines.mapping.dictionary import CompartmentGrid, DictionarySpec, build_
 from pipelines.mapping.matching import match, match_in_field
 from pipelines.physics.epg import epg_fisp
 from pipelines.physics.sequences import get_sequence
+from pipelines.types import Geometry
 
 # test_fast_matching's grid (same cache entry): the default FISP schedule, 3 % T1 / T2 steps, B1 0.8-1.2 in 0.05.
 GRID = CompartmentGrid(geometric_grid(300, 3000, 3), geometric_grid(20, 600, 3), linear_grid(0.8, 1.2, 0.05))
@@ -94,6 +95,43 @@ def test_b1_held_search_finds_the_true_t1_t2_between_b1_grid_values(grid_dict):
     # M0 of the interpolated atom: the fingerprints' own scale (1) and the fit's residual at the noise level.
     assert np.median(np.abs(np.abs(held.m0) - 1)) < 0.01
     assert np.median(held.residual) < 1.5 * np.median(free.residual)
+
+
+def test_a_given_b1_map_is_matched_at_and_checked(grid_dict):
+    """``estimate_maps(b1_map=...)``: T1 and T2 are matched at the given B1 (off the 0.05 grid) wherever it is
+    finite, which the free search misses by a T2 grid step; NaN keeps the free match; a map of the wrong shape or
+    for water/fat matching is refused by name."""
+    from pipelines.mapping.maps import MappingOptions, estimate_maps
+
+    seq = get_sequence("fisp")
+    n = 12
+    rng = np.random.default_rng(5)
+    t1_axis, t2_axis = np.unique(grid_dict.params["water"][:, 0]), np.unique(grid_dict.params["water"][:, 1])
+    t1 = rng.choice(t1_axis[(t1_axis > 600) & (t1_axis < 2000)], (n, n))
+    t2 = rng.choice(t2_axis[(t2_axis > 40) & (t2_axis < 150)], (n, n))
+    b1 = 0.9 + 0.2 * (np.mgrid[:n, :n][1] + 0.5) / n  # 0.91 .. 1.09, mostly off the grid
+    b1 = np.where(np.abs(b1 / 0.05 - np.round(b1 / 0.05)) * 0.05 < 0.01, b1 + 0.02, b1)
+    x = epg_fisp(seq, *(torch.tensor(v.ravel(), dtype=torch.float32) for v in (t1, t2, b1)))
+    x = (x.T.reshape(seq.n_frames, 1, n, n)).to(torch.complex64).numpy()
+    geometry = Geometry.centred((n, n), (48.0, 48.0))
+    options = MappingOptions(model="single", rank=10)
+
+    def maps(**kw):
+        out = estimate_maps(x, seq, geometry, options, spec=SPEC, dictionary=grid_dict, **kw)
+        return {m.kind: m.data[0] for m in out}
+
+    given = b1.astype(np.float32).copy()
+    given[0, 0] = np.nan
+    held, free = maps(b1_map=given), maps()
+    assert np.allclose(held["b1"][1:, 1:], b1[1:, 1:], atol=1e-6)
+    assert held["b1"][0, 0] == free["b1"][0, 0] and held["t2"][0, 0] == free["t2"][0, 0]
+    err = {k: float(np.median(np.abs(m["t2"] / t2 - 1))) for k, m in (("held", held), ("free", free))}
+    print("median |T2 error| held / free", err)
+    assert err["held"] < 0.005 and err["free"] > 0.01, err  # measured 0.0 / 0.029 (one grid step)
+    with pytest.raises(ValueError, match="does not fit"):
+        maps(b1_map=given[:, :-1])
+    with pytest.raises(ValueError, match="single-compartment"):
+        estimate_maps(x, seq, geometry, MappingOptions(model="water_fat"), b1_map=given)
 
 
 # ---- the raw path on a held-out brain (full FISP dictionary: integration) --------------------------------------------
