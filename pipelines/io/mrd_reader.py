@@ -41,8 +41,9 @@ from pipelines.types import Geometry, RawStudy, StudyInfo
 log = logging.getLogger(__name__)
 
 _NOISE_BIT = np.uint64(1) << np.uint64(ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1)
-# Read HDF5 acquisitions in blocks: one block holds all headers and sample arrays of up to this many readouts.
-_BLOCK = 4096
+# Read HDF5 acquisitions in blocks of about this many bytes of samples. HDF5 converts a block's variable-length
+# samples whole (even when only the headers are asked for), so a block must stay small against a study: 4096 rows of
+# 16 coils x 512 samples were 268 MB.
 _BLOCK_BYTES = 16 * 1024**2
 _SIZE_FIELDS = ("active_channels", "number_of_samples", "trajectory_dimensions")
 
@@ -94,6 +95,16 @@ def _acq_dataset(grp: h5py.Group, path: Path) -> h5py.Dataset:
     return ds
 
 
+def _block_rows(ds: h5py.Dataset, path: Path) -> int:
+    """Rows per block: about :data:`_BLOCK_BYTES` of samples, sized from the first 16 rows' headers."""
+    probe = _read_block(ds, 0, min(int(ds.shape[0]), 16), path)[0]
+    row_bytes = int(
+        (probe["active_channels"].astype(np.int64) * probe["number_of_samples"] * 8).max(initial=0)
+        + (probe["number_of_samples"].astype(np.int64) * probe["trajectory_dimensions"] * 4).max(initial=0)
+    )
+    return max(1, _BLOCK_BYTES // (row_bytes + acquisition_header_dtype.itemsize))
+
+
 def _read_block(ds: h5py.Dataset, start: int, stop: int, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Headers (structured), data and trajectory (object arrays of float32 vectors) of rows [start, stop)."""
     try:
@@ -118,8 +129,9 @@ def iter_hdf5_acquisitions(path: str | Path, dataset: str = "dataset") -> Iterat
     path = Path(path)
     with _open(path) as f:
         ds = _acq_dataset(_group(f, path, dataset), path)
-        for start in range(0, ds.shape[0], _BLOCK):
-            heads, data, traj = _read_block(ds, start, min(start + _BLOCK, ds.shape[0]), path)
+        block = _block_rows(ds, path)
+        for start in range(0, ds.shape[0], block):
+            heads, data, traj = _read_block(ds, start, min(start + block, ds.shape[0]), path)
             for h, d, t in zip(heads, data, traj, strict=True):
                 n_s, n_c, n_d = int(h["number_of_samples"]), int(h["active_channels"]), int(h["trajectory_dimensions"])
                 yield ismrmrd.Acquisition(
@@ -307,8 +319,8 @@ def raw_study_from_hdf5(path: str | Path, dataset: str = "dataset") -> RawStudy:
 
     One pass in blocks of ~:data:`_BLOCK_BYTES`, each block's samples copied straight into one array, so the study
     is held once: per-acquisition vectors and their stacked copy held it twice (10 slices of 256² Cartesian FISP at
-    R 5, 16 coils, are 16 GB of samples). HDF5 converts a block's variable-length samples whole even when only the
-    headers are asked for, so there is no cheap headers-first pass, and a block must stay small against the study."""
+    R 5, 16 coils, are 16 GB of samples). There is no cheap headers-first pass to size the array from: HDF5 reads
+    the samples for the headers too."""
     path = Path(path)
     where = str(path)
     with _open(path) as f:
@@ -317,12 +329,7 @@ def raw_study_from_hdf5(path: str | Path, dataset: str = "dataset") -> RawStudy:
         header = _parse_header(xml, where)
         ds = _acq_dataset(grp, path)
         n = int(ds.shape[0])
-        probe = _read_block(ds, 0, min(n, 16), path)[0]
-        row_bytes = int(
-            (probe["active_channels"].astype(np.int64) * probe["number_of_samples"] * 8).max(initial=0)
-            + (probe["number_of_samples"].astype(np.int64) * probe["trajectory_dimensions"] * 4).max(initial=0)
-        )
-        block = max(1, _BLOCK_BYTES // (row_bytes + acquisition_header_dtype.itemsize))
+        block = _block_rows(ds, path)
         parts: list[np.ndarray] = []
         flat = traj = np.empty((0, 0), np.float32)
         sizes: tuple[int, int, int] | None = None
@@ -381,7 +388,7 @@ def _fill(out: np.ndarray, at: np.ndarray, vectors: Sequence[Any] | np.ndarray, 
     for i, v in zip(at, vectors, strict=True):
         v = np.asarray(v, dtype=np.float32)
         if v.size != out.shape[1]:
-            raise ValueError(f"{where}: an acquisition holds {v.size} values, the headers say {expected}")
+            raise ValueError(f"{where}: an acquisition holds {v.size} float32 values, the headers say {expected}")
         out[i] = v
 
 
