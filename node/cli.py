@@ -191,6 +191,7 @@ def cmd_process(args: argparse.Namespace) -> int:
             cache_dir=Path(args.cache_dir) if args.cache_dir else None,
             progress=not args.quiet,
             dicom=not args.no_dicom,
+            b1_reference=Path(args.b1) if args.b1 else None,
         )
     )
     # Notes every output carries (the reconstruction's) once; the rest against their map.
@@ -602,6 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--cache-dir", default=None, help="where pipelines may cache dictionaries")
     p.add_argument("--no-dicom", action="store_true", help="skip the DICOM series")
+    p.add_argument(
+        "--b1",
+        default=None,
+        metavar="MAPS_NPZ",
+        help="raw input: the study's measured B1 map, the maps.npz of a b1_map run on its B1 series "
+        "(`process B1_DICOM_DIR --pipeline b1_map --set nominal=800 --out B1_OUT`)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_process)

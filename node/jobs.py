@@ -255,6 +255,16 @@ class JobStore:
     def get(self, job_id: str) -> Job | None:
         return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
 
+    def study_result(self, pipeline: str, study_uid: str) -> Job | None:
+        """The latest finished job (done or sent) of ``pipeline`` on a unit of the study ``study_uid`` (DICOM
+        ``StudyInstanceUID`` or MRD ``studyInstanceUID``): e.g. the study's measured B1 map for its MRF jobs."""
+        return self._one(
+            "SELECT * FROM jobs WHERE pipeline = ? AND state IN ('done', 'sent') AND result_dir IS NOT NULL "
+            "AND ? IN (json_extract(attributes, '$.StudyInstanceUID'), json_extract(attributes, '$.studyInstanceUID')) "
+            "ORDER BY finished DESC, seq DESC LIMIT 1",
+            (pipeline, study_uid),
+        )
+
     def claim(self, skip_routes: Collection[str] = ()) -> Job | None:
         """Atomically take the oldest queued job: it becomes ``running`` and its attempts go up by one.
 

@@ -141,6 +141,8 @@ class RunRequest:
     templates_dir: Path | None = None
     parametric_map: bool = False
     summary: dict[str, Any] = field(default_factory=dict)  # more fields for summary.json (job, source, route)
+    # maps.npz of the study's ``b1_map`` job: attached to raw input as ``RawStudy.b1_measured``
+    b1_reference: Path | None = None
 
 
 @dataclass
@@ -183,6 +185,7 @@ def compute_unit(
     ``on_phase(name)``: told each phase the pipeline begins (``ctx.phase``), on the thread that runs it."""
     from pipelines.compute import select_device
     from pipelines.definitions import get_pipeline
+    from pipelines.types import RawStudy
 
     stage = on_stage or (lambda _name: None)
     t0 = time.perf_counter()
@@ -195,6 +198,11 @@ def compute_unit(
     t_load = time.perf_counter()
     study = load_study(req.input, req.kind, allow_partial=req.allow_partial, log=log)
     timings = {"load": time.perf_counter() - t_load}
+    if req.b1_reference is not None and isinstance(study, RawStudy):
+        try:
+            study.b1_measured = load_map(req.b1_reference, "b1")
+        except (ValueError, OSError, KeyError) as e:  # the MRF job goes on without it (b1_measured=required fails)
+            plog.warning("the study's B1 map %s cannot be read (%s): not used", req.b1_reference, e)
     stage("check")
     if check is not None:
         check(study)
@@ -256,6 +264,48 @@ def run_unit(
     return write_results(req, computed, log=log)
 
 
+def _map_meta(m: Any) -> str:
+    """What maps.npz keeps of a map besides its values and unit (JSON): description, notes and geometry."""
+    g = m.geometry
+    return json.dumps(
+        {
+            "description": m.description,
+            "notes": list(m.notes),
+            "geometry": {
+                "matrix": list(g.matrix),
+                "pixel_spacing_mm": list(g.pixel_spacing_mm),
+                "slice_thickness_mm": g.slice_thickness_mm,
+                "orientation": list(g.orientation),
+                "positions": [[float(v) for v in p] for p in g.positions],
+                "frame_of_reference_uid": g.frame_of_reference_uid,
+            },
+        }
+    )
+
+
+def load_map(path: Path, kind: str) -> Any:
+    """The ``kind`` map of a job's maps.npz as a QuantitativeMap with its geometry. ValueError naming the file when
+    it has no such map (or one written before maps.npz kept geometry)."""
+    import numpy as np
+
+    from pipelines.types import Geometry, QuantitativeMap
+
+    with np.load(path, allow_pickle=False) as f:
+        if kind not in f or f"{kind}_meta" not in f:
+            raise ValueError(f"{path} holds no {kind} map with its geometry")
+        data, unit, meta = f[kind], str(f[f"{kind}_unit"]), json.loads(str(f[f"{kind}_meta"]))
+    g = meta["geometry"]
+    geometry = Geometry(
+        matrix=(int(g["matrix"][0]), int(g["matrix"][1])),
+        pixel_spacing_mm=(float(g["pixel_spacing_mm"][0]), float(g["pixel_spacing_mm"][1])),
+        slice_thickness_mm=float(g["slice_thickness_mm"]),
+        orientation=tuple(float(v) for v in g["orientation"]),  # type: ignore[arg-type]
+        positions=np.asarray(g["positions"], dtype=np.float64).reshape(-1, 3),
+        frame_of_reference_uid=g["frame_of_reference_uid"],
+    )
+    return QuantitativeMap(kind, data, unit, meta["description"], geometry, notes=list(meta["notes"]))
+
+
 def write_results(req: RunRequest, computed: Computed, *, log: logging.Logger | None = None) -> RunOutcome:
     """Write ``computed`` to ``req.out_dir`` atomically (temp folder under ``req.tmp_root``, then a rename)."""
     import numpy as np
@@ -279,8 +329,9 @@ def write_results(req: RunRequest, computed: Computed, *, log: logging.Logger | 
         images = {o.kind: o.data for o in outputs if isinstance(o, ReconImage)}
         if maps:
             units = {f"{o.kind}_unit": np.array(o.unit) for o in outputs if isinstance(o, QuantitativeMap)}
+            meta = {f"{o.kind}_meta": np.array(_map_meta(o)) for o in outputs if isinstance(o, QuantitativeMap)}
             # allow_pickle is numpy's default, spelt out so that mypy does not match the ``**`` arrays against it.
-            np.savez(tmp / "maps.npz", allow_pickle=True, **maps, **units)
+            np.savez(tmp / "maps.npz", allow_pickle=True, **maps, **units, **meta)
             written.append("maps.npz")
         if images:
             np.savez(tmp / "images.npz", allow_pickle=True, **images)

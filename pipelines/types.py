@@ -164,6 +164,9 @@ class RawStudy:
     geometry: Geometry
     sequence: Any | None = None  # pipelines.physics.sequences.MRFSequence when the header carries it
     source_path: str = ""
+    # A measured B1+ map of the same study (relative, in its own geometry): the node attaches the ``b1_map`` job's
+    # output of the study's B1 series; pipelines resample it (pipelines.mapping.b1_measured).
+    b1_measured: QuantitativeMap | None = None
 
 
 @dataclass

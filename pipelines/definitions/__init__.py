@@ -8,7 +8,7 @@ see them together with whatever a site plugin (``node.plugins``) registered.
 
 from __future__ import annotations
 
-from pipelines.definitions import frames, mrf, recon  # noqa: F401  (registers the built-ins)
+from pipelines.definitions import b1, frames, mrf, recon  # noqa: F401  (registers the built-ins)
 from pipelines.registry import PipelineSpec, registered
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.mapping.b1_measured import resample_b1
 from pipelines.mapping.dictionary import build_dictionary
 from pipelines.mapping.estimators.select import ESTIMATOR_CHOICES
 from pipelines.mapping.maps import MODELS, MappingOptions, default_spec, estimate_maps, resolve_model
@@ -274,6 +275,40 @@ def _ncpdnet_network(
     return net, basis.to(ctx.device)
 
 
+def _measured_b1(raw: RawStudy, params: dict[str, Any], model: str, ctx: RunContext) -> np.ndarray | None:
+    """The study's measured B1 map on the maps' voxels (NaN where it has none), or None with the reason logged;
+    ``b1_measured=required`` makes the reason an error."""
+    choice, measured = params["b1_measured"], raw.b1_measured
+    if choice == "off":
+        return None
+    why = ""
+    if measured is None:
+        why = "the study has no measured B1 series (route it to the b1_map pipeline)"
+    elif model != "single" or params["estimator"] != "dictionary":
+        why = "a measured B1 map is used by single-compartment dictionary matching only"
+    else:
+        try:
+            b1 = resample_b1(measured, raw.geometry)
+        except ValueError as e:
+            why = str(e)
+        else:
+            covered = float(np.isfinite(b1).mean())
+            if covered > 0:
+                ctx.log.info(
+                    "B1 held at the measured B1 map where it reaches (%.0f %% of the maps' voxels, median %.3f): %s",
+                    100 * covered,
+                    float(np.nanmedian(b1)),
+                    "; ".join(measured.notes),
+                )
+                return b1
+            why = "the B1 series does not reach the maps' slices"
+    if choice == "required":
+        raise ValueError(f"b1_measured is 'required' but {why}")
+    if measured is not None:
+        ctx.log.warning("measured B1 map not used: %s", why)
+    return None
+
+
 def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[PipelineOutput]:
     validate_raw(raw, "cartesian" if raw.trajectory_kind == "cartesian" else "noncartesian")
     seq = sequence_for_raw(raw, params["sequence"])
@@ -390,6 +425,7 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
     # Matched in the reconstruction's own subspace, in the coefficient domain: atoms truncated to the same rank
     # as the fingerprints (matching at a higher rank compares atoms' components the data cannot have).
     options = mapping_options(params, model=model, rank=rank, field_T=field)
+    b1_map = _measured_b1(raw, params, model, ctx)
     ctx.phase("mapping")
     t0 = time.perf_counter()
     maps = estimate_maps(
@@ -404,6 +440,7 @@ def _mrf(raw: RawStudy, params: dict[str, Any], ctx: RunContext) -> list[Pipelin
         basis=basis,
         report=ctx.log.info,
         dictionary=dictionary,  # the one loaded for the basis: not read from the cache a second time
+        b1_map=b1_map,
     )
     ctx.log.info("maps of %d slices in %.1f s", slices.size, time.perf_counter() - t0)
     for m in maps:
@@ -487,6 +524,13 @@ register(
                 0.99,
                 "coil compression: keep the fewest virtual coils holding this fraction "
                 "of the signal energy (1: no compression)",
+            ),
+            "b1_measured": Param(
+                str,
+                "auto",
+                "a measured B1+ map of the study (a B1 series routed to b1_map): auto uses it where it reaches "
+                "(single-compartment dictionary matching), off ignores it, required fails the job without one",
+                choices=("auto", "off", "required"),
             ),
             **MAPPING_PARAMS,
         },

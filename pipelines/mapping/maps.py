@@ -84,8 +84,9 @@ def estimate_maps(
     domain, never expanded to frames (for the learned estimators, which take frames, one slice at a time).
     Slices are matched one at a time, so memory stays at one slice's fingerprints. ``dictionary``: one the caller
     already holds for the same spec (used instead of building or loading it again). ``b1_map`` [slices, y, x] (or
-    [y, x]): B1+ given per voxel (a measured map on the maps' grid; NaN where it has none), which T1 and T2 are
-    matched at instead of the smooth field of ``options.b1_smooth_mm`` (single-compartment dictionary matching only).
+    [y, x]): B1+ given per voxel (a measured map on the maps' grid, :mod:`pipelines.mapping.b1_measured`), which T1
+    and T2 are matched at instead of the smooth field of ``options.b1_smooth_mm``; where it is NaN, at that field
+    (or free without one). Single-compartment dictionary matching only.
     """
     x = np.asarray(fingerprints) if not isinstance(fingerprints, torch.Tensor) else fingerprints.cpu().numpy()
     if x.ndim == 3:
@@ -224,10 +225,9 @@ def _in_b1_field(
     :mod:`pipelines.mapping.b1_field`)."""
     if np.unique(dictionary.params["water"][:, 2]).size < 2:
         return first
-    if given is not None:
-        field = given.reshape(-1)[keep]
-        note = "B1 held at the given B1 map"
-    else:
+    field = None
+    note = ""
+    if given is None or (options.b1_smooth_mm > 0 and not np.isfinite(given.reshape(-1)[keep]).all()):
         img = np.full(shape, np.nan, np.float32)
         img.reshape(-1)[keep] = first.b1
         weight = np.zeros(shape, np.float32)
@@ -239,6 +239,17 @@ def _in_b1_field(
             f"B1 held to a smooth field (Gaussian, sigma {options.b1_smooth_mm:g} mm, of the voxel-wise B1 where the "
             "model fits): FISP's T2 and B1 otherwise trade off voxel by voxel"
         )
+    if given is not None:
+        # A measured map where it has a value; elsewhere the field (when there is one) or the free match.
+        measured = given.reshape(-1)[keep]
+        covered = np.isfinite(measured)
+        field = measured if field is None else np.where(covered, measured, field)
+        note = f"B1 held at the given B1 map in {covered.mean():.0%} of the matched voxels" + (
+            f", elsewhere at the smooth field (sigma {options.b1_smooth_mm:g} mm)"
+            if options.b1_smooth_mm > 0 and not covered.all()
+            else ""
+        )
+    assert field is not None
     # Fluid keeps its free match: at T2 ~2 s FISP barely encodes T2, so a B1 off by 2 % (what the field's
     # neighbours give CSF) moves it ~10 %; measured, 128² CSF T2 8.9 % free, 14.2 % held, 12.1 % at the true B1.
     # Background (well below the PD mask) keeps it too: masked anyway, and half of a slice's search.

@@ -35,9 +35,10 @@ def problems(data: dict) -> dict[str, tuple[str, str]]:
 def test_example_config_validates():
     cfg = load_config(REPO / "deploy" / "site.example.yaml")
     assert cfg.node.mrd_port == 9002 and cfg.node.dicom_port == 11112
-    assert {r.pipeline for r in cfg.routes} <= {"cartesian_frames", "mrf", "mrf_maps_from_images"}
+    assert {r.pipeline for r in cfg.routes} <= {"b1_map", "cartesian_frames", "mrf", "mrf_maps_from_images"}
     assert cfg.grouping_for("pacs").by == "series"
-    assert cfg.grouping_for("mr-scanner-1") == cfg.grouping.default
+    assert cfg.grouping_for("mr-scanner-1").by == "series"  # its B1 map series is a unit of its own
+    assert cfg.grouping_for("research-lab") == cfg.grouping.default
 
 
 @pytest.mark.parametrize("trajectory", ["spiral", "cartesian"])
