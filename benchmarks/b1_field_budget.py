@@ -15,8 +15,9 @@ SNR 30, lesions of 3, 6, 10 and 30 voxels). Two sets of coefficient images per b
 Each is matched with B1 free (voxel by voxel), held at the default smooth field, at two other fields built from the
 free match (fluid left out of the weights with a local linear fit; the default's weights reweighted by Tukey's
 biweight at 10 %, four times), at a simulated measured B1 series (64 x 64 over 256 mm, one 8 mm slice, 3 % noise,
-air 0; read through :func:`b1_from_series` and :func:`resample_b1` as the pipeline reads one; once calibrated right
-and once 3 % high), and at the true B1 (what a measured B1 map would give at best). Per tissue: median
+air 0; read through :func:`b1_from_series` and :func:`resample_b1` as the pipeline reads one: smoothed as ``b1_map``
+smooths by default, not smoothed, smoothed more, and calibrated 3 % high), and at the true B1 (what a measured B1
+map would give at best). Per tissue: median
 |relative error| of T1 / T2, and the median signed error of the B1 each voxel was matched at. Voxels of all seeds
 are pooled.
 """
@@ -40,7 +41,7 @@ from pipelines.definitions import get_pipeline
 from pipelines.io.dicom_reader import image_study_from_dicom
 from pipelines.io.mrd_reader import raw_study_from_hdf5
 from pipelines.mapping.b1_field import FIT_RESIDUAL, FLUID_T2_MS, smooth_field
-from pipelines.mapping.b1_measured import b1_from_series, resample_b1
+from pipelines.mapping.b1_measured import DEFAULT_SMOOTH_MM, b1_from_series, resample_b1
 from pipelines.mapping.maps import MappingOptions, estimate_maps
 from pipelines.physics.sequences import fisp_sequence
 from pipelines.registry import RunContext
@@ -55,8 +56,10 @@ ROWS = (
     "smooth field (default)",
     "field: no fluid, local linear",
     "field: Tukey-robust",
-    "measured B1 series (4 mm, 8 mm slice, 3 % noise)",
-    "the same, calibrated 3 % high",
+    "measured B1 series (4 mm, 8 mm slice, 3 % noise), smoothed 6 mm (b1_map default)",
+    "the same, not smoothed",
+    "the same, smoothed 10 mm",
+    "the same, smoothed 6 mm, calibrated 3 % high",
     "true B1",
 )
 # A measured B1 series as a site acquires one (a saturated turbo-FLASH / tfl_b1map): 64 x 64 over 256 mm, one 8 mm
@@ -78,13 +81,15 @@ def fields(free: dict[str, np.ndarray], sigma_px: tuple[float, float]) -> dict[s
     return {ROWS[2]: linear, ROWS[3]: robust}
 
 
-def measured_b1(truth_b1: np.ndarray, body: np.ndarray, target: Geometry, seed: int, gain: float) -> np.ndarray:
+def measured_b1(
+    truth_b1: np.ndarray, body: np.ndarray, target: Geometry, seed: int, gain: float, smooth_mm: float = 0.0
+) -> np.ndarray:
     """A simulated B1 series of the slab (pipelines/sim/b1_series.py), through DICOM and back as the node reads it,
     on the maps' voxels."""
     rel, g = simulate_b1_series(truth_b1, body, target, noise=B1_SERIES_NOISE, gain=gain, seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
         write_b1_series(rel, g, StudyInfo(study_instance_uid="1.2.826.0.1.3680043.8.498.1"), tmp)
-        return resample_b1(b1_from_series(image_study_from_dicom(tmp), 800.0), target)
+        return resample_b1(b1_from_series(image_study_from_dicom(tmp), 800.0, smooth_mm), target)
 
 
 def match_rows(
@@ -107,9 +112,10 @@ def match_rows(
     sigma = (mrf_definition.AUTO_B1_SMOOTH_MM / dy, mrf_definition.AUTO_B1_SMOOTH_MM / dx)
     for name, field in fields(out[ROWS[0]], sigma).items():
         out[name] = run(free_opts, field)
-    for row, gain in ((ROWS[4], 1.0), (ROWS[5], 1.03)):
-        out[row] = run(options, measured_b1(truth_b1, body, geometry, seed, gain))
-    out[ROWS[6]] = run(free_opts, truth_b1)
+    variants = ((1.0, DEFAULT_SMOOTH_MM), (1.0, 0.0), (1.0, 10.0), (1.03, DEFAULT_SMOOTH_MM))
+    for row, (gain, smooth) in zip(ROWS[4:8], variants, strict=True):
+        out[row] = run(options, measured_b1(truth_b1, body, geometry, seed, gain, smooth))
+    out[ROWS[8]] = run(free_opts, truth_b1)
     return out
 
 

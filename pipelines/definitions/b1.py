@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.mapping.b1_measured import B1_PLAUSIBLE, b1_from_series
+from pipelines.mapping.b1_measured import B1_PLAUSIBLE, DEFAULT_SMOOTH_MM, b1_from_series
 from pipelines.registry import Param, PipelineSpec, RunContext, register
 from pipelines.types import ImageStudy, PipelineOutput
 
 
 def _b1_map(study: ImageStudy, params: dict[str, Any], ctx: RunContext) -> list[PipelineOutput]:
-    b1 = b1_from_series(study, params["nominal"])
+    b1 = b1_from_series(study, params["nominal"], params["smooth_mm"])
     covered = np.isfinite(b1.data)
     ctx.log.info(
         "B1 series %s: %d slice(s) of %dx%d at %.2g x %.2g mm, %.0f %% of the voxels between %g and %g of nominal, "
@@ -41,6 +41,12 @@ register(
         summary="a measured B1+ map series -> relative B1, used by the raw MRF jobs of the same study",
         run=_b1_map,
         params={
+            "smooth_mm": Param(
+                float,
+                DEFAULT_SMOOTH_MM,
+                "in-plane Gaussian smoothing (sigma, mm) over the measured voxels: B1+ varies over centimetres, a B1 "
+                "scan's noise voxel to voxel (0: none)",
+            ),
             "nominal": Param(
                 float,
                 100.0,

@@ -187,7 +187,8 @@ def test_auto_holds_b1_only_where_it_was_measured():
 @pytest.mark.integration
 def test_a_measured_b1_series_beats_the_smooth_field_on_a_held_out_brain(dict_cache, held_out_brain_64, tmp_path):
     """The same held-out brain, with a B1 series of the slab as a site would acquire it (64 x 64 over 256 mm, one
-    8 mm slice, 3 % noise, nothing in air; stored as tfl_b1map stores it, read back through DICOM and ``b1_map``)
+    8 mm slice, 3 % noise, nothing in air; stored as tfl_b1map stores it, read back through DICOM and ``b1_map``
+    with its default smoothing)
     attached as ``RawStudy.b1_measured``: the ``mrf`` pipeline matches at it, and grey matter's T2 -- which the
     field, estimated from the fingerprints, reads biased -- comes closer to the truth."""
     from dataclasses import replace
@@ -218,10 +219,11 @@ def test_a_measured_b1_series_beats_the_smooth_field_on_a_held_out_brain(dict_ca
                 e[f"{tissue} {q}"] = float(np.median(np.abs(rel_err)))
     print(errors)
     measured, field = errors["measured"], errors["field"]
-    # measured (seed 9002): GM B1 error 1.5 % measured against 5.3 % field, GM T2 8.3 against 9.6 %, WM T2 4.2 / 4.5
-    # %; at 64² partial volume holds grey matter's T2 far above its 128² and 256² figures (BENCHMARKS.md)
-    assert measured["grey_matter b1"] < 0.5 * field["grey_matter b1"], errors
-    assert measured["grey_matter t2"] < field["grey_matter t2"] - 0.005, errors
-    assert measured["white_matter t2"] < field["white_matter t2"] + 0.01, errors
+    # measured (seed 9002, series smoothed 6 mm by b1_map): GM B1 error 0.5 % against 5.3 % with the field, GM T2
+    # 7.3 against 9.6 %, WM T2 3.1 against 4.5 %; at 64² partial volume holds grey matter's T2 far above its 128²
+    # and 256² figures (BENCHMARKS.md)
+    assert measured["grey_matter b1"] < 0.3 * field["grey_matter b1"], errors
+    assert measured["grey_matter t2"] < field["grey_matter t2"] - 0.01, errors
+    assert measured["white_matter t2"] < field["white_matter t2"] - 0.005, errors
     for tissue in ("white_matter", "grey_matter"):
         assert measured[f"{tissue} t1"] < field[f"{tissue} t1"] + 0.01, errors

@@ -170,3 +170,24 @@ def test_a_job_result_keeps_each_map_with_its_geometry(tmp_path):
     np.savez(tmp_path / "old.npz", b1=m.data, b1_unit=np.array(m.unit))
     with pytest.raises(ValueError, match="no b1 map with its geometry"):
         load_map(tmp_path / "old.npz", "b1")
+
+
+def test_smoothing_takes_out_the_scan_noise_and_keeps_air_unmeasured():
+    """``smooth_mm``: a B1 scan's voxel noise (3 %) shrinks under the default 6 mm Gaussian (4 mm voxels), a field
+    linear across the object stays where it is, and air stays unmeasured."""
+    from pipelines.mapping.b1_measured import DEFAULT_SMOOTH_MM
+
+    n = 64
+    yy, xx = np.mgrid[:n, :n]
+    body = (yy - n / 2) ** 2 + (xx - n / 2) ** 2 < (0.4 * n) ** 2
+    field = 1.0 + 0.2 * (xx - n / 2) / n  # 0.9 ... 1.1 across 256 mm
+    noisy = field * (1 + 0.03 * np.random.default_rng(0).standard_normal((n, n)))
+    stored = np.where(body, np.rint(800 * noisy), 0)[None, None]
+    study = _series(stored)
+    study.geometry = Geometry.centred((n, n), (256.0, 256.0))
+    raw, smooth = (b1_from_series(study, 800.0, mm).data[0] for mm in (0.0, DEFAULT_SMOOTH_MM))
+    assert np.isnan(smooth[~body]).all() and np.isfinite(smooth[body]).all()
+    inner = body & ((yy - n / 2) ** 2 + (xx - n / 2) ** 2 < (0.3 * n) ** 2)
+    e_raw, e_smooth = (float(np.std(m[inner] - field[inner])) for m in (raw, smooth))
+    print(f"B1 error sd: {e_raw:.4f} unsmoothed, {e_smooth:.4f} smoothed")
+    assert e_smooth < 0.4 * e_raw and abs(float(np.mean(smooth[inner] - field[inner]))) < 0.002
