@@ -78,10 +78,16 @@ def b1_from_series(study: ImageStudy, nominal: float, smooth_mm: float = 0.0) ->
         study.geometry,
         mask=ok,
         notes=[
-            f"measured B1+ of series {study.study.series_instance_uid or '?'} "
-            f"({study.study.series_description or 'no description'}), stored value / {nominal:g}"
+            f"measured B1+ of series {_printable(study.study.series_instance_uid) or '?'} "
+            f"({_printable(study.study.series_description) or 'no description'}), stored value / {nominal:g}"
         ],
     )
+
+
+def _printable(text: str, limit: int = 64) -> str:
+    """A header string from the network as it may enter a note and a job's log: printable characters only (no
+    line breaks to forge log lines with), at most ``limit`` of them (DICOM LO / UI are 64)."""
+    return "".join(c if c.isprintable() else "?" for c in str(text or ""))[:limit]
 
 
 def _check_geometry(g: Geometry) -> None:

@@ -95,6 +95,10 @@ def test_stored_values_become_relative_b1_and_a_wrong_unit_is_named():
     assert np.allclose(b1.data[0, 2:6, 2:6], np.linspace(0.85, 1.15, 16).reshape(4, 4), atol=1e-6)
     assert np.isnan(b1.data[0, 0]).all()  # air stored as 0: no measured B1 there
     assert "tfl_b1map" in b1.notes[0]
+    hostile = _series(stored)
+    hostile.study.series_description = "B1\nINFO forged log line" + "x" * 200
+    note = b1_from_series(hostile, 800.0).notes[0]
+    assert "\n" not in note and "B1?INFO forged" in note and len(note) < 200
     with pytest.raises(ValueError, match="set `nominal`"):
         b1_from_series(_series(stored), 1600.0)  # reads 0.43 ... 0.58: plausible voxels, an implausible median
     with pytest.raises(ValueError, match="is `nominal` right"):
