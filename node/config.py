@@ -507,6 +507,9 @@ class Route(_Model):
     send_to: list[str] = Field(default_factory=list)
     reply_over_mrd: bool = False
     allow_partial: bool = False  # run even when the input is incomplete (fewer frames/slices than declared)
+    # raw jobs of a pipeline that takes a measured B1 map: wait up to this long (from the data's arrival) for a
+    # b1_map job of their study when none has come yet; 0: wait only for one already queued or running
+    wait_for_b1_seconds: float = Field(0.0, ge=0, le=86400)
     resources: RouteResources = Field(default_factory=RouteResources)
 
 
@@ -758,12 +761,31 @@ def _cross_check(cfg: SiteConfig, check_pipelines: bool) -> list[Problem]:
                 )
             )
         try:
-            spec.resolve_params(r.params)
+            resolved = spec.resolve_params(r.params)
         except ValueError as e:
             bad = [p for p in r.params if p not in spec.params]
             sub = f".params.{bad[0]}" if bad else ".params"
             valid = ", ".join(f"{n} (default {p.default!r})" for n, p in spec.params.items()) or "none"
             problems.append((f"{key}{sub}", str(e), f"parameters of {spec.name}: {valid}"))
+            continue
+        if r.wait_for_b1_seconds > 0 and resolved.get("b1_measured", "off") == "off":
+            problems.append(
+                (
+                    f"{key}.wait_for_b1_seconds",
+                    f"pipeline {spec.name!r} does not use a measured B1 map"
+                    + (" (b1_measured is 'off')" if "b1_measured" in spec.params else ""),
+                    "remove wait_for_b1_seconds, or route to a pipeline with b1_measured auto or required",
+                )
+            )
+        if r.wait_for_b1_seconds > 0 and r.reply_over_mrd:
+            problems.append(
+                (
+                    f"{key}.wait_for_b1_seconds",
+                    "a route that replies over MRD runs its job while the scanner waits on the connection; "
+                    "it cannot wait for a B1 series",
+                    "remove wait_for_b1_seconds or reply_over_mrd",
+                )
+            )
     return problems
 
 
@@ -1092,6 +1114,7 @@ def summary(cfg: SiteConfig) -> str:
             (f" params {r.params}" if r.params else "")
             + (f" -> {', '.join(r.send_to)}" if r.send_to else "")
             + (" (reply over MRD)" if r.reply_over_mrd else "")
+            + (f" (waits up to {r.wait_for_b1_seconds:g} s for the study's B1 series)" if r.wait_for_b1_seconds else "")
         )
         lines.append(f"  {r.name}: [{conds}] => {r.pipeline}{extra}")
     lines.append(f"destinations ({len(cfg.destinations)}):")

@@ -61,6 +61,34 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 """
 
 
+# A raw job waits for its study's measured B1 map (``b1_map`` jobs of the same StudyInstanceUID): while one is
+# queued or running, up to ``pending_until``; while none has come at all, up to ``arrive_until`` (the route's
+# ``wait_for_b1_seconds``). A failed B1 job ends the wait: the MRF job runs on the field.
+B1_PENDING_WAIT_S = 300.0
+_SAME_STUDY = (
+    "{uid} IN (json_extract(b.attributes, '$.StudyInstanceUID'), json_extract(b.attributes, '$.studyInstanceUID'))"
+)
+_B1_JOB = "SELECT 1 FROM jobs b WHERE b.pipeline = 'b1_map' AND " + _SAME_STUDY.format(
+    uid="json_extract(j.attributes, '$.b1_wait.study')"
+)
+_WAITS_FOR_B1 = (
+    "(json_extract(j.attributes, '$.b1_wait.study') IS NOT NULL AND ("
+    f"(? < json_extract(j.attributes, '$.b1_wait.pending_until') AND EXISTS ({_B1_JOB} AND b.state IN "
+    "('queued', 'running'))) "
+    f"OR (? < json_extract(j.attributes, '$.b1_wait.arrive_until') AND NOT EXISTS ({_B1_JOB} AND b.state != "
+    "'unrouted'))))"
+)
+
+
+def b1_wait(study_uid: str, wait_for_arrival_s: float, now: float) -> dict[str, Any]:
+    """The ``b1_wait`` attribute of a raw job that takes its study's measured B1 map (see :meth:`JobStore.claim`)."""
+    return {
+        "study": study_uid,
+        "pending_until": now + max(wait_for_arrival_s, B1_PENDING_WAIT_S),
+        "arrive_until": now + wait_for_arrival_s,
+    }
+
+
 @dataclass
 class Job:
     id: str
@@ -265,22 +293,36 @@ class JobStore:
             (pipeline, study_uid),
         )
 
+    def study_b1_job(self, study_uid: str, states: Collection[str] = ("queued", "running")) -> Job | None:
+        """The oldest ``b1_map`` job of the study ``study_uid`` in one of ``states`` (default: not finished yet)."""
+        st = sorted(states)
+        return self._one(
+            f"SELECT * FROM jobs b WHERE b.pipeline = 'b1_map' AND b.state IN ({','.join('?' * len(st))}) "
+            f"AND {_SAME_STUDY.format(uid='?')} ORDER BY b.seq LIMIT 1",
+            (*st, study_uid),
+        )
+
     def claim(self, skip_routes: Collection[str] = ()) -> Job | None:
-        """Atomically take the oldest queued job: it becomes ``running`` and its attempts go up by one.
+        """Atomically take the oldest queued job that may run now: it becomes ``running`` and its attempts go up by
+        one (a note in its error column saying why it waited is cleared).
 
         ``skip_routes``: leave the jobs of these routes queued (an executor that cannot run them now, e.g. a
-        cluster without the GPU the route asks for)."""
+        cluster without the GPU the route asks for). A job with a ``b1_wait`` attribute (:func:`b1_wait`) stays
+        queued while it waits for its study's B1 map."""
         now = time.time()
         skip = sorted(skip_routes)
-        where = f" AND COALESCE(route, '') NOT IN ({','.join('?' * len(skip))})" if skip else ""
+        where = f" AND COALESCE(j.route, '') NOT IN ({','.join('?' * len(skip))})" if skip else ""
         with self._tx() as db:
             row = db.execute(
-                f"SELECT id FROM jobs WHERE state = 'queued'{where} ORDER BY seq LIMIT 1", tuple(skip)
+                f"SELECT j.id FROM jobs j WHERE j.state = 'queued'{where} AND NOT {_WAITS_FOR_B1} "
+                "ORDER BY j.seq LIMIT 1",
+                (*skip, now, now),
             ).fetchone()
             if row is None:
                 return None
             db.execute(
-                "UPDATE jobs SET state='running', attempts=attempts+1, started=?, updated=?, finished=NULL "
+                "UPDATE jobs SET state='running', attempts=attempts+1, started=?, updated=?, finished=NULL, "
+                "error=CASE WHEN error LIKE 'waiting for %' THEN NULL ELSE error END "
                 "WHERE id = ? AND state = 'queued'",
                 (now, now, row["id"]),
             )

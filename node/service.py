@@ -28,6 +28,7 @@ from node.executors import make_executor
 from node.ingest.units import Admission, IngestUnit, unit_from_disk
 from node.jobs import JobStore
 from node.routing import route
+from node.study_b1 import wait_attributes
 from node.worker import JobResult, error_text
 from pipelines.compute import set_threads
 
@@ -100,6 +101,7 @@ class NodeService:
                 )
             return Admission(job.id, job.state)
         claim = inline and r.reply_over_mrd
+        waits, note = wait_attributes(self.store, r, unit.kind, attrs, inline=claim)
         job, created = self.store.create(
             unit.path,
             unit.kind,
@@ -108,7 +110,8 @@ class NodeService:
             pipeline=r.pipeline,
             params=r.params,
             send_to=r.send_to,
-            attributes=attrs,
+            attributes={**attrs, **waits},
+            error=note,
             claim=claim,
         )
         if created:
@@ -121,7 +124,7 @@ class NodeService:
                 unit.path.name,
                 r.name,
                 r.pipeline,
-                "running now" if claim else "queued",
+                "running now" if claim else "queued" + (f", {note}" if note else ""),
             )
         else:
             log.info(

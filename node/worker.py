@@ -30,6 +30,7 @@ from node.config import SiteConfig
 from node.cores import CoreShare
 from node.jobs import Job, JobStore
 from node.run import RunOutcome, RunRequest, run_unit
+from node.study_b1 import study_b1_reference
 from pipelines.compute import thread_budget
 
 log = logging.getLogger("recon-node.worker")
@@ -82,28 +83,6 @@ def check_input_complete(job: Job, study: Any, allow_partial: bool) -> str | Non
         f"{problem}; the route {job.route!r} does not allow partial data (send the whole scan, "
         "or set `allow_partial: true` on the route and `recon-node retry` the job)"
     )
-
-
-def study_b1_reference(store: JobStore, job: Job, jlog: logging.Logger) -> Path | None:
-    """maps.npz of the latest finished ``b1_map`` job of a raw job's study (its measured B1 series), or None; only
-    for pipelines that take one (a ``b1_measured`` parameter)."""
-    from pipelines.definitions import get_pipeline
-
-    try:
-        if "b1_measured" not in get_pipeline(job.pipeline or "").params:
-            return None
-    except ValueError:  # an unknown pipeline: the run fails on it with its own message
-        return None
-    uid = job.attributes.get("studyInstanceUID") if job.kind == "mrd" else None
-    ref = store.study_result("b1_map", str(uid)) if uid else None
-    if ref is None or ref.result_dir is None:
-        return None
-    path = Path(ref.result_dir) / "maps.npz"
-    if not path.is_file():
-        jlog.warning("the study's B1 map (job %s) has no results any more (%s): not used", ref.id, path)
-        return None
-    jlog.info("the study's measured B1 map: job %s (route %s)", ref.id, ref.route)
-    return path
 
 
 @dataclass

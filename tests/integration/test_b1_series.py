@@ -3,13 +3,15 @@
 The scanner's B1 map (a tfl_b1map-like series, sent with DCMTK's storescu) is routed to ``b1_map``; the raw MRF
 stream of the same study (``ismrmrd`` over the MRD port) is reconstructed with B1 held at it, and its B1 map
 output reads the measured B1 (here the truth, noise-free) instead of the field estimated from the fingerprints. A
-raw stream of another study is matched without it.
+raw stream of another study is matched without it; and a raw job waits for a B1 series sent after it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -113,3 +115,52 @@ def test_process_takes_a_b1_map_from_a_b1_map_run(tmp_path):
             "b1_measured=required", "--out", str(tmp_path / "out2"), "--no-dicom", "--quiet", ok=False)
     assert p.returncode != 0 and "b1_measured is 'required' but the study has no measured B1 series" in p.stderr
     assert "bad.npz cannot be read" in p.stderr, p.stderr
+
+
+def test_a_raw_job_waits_for_a_b1_series_sent_after_it(tmp_path):
+    """A scanner that sends its DICOM at the end of the exam: the raw MRF stream comes first. With the route's
+    ``wait_for_b1_seconds`` its job waits, queued and saying so in ``recon-node status``, until the study's B1
+    series has come and been processed, and then uses it."""
+    if not os.path.exists(STORESCU):
+        pytest.skip("DCMTK storescu is not installed")
+    with one_torch_thread():
+        raw = simulate_study(
+            "brain", fisp_sequence(), AcquisitionSettings(trajectory="spiral", coils=4, snr=50.0, seed=5), matrix=32
+        )
+    raw.study = replace(raw.study, study_instance_uid=STUDY, frame_of_reference_uid=FRAME_OF_REFERENCE)
+    truth, body = raw.truth["b1"], raw.truth["labels"] > 0
+    rel, geometry = simulate_b1_series(truth[None], body[None], raw.geometry, matrix=32, fov_mm=240.0, noise=0.0)
+    files = write_b1_series(rel, geometry, raw.study, tmp_path / "b1")
+
+    node = start_node(tmp_path, {
+        "node": {"ae_title": NODE_AE},
+        "grouping": {"default": {"by": "series", "quiet_seconds": 1}},
+        "routes": [
+            {"name": "b1", "match": {"input": "dicom", "series_description": "tfl_b1map"}, "pipeline": "b1_map",
+             "params": {"nominal": 800}},
+            {"name": "raw-mrf", "match": {"input": "mrd"}, "pipeline": "mrf", "wait_for_b1_seconds": 600},
+        ],
+    })
+    try:
+        said = [r for r in send_study(raw, "127.0.0.1", node.mrd_port, timeout=120) if isinstance(r, str)]
+        assert len(said) == 1 and said[0].endswith(" queued"), said
+        job_id = said[0].split()[1]
+        time.sleep(3.0)  # the worker polls each second: it would have claimed the job by now
+        queued = node.wait_job_state("queued", job_id=job_id)
+        assert queued.error.startswith("waiting for the study's B1 series until "), queued.error
+        assert "waiting for the study's B1 series" in json.dumps(node.status_json())
+        p = subprocess.run([STORESCU, "-aet", "TEST_SCU", "-aec", NODE_AE, "127.0.0.1", str(node.dicom_port),
+                            *map(str, files)], capture_output=True, text=True,
+                           env={**os.environ, "TCP_NODELAY": "1"}, timeout=120)
+        assert p.returncode == 0, p.stderr
+        job = node.wait_job_state("done", job_id=job_id, timeout=600)
+        b1_job = next(j for j in node.jobs() if j.pipeline == "b1_map")
+    finally:
+        assert node.stop() == 0, node.log()[-3000:]
+    assert b1_job.state in ("done", "sent") and job.started >= b1_job.finished
+    assert f"the study's measured B1 map: job {b1_job.id}" in job.log, job.log
+    assert "s for the study's B1 map" in job.log and job.error is None, job.log
+    with np.load(Path(job.result_dir) / "maps.npz") as f:
+        b1, mapped = f["b1"][0], f["t1"][0] > 0
+    inside = mapped & body
+    assert np.median(np.abs(b1[inside] - truth[inside])) < 0.005  # the measured B1, not the field

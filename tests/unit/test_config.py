@@ -116,6 +116,23 @@ def test_cross_checks(tmp_path):
     assert "routes[2].match.source" in p
 
 
+def test_wait_for_b1_only_where_a_b1_map_is_used(tmp_path):
+    data = base(tmp_path)
+    data["routes"] = [
+        {"name": "a", "match": {"input": "mrd"}, "pipeline": "mrf", "wait_for_b1_seconds": 900},
+        {"name": "b", "match": {"input": "mrd"}, "pipeline": "cartesian_frames", "wait_for_b1_seconds": 60},
+        {"name": "c", "pipeline": "mrf", "params": {"b1_measured": "off"}, "wait_for_b1_seconds": 60},
+        {"name": "d", "pipeline": "mrf", "reply_over_mrd": True, "wait_for_b1_seconds": 60},
+    ]
+    p = problems(data)
+    assert "routes[0].wait_for_b1_seconds" not in p
+    assert "does not use a measured B1 map" in p["routes[1].wait_for_b1_seconds"][0]
+    assert "(b1_measured is 'off')" in p["routes[2].wait_for_b1_seconds"][0]
+    assert "cannot wait for a B1 series" in p["routes[3].wait_for_b1_seconds"][0]
+    data["routes"] = [{"name": "e", "pipeline": "mrf", "wait_for_b1_seconds": -1}]
+    assert "routes[0].wait_for_b1_seconds" in problems(data)
+
+
 def test_bad_param_value_is_a_config_error(tmp_path):
     data = base(tmp_path)
     data["routes"] = [{"name": "m", "pipeline": "mrf_maps_from_images", "params": {"model": "nonsense"}}]

@@ -49,7 +49,8 @@ def test_claim_skips_routes_and_waiting_jobs_carry_a_note(tmp_path):
     assert s.note_waiting([gpu.id, cpu.id], "waiting for resources: gpu (x)") == 2
     assert s.note_waiting([gpu.id], "waiting for resources: gpu (x)") == 0  # unchanged: not rewritten
     assert s.claim(skip_routes={"gpu"}).id == cpu.id
-    assert s.get(cpu.id).error == "waiting for resources: gpu (x)"  # claimed jobs are not touched again
+    assert s.get(cpu.id).error is None  # the claim ends the wait, and its note
+    assert s.note_waiting([cpu.id], "waiting for resources: gpu (x)") == 0  # a running job is not noted again
     assert s.claim(skip_routes={"gpu"}) is None
     assert s.note_waiting([gpu.id], None) == 1 and s.get(gpu.id).error is None
     assert s.claim().id == gpu.id
