@@ -26,17 +26,24 @@ from pathlib import Path
 from typing import Any
 
 from node.durable import fsync_dir
+from pipelines.io.disk_rows import DiskRows
 from pipelines.io.ismrmrd_dicom import HDF5_SIGNATURE
 
 _MRD_SUFFIXES = (".h5", ".hdf5", ".mrd", ".ismrmrd")
 
 
 def load_study(
-    path: Path, kind: str | None = None, *, allow_partial: bool = False, log: logging.Logger | None = None
+    path: Path,
+    kind: str | None = None,
+    *,
+    allow_partial: bool = False,
+    log: logging.Logger | None = None,
+    spill_dir: Path | None = None,
 ) -> Any:
     """The input as a RawStudy (``kind`` mrd: an ISMRMRD file) or an ImageStudy (``kind`` dicom: a DICOM file or
     folder); ``kind`` None tells them apart by suffix and HDF5 signature. ``allow_partial``: a DICOM series with
     fewer frames than its instances declare is read anyway (the reader refuses it otherwise -- issue 15 item 4).
+    ``spill_dir``: where a large raw study's samples wait on disk while the pipeline takes one slice at a time.
     """
     if not path.exists():
         raise FileNotFoundError(f"input {path} does not exist")
@@ -51,7 +58,7 @@ def load_study(
     if kind == "mrd":
         from pipelines.io.mrd_reader import raw_study_from_hdf5
 
-        return raw_study_from_hdf5(path)
+        return raw_study_from_hdf5(path, spill_dir=spill_dir)
     from pipelines.io.dicom_reader import image_study_from_dicom
 
     return image_study_from_dicom(path, allow_partial=allow_partial, logger=log)
@@ -196,8 +203,16 @@ def compute_unit(
     device = select_device(req.device, fallback_log=plog if req.device_fallback else None)
     stage("load")
     t_load = time.perf_counter()
-    study = load_study(req.input, req.kind, allow_partial=req.allow_partial, log=log)
+    study = load_study(
+        req.input, req.kind, allow_partial=req.allow_partial, log=log, spill_dir=req.tmp_root or req.out_dir.parent
+    )
     timings = {"load": time.perf_counter() - t_load}
+    if isinstance(getattr(study, "data", None), DiskRows):
+        plog.info(
+            "%.2f GB of raw samples wait on disk (an unnamed file in %s); the pipeline reads one slice at a time",
+            study.data.nbytes / 1e9,
+            req.tmp_root or req.out_dir.parent,
+        )
     if req.b1_reference is not None and isinstance(study, RawStudy):
         try:
             study.b1_measured = load_map(req.b1_reference, "b1")

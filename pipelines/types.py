@@ -7,9 +7,12 @@ print without a device attached.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipelines.io.disk_rows import DiskRows
 
 
 @dataclass
@@ -151,7 +154,9 @@ class RawStudy:
     """
 
     header_xml: str
-    data: np.ndarray  # complex64 [acquisitions, coils, samples]
+    # complex64 [acquisitions, coils, samples]; a large study read with a spill folder keeps them on disk (DiskRows:
+    # index it by rows, e.g. one slice's, rather than use it whole)
+    data: np.ndarray | DiskRows
     trajectory: np.ndarray | None  # float32 [acquisitions, samples, dims] in ISMRMRD units (cycles/FOV * matrix)
     line: np.ndarray  # int [acquisitions]
     frame: np.ndarray  # int [acquisitions]

@@ -35,6 +35,7 @@ import ismrmrd.xsd as x
 import numpy as np
 from ismrmrd.hdf5 import acquisition_header_dtype
 
+from pipelines.io.disk_rows import SPILL_BYTES, DiskRows, RowWriter
 from pipelines.physics.sequences import sequence_from_ismrmrd
 from pipelines.types import Geometry, RawStudy, StudyInfo
 
@@ -265,13 +266,14 @@ def _assemble(
     header_xml: str,
     header: x.ismrmrdHeader,
     heads: np.ndarray,
-    flat: np.ndarray,
+    flat: np.ndarray | DiskRows,
     trajectory: np.ndarray | None,
     where: str,
     source_path: str,
 ) -> RawStudy:
     """RawStudy from the imaging rows' headers (structured array; :func:`_imaging_rows`), their samples as float32
-    [rows, 2 x coils x samples] and trajectories as float32 [rows, samples x dimensions] (None: none sent)."""
+    [rows, 2 x coils x samples] (or on disk, already [rows, coils, samples]) and trajectories as float32
+    [rows, samples x dimensions] (None: none sent)."""
     if not header.encoding:
         raise ValueError(f"{where}: the ISMRMRD header has no encoding")
     n_c, n_s, n_d = (
@@ -279,7 +281,7 @@ def _assemble(
         int(heads["number_of_samples"][0]),
         int(heads["trajectory_dimensions"][0]),
     )
-    kspace = flat.view(np.complex64).reshape(heads.size, n_c, n_s)
+    kspace = flat if isinstance(flat, DiskRows) else flat.view(np.complex64).reshape(heads.size, n_c, n_s)
     kind = header.encoding[0].trajectory.value
     if trajectory is not None:
         trajectory = trajectory.reshape(heads.size, n_s, n_d)
@@ -314,13 +316,17 @@ def _parse_header(xml: str | bytes, where: str) -> x.ismrmrdHeader:
 
 
 # ---- public entry points -----------------------------------------------------------------------------------------
-def raw_study_from_hdf5(path: str | Path, dataset: str = "dataset") -> RawStudy:
+def raw_study_from_hdf5(path: str | Path, dataset: str = "dataset", spill_dir: Path | None = None) -> RawStudy:
     """Read an ISMRMRD HDF5 file (group ``dataset``) into a RawStudy. Errors name the file and the problem.
 
     One pass in blocks of ~:data:`_BLOCK_BYTES`, each block's samples copied straight into one array, so the study
     is held once: per-acquisition vectors and their stacked copy held it twice (10 slices of 256² Cartesian FISP at
     R 5, 16 coils, are 16 GB of samples). There is no cheap headers-first pass to size the array from: HDF5 reads
-    the samples for the headers too."""
+    the samples for the headers too.
+
+    ``spill_dir``: a study of more than :data:`~pipelines.io.disk_rows.SPILL_BYTES` of samples is not held at all:
+    its blocks go to an unnamed file there, and ``data`` is a :class:`~pipelines.io.disk_rows.DiskRows` that reads
+    the rows a pipeline asks for (one slice at a time)."""
     path = Path(path)
     where = str(path)
     with _open(path) as f:
@@ -333,6 +339,7 @@ def raw_study_from_hdf5(path: str | Path, dataset: str = "dataset") -> RawStudy:
         parts: list[np.ndarray] = []
         flat = traj = np.empty((0, 0), np.float32)
         sizes: tuple[int, int, int] | None = None
+        writer: RowWriter | None = None
         filled = 0
         for s in range(0, n, block):
             heads, data, tr = _read_block(ds, s, min(s + block, n), path)
@@ -348,20 +355,36 @@ def raw_study_from_hdf5(path: str | Path, dataset: str = "dataset") -> RawStudy:
                     int(h["trajectory_dimensions"][0]),
                 )
                 _check_first(data[rows[0]], s + int(rows[0]), sizes[0], sizes[1], where)
-                flat, traj = _allocate(n, 2 * sizes[0] * sizes[1], sizes[1] * sizes[2], where)
+                width = 2 * sizes[0] * sizes[1]
+                if spill_dir is not None and n * width * 4 > SPILL_BYTES:
+                    try:
+                        writer = RowWriter(spill_dir, width)
+                    except OSError as e:  # a read-only or missing folder: held in memory, as before
+                        log.warning(
+                            "%s: cannot keep the samples on disk in %s (%s); reading them into memory",
+                            where,
+                            spill_dir,
+                            e,
+                        )
+                flat, traj = _allocate(n, 0 if writer else width, sizes[1] * sizes[2], where)
             if any(np.any(h[k] != v) for k, v in zip(_SIZE_FIELDS, sizes, strict=True)):
                 _imaging_rows(np.concatenate(parts), where)  # raises, naming the count that differs
             at = filled + np.arange(rows.size)
-            _fill(flat, at, data[rows], where, f"{sizes[0]} coils x {sizes[1]} complex samples")
+            expected = f"{sizes[0]} coils x {sizes[1]} complex samples"
+            if writer is not None:
+                buf = np.empty((rows.size, writer.width), np.float32)
+                _fill(buf, np.arange(rows.size), data[rows], where, expected)
+                writer.append(buf)
+            else:
+                _fill(flat, at, data[rows], where, expected)
             if sizes[2] > 0:
                 _fill(traj, at, tr[rows], where, f"{sizes[1]} x {sizes[2]} trajectory values")
             filled += rows.size
             del data, tr
     heads = np.concatenate(parts) if parts else np.empty(0, acquisition_header_dtype)
-    idx, (_, _, n_d) = _imaging_rows(heads, where)
-    return _assemble(
-        xml, header, heads[idx], flat[:filled], traj[:filled] if n_d > 0 else None, where, source_path=str(path)
-    )
+    idx, (n_c, n_s, n_d) = _imaging_rows(heads, where)
+    samples = writer.finish(n_c, n_s) if writer is not None else flat[:filled]
+    return _assemble(xml, header, heads[idx], samples, traj[:filled] if n_d > 0 else None, where, source_path=str(path))
 
 
 def _check_first(vector: Any, row: int, n_c: int, n_s: int, where: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipelines.io.disk_rows import ROW_CHUNK
 from pipelines.types import RawStudy
 
 
@@ -71,7 +72,9 @@ def reconstruct_frames(raw: RawStudy, maps: np.ndarray | None = None, chunk: int
     if maps is None:
         ny, nx = raw.matrix
         mean_k = np.zeros((raw.data.shape[1], ny, nx), dtype=np.complex128)
-        np.add.at(mean_k.transpose(1, 0, 2), raw.line, raw.data)
+        for lo in range(0, raw.line.size, ROW_CHUNK):  # a chunk at a time: the study may be on disk (DiskRows)
+            rows = slice(lo, lo + ROW_CHUNK)
+            np.add.at(mean_k.transpose(1, 0, 2), raw.line[rows], raw.data[rows])
         maps = coil_maps_from_mean(ifft2c(mean_k / n_frames)[None])
     out = np.empty((n_frames, *raw.matrix), dtype=np.complex64)
     for i in range(0, n_frames, chunk):

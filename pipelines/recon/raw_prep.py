@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.io.disk_rows import ROW_CHUNK
 from pipelines.types import RawStudy
 
 log = logging.getLogger(__name__)
@@ -157,12 +158,13 @@ def cartesian_kspace(raw: RawStudy, frame: int | None = None) -> tuple[np.ndarra
             f"encoded matrix ({ny} lines, centre {_centre_line(raw)})"
         )
     keep = readout_keep(raw)
-    data = _crop_readout(raw.data[rows], keep)
     slices = _slices(raw)
     s_index = np.searchsorted(slices, raw.slice[rows])
     k = np.zeros((slices.size, raw.data.shape[1], ny, keep), dtype=np.complex128)
     count = np.zeros((slices.size, ny), dtype=np.int64)
-    np.add.at(k.transpose(0, 2, 1, 3), (s_index, line), data)
+    for lo in range(0, rows.size, ROW_CHUNK):  # a chunk of readouts at a time: the study may be on disk (DiskRows)
+        part = slice(lo, lo + ROW_CHUNK)
+        np.add.at(k.transpose(0, 2, 1, 3), (s_index[part], line[part]), _crop_readout(raw.data[rows[part]], keep))
     np.add.at(count, (s_index, line), 1)
     k /= np.maximum(count, 1)[:, None, :, None]
     mask = np.broadcast_to((count > 0)[:, :, None], (slices.size, ny, keep)).copy()

@@ -188,3 +188,29 @@ def test_cartesian_t1ff_fat_fraction_from_raw_data(dict_cache, tmp_path):
     assert np.mean(list(ff.values())) < 1.2
     before, _, _ = errors({"coil_maps": "lowres"})
     assert max(before.values()) > 2.5 * max(ff.values())
+
+
+def test_maps_of_a_study_kept_on_disk_are_those_of_the_study_in_memory(tmp_path, dict_cache):
+    """The node reads a large raw study into a spill file (DiskRows) and the pipeline takes one slice's rows at a
+    time: the maps are bit for bit those of the same study held in memory (two slices, spiral and Cartesian)."""
+    import pipelines.io.mrd_reader as reader
+    from pipelines.io.disk_rows import DiskRows
+
+    for trajectory in ("spiral", "cartesian"):
+        study = simulate_study("brain", fisp_sequence(), AcquisitionSettings(trajectory=trajectory, coils=2, snr=30),
+                               matrix=24, n_slices=2)
+        path = write_ismrmrd(study, tmp_path / f"{trajectory}.h5")
+        spill_bytes = reader.SPILL_BYTES
+        try:
+            reader.SPILL_BYTES = 0
+            on_disk = raw_study_from_hdf5(path, spill_dir=tmp_path / "spill")
+        finally:
+            reader.SPILL_BYTES = spill_bytes
+        assert isinstance(on_disk.data, DiskRows)
+        ctx = RunContext(cache_dir=dict_cache)
+        params = {"iterations": 3, "admm_iterations": 3}
+        got = {m.kind: m.data for m in get_pipeline("mrf")(on_disk, params, ctx)}
+        want = {m.kind: m.data for m in get_pipeline("mrf")(raw_study_from_hdf5(path), params, ctx)}
+        assert set(got) == set(want) and got["t1"].shape[0] == 2
+        for kind in want:
+            np.testing.assert_array_equal(got[kind], want[kind], err_msg=f"{trajectory} {kind}")

@@ -363,6 +363,68 @@ def test_reader_holds_the_study_once(tmp_path):
     assert 1.0 <= ratio < 1.6, ratio
 
 
+def test_a_large_study_waits_on_disk_and_is_read_a_slice_at_a_time(tmp_path):
+    """With a spill folder (the node's <spool>/tmp) a study larger than SPILL_BYTES is not held: the reader's peak
+    RSS does not grow with the study (a fixed ~90 MB of HDF5 blocks and headers; held in memory it grows by 1.28x
+    the samples), nor does reading an eighth of the rows at a time; the rows read are exactly those of the
+    in-memory reader, and the spill file has no name (nothing is left behind)."""
+    import pipelines.io.mrd_reader as reader
+    from pipelines.io.disk_rows import DiskRows
+
+    spill = tmp_path / "spill"
+    code = (
+        "import re, sys\n"
+        "from pathlib import Path\n"
+        "import pipelines.io.mrd_reader as reader\n"
+        "def hwm():\n"
+        "    with open('/proc/self/status') as f:\n"
+        "        return int(re.search(r'VmHWM:\\s+(\\d+)', f.read()).group(1)) * 1024\n"
+        "reader.SPILL_BYTES = 0\n"
+        "base = hwm()\n"
+        "raw = reader.raw_study_from_hdf5(sys.argv[1], spill_dir=Path(sys.argv[2]))\n"
+        "read = hwm() - base\n"
+        "n = raw.data.shape[0] // 8\n"
+        "for i in range(8):\n"
+        "    part = raw.data[i * n:(i + 1) * n]\n"
+        "    del part\n"
+        "print(type(raw.data).__name__, raw.data.nbytes, read, hwm() - base)\n"
+    )
+    growth = {}
+    for frames in (1000, 2000):
+        path = write_ismrmrd(make_study("spiral", n_frames=frames, n_readouts=2, n_coils=16, n_samples=512),
+                             tmp_path / f"m{frames}.h5")
+        out = subprocess.run([sys.executable, "-c", code, str(path), str(spill)], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        kind, nbytes, read, sliced = out.stdout.split()
+        assert kind == "DiskRows"
+        growth[frames] = (int(nbytes), int(read), int(sliced))
+    (n1, r1, s1), (n2, r2, s2) = growth[1000], growth[2000]
+    print(f"peak RSS growth reading {n1 / 1e6:.0f} / {n2 / 1e6:.0f} MB of samples: {r1 / 1e6:.0f} / {r2 / 1e6:.0f} MB; "
+          f"after reading an eighth at a time {s1 / 1e6:.0f} / {s2 / 1e6:.0f} MB")
+    assert r2 - r1 < 0.15 * (n2 - n1) and s2 - s1 < 0.15 * (n2 - n1)  # in memory: 1.28 x (n2 - n1)
+    assert r2 < 0.5 * n2 and s2 < 0.5 * n2
+
+    in_memory = raw_study_from_hdf5(path)
+    spill_bytes = reader.SPILL_BYTES
+    try:
+        reader.SPILL_BYTES = 0
+        on_disk = raw_study_from_hdf5(path, spill_dir=spill)
+        (tmp_path / "a-file").write_text("")
+        nowhere = raw_study_from_hdf5(path, spill_dir=tmp_path / "a-file" / "spill")  # cannot: kept in memory
+    finally:
+        reader.SPILL_BYTES = spill_bytes
+    assert isinstance(nowhere.data, np.ndarray)
+    assert isinstance(on_disk.data, DiskRows) and on_disk.data.shape == in_memory.data.shape
+    assert list(spill.iterdir()) == []  # an unnamed file
+    rows = np.flatnonzero(in_memory.frame % 7 == 3)
+    np.testing.assert_array_equal(on_disk.data[rows], in_memory.data[rows])
+    np.testing.assert_array_equal(on_disk.data[5], in_memory.data[5])
+    np.testing.assert_array_equal(np.asarray(on_disk.data), in_memory.data)  # whole, for code that needs it so
+    small = raw_study_from_hdf5(path, spill_dir=spill)  # 262 MB, under the threshold: in memory, as before
+    assert isinstance(small.data, np.ndarray)
+
+
 def test_stream_reader_needs_header_and_acquisitions():
     s = make_study("cartesian")
     with pytest.raises(ValueError, match="no ISMRMRD header"):
@@ -476,3 +538,45 @@ def test_reader_takes_a_file_written_by_the_c_library(tmp_path):
     np.testing.assert_array_equal(raw.frame, np.repeat([0, 1], 32))
     np.testing.assert_array_equal(raw.line, np.tile(np.arange(32), 2))
     assert raw.study.institution_name == "ISMRM Synthetic Imaging Lab" and raw.sequence is None
+
+
+def test_disk_rows_index_as_the_array_does(tmp_path):
+    from pipelines.io.disk_rows import RowWriter
+
+    rng = np.random.default_rng(1)
+    a = (rng.standard_normal((50, 3, 8)) + 1j * rng.standard_normal((50, 3, 8))).astype(np.complex64)
+    w = RowWriter(tmp_path, 2 * 3 * 8)
+    w.append(a[:20].view(np.float32).reshape(20, -1))
+    w.append(a[20:].view(np.float32).reshape(30, -1))
+    d = w.finish(3, 8)
+    assert d.shape == a.shape and len(d) == 50 and d.nbytes == a.nbytes
+    mask = a[:, 0, 0].real > 0
+    for key in (7, -1, slice(None), slice(3, 40, 4), slice(10, 10), [4, 5, 6, 30, 2, 2], np.array([[1, 2], [3, 9]]),
+                mask, (slice(5, 9), 1), (np.arange(3), slice(None), slice(2, 4)), (0, 2, 7)):
+        np.testing.assert_array_equal(d[key], a[key], err_msg=str(key))
+    with pytest.raises(IndexError):
+        d[50]
+    with pytest.raises(ValueError, match="rows of 48 float32 values"):
+        w.append(np.zeros((2, 47), np.float32))
+
+
+def test_whole_study_sums_in_chunks_match_one_sum(tmp_path, monkeypatch):
+    """cartesian_kspace and the frames' mean k-space sum a study a chunk of readouts at a time (it may be on disk):
+    the same k-space, to float rounding, as one sum over every readout, from memory and from disk."""
+    import pipelines.io.mrd_reader as reader
+    import pipelines.recon.cartesian as cartesian
+    import pipelines.recon.raw_prep as raw_prep
+
+    path = write_ismrmrd(make_study("cartesian", n_frames=300, n_readouts=4, n_coils=2), tmp_path / "c.h5")
+    raw = raw_study_from_hdf5(path)
+    monkeypatch.setattr(reader, "SPILL_BYTES", 0)
+    on_disk = raw_study_from_hdf5(path, spill_dir=tmp_path)
+    want_k, want_mask = raw_prep.cartesian_kspace(raw)
+    want_frames = cartesian.reconstruct_frames(raw)
+    for module in (raw_prep, cartesian):
+        monkeypatch.setattr(module, "ROW_CHUNK", 100)  # 12 chunks of the 1200 readouts
+    for study in (raw, on_disk):
+        k, mask = raw_prep.cartesian_kspace(study)
+        np.testing.assert_allclose(k, want_k, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(mask, want_mask)
+        np.testing.assert_allclose(cartesian.reconstruct_frames(study), want_frames, rtol=1e-5, atol=1e-5)
