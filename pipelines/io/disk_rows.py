@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Any
 
@@ -67,7 +68,19 @@ class DiskRows:
                 if n <= 0:
                     raise OSError(f"the raw samples' spill file ended at byte {offset + done} (expected more rows)")
                 done += n
+        if cuts.size == 0:
+            self._read_ahead(int(rows[-1]) + 1, rows.size, row_bytes)
         return out
+
+    def _read_ahead(self, start: int, count: int, row_bytes: int) -> None:
+        """Ask the kernel to read the ``count`` rows after a contiguous read while the caller computes: slices
+        usually follow one another in the file, and at 16 GB the file is not all in the page cache (without this,
+        reading each 1.6 GB slice added ~4 s to its reconstruction)."""
+        stop = min(start + count, self.shape[0])
+        if stop <= start or not hasattr(os, "posix_fadvise"):
+            return
+        args = (self._fh.fileno(), start * row_bytes, (stop - start) * row_bytes, os.POSIX_FADV_WILLNEED)
+        threading.Thread(target=_advise, args=args, name="disk-rows-read-ahead", daemon=True).start()
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         """The whole study in memory: what this class exists to avoid, kept so that any array code still works."""
@@ -76,6 +89,13 @@ class DiskRows:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def _advise(fd: int, offset: int, length: int, advice: int) -> None:
+    try:
+        os.posix_fadvise(fd, offset, length, advice)
+    except OSError:  # a hint: a closed file or a file system without it changes nothing
+        pass
 
 
 class RowWriter:
