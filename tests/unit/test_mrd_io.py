@@ -580,3 +580,31 @@ def test_whole_study_sums_in_chunks_match_one_sum(tmp_path, monkeypatch):
         np.testing.assert_allclose(k, want_k, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(mask, want_mask)
         np.testing.assert_allclose(cartesian.reconstruct_frames(study), want_frames, rtol=1e-5, atol=1e-5)
+
+
+def test_the_node_keeps_a_large_study_in_its_tmp_folder(tmp_path, monkeypatch, caplog):
+    """run_unit (the node and `recon-node process`) reads a large raw study into the job's tmp folder, says so in
+    the job log, and writes the same images as from memory."""
+    import logging
+
+    import pipelines.io.mrd_reader as reader
+    from node import run
+
+    path = write_ismrmrd(make_study("cartesian", n_frames=20), tmp_path / "c.h5")
+
+    def images(tmp_root, out):
+        req = run.RunRequest(input=path, pipeline="cartesian_frames", params={}, out_dir=out, job_id="j-1",
+                             dicom=False, device="cpu", tmp_root=tmp_root, kind="mrd")
+        run.run_unit(req, log=logging.getLogger("test-job"))
+        with np.load(out / "images.npz") as f:
+            return {k: f[k] for k in f.files}
+
+    want = images(None, tmp_path / "in-memory")
+    assert "wait on disk" not in caplog.text
+    monkeypatch.setattr(reader, "SPILL_BYTES", 0)
+    with caplog.at_level(logging.INFO, logger="test-job"):
+        got = images(tmp_path / "spool-tmp", tmp_path / "on-disk")
+    assert f"of raw samples wait on disk (an unnamed file in {tmp_path / 'spool-tmp'})" in caplog.text
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
