@@ -59,10 +59,7 @@ def study_b1_reference(store: JobStore, job: Job, jlog: logging.Logger) -> Path 
     if not uid or not _takes_b1(job.pipeline or "", job.params):
         return None
     waited = job.attributes.get("b1_wait")
-    if isinstance(waited, dict) and job.started is not None and job.attempts == 1:
-        held = job.started - job.created
-        if held >= 1.0:
-            jlog.info("waited %.0f s for the study's B1 map", held)
+    held = (job.started or job.created) - job.created
     pending = store.study_b1_job(str(uid))
     if pending is not None:
         jlog.warning(
@@ -72,6 +69,11 @@ def study_b1_reference(store: JobStore, job: Job, jlog: logging.Logger) -> Path 
             "waited as long as allowed" if isinstance(waited, dict) else "the route replies over MRD",
         )
     ref = store.study_result("b1_map", str(uid))
+    if isinstance(waited, dict) and job.attempts == 1:
+        if ref is not None and (ref.finished or 0.0) > job.created:
+            jlog.info("waited %.0f s for the study's B1 map (job %s)", held, ref.id)
+        elif ref is None and float(waited.get("arrive_until", 0.0)) > job.created:
+            jlog.info("waited %.0f s for the study's B1 series; none came, so B1 comes from the fingerprints", held)
     if ref is None or ref.result_dir is None:
         return None
     path = Path(ref.result_dir) / "maps.npz"

@@ -159,7 +159,7 @@ def test_a_raw_job_waits_for_a_b1_series_sent_after_it(tmp_path):
         assert node.stop() == 0, node.log()[-3000:]
     assert b1_job.state in ("done", "sent") and job.started >= b1_job.finished
     assert f"the study's measured B1 map: job {b1_job.id}" in job.log, job.log
-    assert "s for the study's B1 map" in job.log and job.error is None, job.log
+    assert f"s for the study's B1 map (job {b1_job.id})" in job.log and job.error is None, job.log
     with np.load(Path(job.result_dir) / "maps.npz") as f:
         b1, mapped = f["b1"][0], f["t1"][0] > 0
     inside = mapped & body
