@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from pipelines.types import StudyInfo
+
+
+def new_instance(sop_class_uid: str, sop_instance_uid: str, implementation_version: str) -> Dataset:
+    """A dataset with its file meta (Explicit VR Little Endian), UTF-8 character set and SOP Common UIDs: the start
+    of every instance this project writes with pydicom alone."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = implementation_version
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = UID(sop_class_uid)
+    ds.SOPInstanceUID = sop_instance_uid
+    return ds
 
 
 def set_patient_and_study(ds: Dataset, info: StudyInfo, study_uid: str) -> None:

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import ismrmrd.xsd as x
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, RawDataStorage
+from pydicom.dataset import Dataset
+from pydicom.uid import RawDataStorage
 
-from pipelines.io.dicom_modules import set_patient_and_study
+from pipelines.io.dicom_modules import new_instance, set_patient_and_study
 from pipelines.io.dicom_uids import deterministic_uid
 from pipelines.io.mrd_reader import read_hdf5_header, study_info_from_header
 from pipelines.types import StudyInfo
@@ -93,19 +93,7 @@ def wrap_ismrmrd_in_raw_data(
     sop_uid = sop_instance_uid or deterministic_uid("raw-instance", series_uid, digest)
     now = datetime.now()
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RawDataStorage
-    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "RECON_NODE"
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    # SOP common
-    ds.SOPClassUID = RawDataStorage
-    ds.SOPInstanceUID = sop_uid
+    ds = new_instance(RawDataStorage, sop_uid, "RECON_NODE")
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
     set_patient_and_study(ds, info, study_uid)

@@ -11,13 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, MRImageStorage
-from pydicom.valuerep import format_number_as_ds
 
-from pipelines.io.dicom_modules import set_patient_and_study
 from pipelines.io.dicom_uids import deterministic_uid
 from pipelines.mapping.b1_measured import voxel_centres
+from pipelines.sim.mr_image import mr_image_dataset
 from pipelines.types import Geometry, StudyInfo
 
 
@@ -85,34 +82,24 @@ def write_b1_series(
     study_uid = info.study_instance_uid or deterministic_uid("study", info.patient_id)
     series_uid = deterministic_uid("b1 series", study_uid, series_number)
     frame_of_ref = info.frame_of_reference_uid or geometry.frame_of_reference_uid or deterministic_uid("for", study_uid)
-    o = np.asarray(geometry.orientation, dtype=np.float64)
-    normal = np.cross(o[:3], o[3:])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for s in range(geometry.n_slices):
         sop_uid = deterministic_uid("b1 instance", series_uid, s)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 192"
-        ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = sop_uid
-        set_patient_and_study(ds, info, study_uid)
-        ds.Modality = "MR"
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = series_number
-        ds.SeriesDescription = description
-        ds.PatientPosition = "HFS"
-        ds.Laterality = ""
-        ds.FrameOfReferenceUID = frame_of_ref
-        ds.PositionReferenceIndicator = ""
-        ds.Manufacturer = info.manufacturer or "recon-node"
-        ds.InstanceNumber = s + 1
+        ds = mr_image_dataset(
+            stored[s],
+            sop_uid=sop_uid,
+            info=info,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            series_number=series_number,
+            description=description,
+            frame_of_reference_uid=frame_of_ref,
+            geometry=geometry,
+            slice_index=s,
+            instance_number=s + 1,
+        )
         ds.ImageType = ["ORIGINAL", "PRIMARY", "B1", "FLIP ANGLE MAP"]
         ds.ImageComments = f"relative B1 x {nominal:g} (nominal flip angle = {nominal:g})"
         ds.ScanningSequence = "GR"
@@ -122,20 +109,6 @@ def write_b1_series(
         ds.EchoTrainLength = 1
         ds.RepetitionTime = "5000"
         ds.EchoTime = "2.2"
-        ds.PixelSpacing = [format_number_as_ds(float(v)) for v in geometry.pixel_spacing_mm]
-        ds.ImageOrientationPatient = [format_number_as_ds(float(v)) for v in geometry.orientation]
-        position = np.asarray(geometry.positions[s], dtype=np.float64)
-        ds.ImagePositionPatient = [format_number_as_ds(float(v)) for v in position]
-        ds.SliceThickness = format_number_as_ds(float(geometry.slice_thickness_mm))
-        ds.SliceLocation = format_number_as_ds(float(position @ normal))
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = geometry.matrix
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.PixelData = stored[s].tobytes()
         path = out / f"b1_{s + 1:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

@@ -36,21 +36,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, MRImageStorage
-from pydicom.valuerep import format_number_as_ds
 
-from pipelines.io.dicom_modules import set_patient_and_study
 from pipelines.io.dicom_uids import deterministic_uid
+from pipelines.sim.mr_image import ds_number, mr_image_dataset
 from pipelines.sim.study import MultiSliceStudy, SimulatedStudy
 
 # Largest stored value: leaves headroom below 4095 so a 12-bit display pipeline never clips.
 MAX_STORED_VALUE = 4000
-
-
-def _ds(value: float) -> str:
-    # DS holds at most 16 characters; format_number_as_ds keeps the most digits that fit.
-    return format_number_as_ds(float(value))
 
 
 def _frame_times(study: SimulatedStudy, n_frames: int) -> tuple[list[str], str]:
@@ -123,13 +115,9 @@ def write_dicom_frames(
     frame_of_ref = info.frame_of_reference_uid or g.frame_of_reference_uid or deterministic_uid("for", study_uid)
     times, date = _frame_times(study, n_frames)
     b0 = float(study.field_strength_T)
-    row_dir = np.asarray(g.orientation[:3], dtype=np.float64)
-    col_dir = np.asarray(g.orientation[3:], dtype=np.float64)
     s_idx, n_slices = study.slice_index, g.n_slices
     if not 0 <= s_idx < n_slices:
         raise ValueError(f"slice_index {s_idx} is outside the geometry's {n_slices} slice positions")
-    position = np.asarray(g.positions[s_idx], dtype=np.float64)
-    slice_location = float(np.dot(position, np.cross(row_dir, col_dir)))
     inversion = seq.ti_ms is not None
 
     out = Path(out_dir)
@@ -139,39 +127,25 @@ def write_dicom_frames(
     for f in range(n_frames):
         # Single slice: the UIDs and names of before; a stack: the slice is part of both.
         sop_uid = deterministic_uid("instance", *key, s_idx, f) if multi else deterministic_uid("instance", *key, f)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        meta.ImplementationVersionName = "RECON_NODE_SIM"
-
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 192"
-        # SOP common
-        ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = sop_uid
+        ds = mr_image_dataset(
+            stored[f],
+            sop_uid=sop_uid,
+            info=info,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            series_number=series_number,
+            description=info.series_description or f"MRF {seq.name} frames",
+            frame_of_reference_uid=frame_of_ref,
+            geometry=g,
+            slice_index=s_idx,
+            instance_number=s_idx * n_frames + f + 1,
+        )
         ds.InstanceCreationDate = date
         ds.InstanceCreationTime = times[0].split(".")[0] if times[0] else ""
-        set_patient_and_study(ds, info, study_uid)
-        # General series
-        ds.Modality = "MR"
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = series_number
         ds.SeriesDate = info.study_date
         ds.SeriesTime = info.study_time
-        ds.SeriesDescription = info.series_description or f"MRF {seq.name} frames"
         if info.protocol_name:
             ds.ProtocolName = info.protocol_name
-        ds.PatientPosition = "HFS"
-        # Type 2C (paired body parts); the simulator does not say which part it imaged, so: present and empty.
-        ds.Laterality = ""
-        # Frame of reference
-        ds.FrameOfReferenceUID = frame_of_ref
-        ds.PositionReferenceIndicator = ""
-        # General equipment
-        ds.Manufacturer = info.manufacturer or "recon-node"
         ds.ManufacturerModelName = "MRF simulator"
         if info.institution_name:
             ds.InstitutionName = info.institution_name
@@ -179,7 +153,6 @@ def write_dicom_frames(
             ds.StationName = info.station_name
         ds.SoftwareVersions = "recon-node"
         # General image
-        ds.InstanceNumber = s_idx * n_frames + f + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
         ds.AcquisitionNumber = f + 1
         ds.AcquisitionDate = date
@@ -189,47 +162,31 @@ def write_dicom_frames(
         ds.ImageComments = (
             f"MRF slice {s_idx + 1}/{n_slices} " if multi else "MRF "
         ) + f"frame {f + 1}/{n_frames}; pixel = |signal| x {scale:.6g} (one scale for the whole series)"
-        # Image plane
-        ds.PixelSpacing = [_ds(g.pixel_spacing_mm[0]), _ds(g.pixel_spacing_mm[1])]
-        ds.ImageOrientationPatient = [_ds(v) for v in g.orientation]
-        ds.ImagePositionPatient = [_ds(v) for v in position]
-        ds.SliceThickness = _ds(g.slice_thickness_mm)
-        ds.SliceLocation = _ds(slice_location)
-        # Image pixel
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = rows
-        ds.Columns = cols
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.PixelData = stored[f].tobytes()
         # MR image
         ds.ScanningSequence = ["GR", "IR"] if inversion else "GR"
         ds.SequenceVariant = "SS"  # FISP: unbalanced steady-state free precession
         ds.ScanOptions = ""
         ds.MRAcquisitionType = "2D"
         ds.SequenceName = f"mrf_{seq.readout}"
-        ds.RepetitionTime = _ds(seq.tr_ms[f])
-        ds.EchoTime = _ds(seq.te_ms[f])
+        ds.RepetitionTime = ds_number(seq.tr_ms[f])
+        ds.EchoTime = ds_number(seq.te_ms[f])
         if seq.ti_ms is not None:
-            ds.InversionTime = _ds(seq.ti_ms)
+            ds.InversionTime = ds_number(seq.ti_ms)
         ds.EchoTrainLength = 1
-        ds.FlipAngle = _ds(seq.flip_angles_deg[f])
+        ds.FlipAngle = ds_number(seq.flip_angles_deg[f])
         ds.VariableFlipAngleFlag = "Y"
         ds.NumberOfAverages = "1"
-        ds.ImagingFrequency = _ds(42.577478 * b0)
+        ds.ImagingFrequency = ds_number(42.577478 * b0)
         ds.ImagedNucleus = "1H"
-        ds.MagneticFieldStrength = _ds(b0)
+        ds.MagneticFieldStrength = ds_number(b0)
         ds.EchoNumbers = "1"
         ds.AcquisitionMatrix = [0, cols, rows, 0]
         ds.InPlanePhaseEncodingDirection = "COL"
         ds.TemporalPositionIdentifier = f + 1
         ds.NumberOfTemporalPositions = n_frames
         # VOI LUT: the full stored range
-        ds.WindowCenter = _ds(MAX_STORED_VALUE / 2)
-        ds.WindowWidth = _ds(MAX_STORED_VALUE)
+        ds.WindowCenter = ds_number(MAX_STORED_VALUE / 2)
+        ds.WindowWidth = ds_number(MAX_STORED_VALUE)
 
         path = out / (f"slice_{s_idx + 1:03d}_frame_{f + 1:04d}.dcm" if multi else f"frame_{f + 1:04d}.dcm")
         ds.save_as(path, enforce_file_format=True)
