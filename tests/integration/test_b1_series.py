@@ -32,33 +32,44 @@ OTHER_STUDY = "1.2.826.0.1.3680043.8.498.5152"
 FRAME_OF_REFERENCE = "1.2.826.0.1.3680043.8.498.5153"
 
 
-def test_the_study_b1_series_is_used_by_its_raw_mrf_job_and_no_other(tmp_path):
+def _study_and_b1_series(tmp_path, seed):
+    """A 32² spiral MRF study of STUDY and its B1 series (the truth, noise-free), written as DICOM files."""
     if not os.path.exists(STORESCU):
         pytest.skip("DCMTK storescu is not installed")
     with one_torch_thread():
         raw = simulate_study(
-            "brain", fisp_sequence(), AcquisitionSettings(trajectory="spiral", coils=4, snr=50.0, seed=3), matrix=32
+            "brain", fisp_sequence(), AcquisitionSettings(trajectory="spiral", coils=4, snr=50.0, seed=seed), matrix=32
         )
     raw.study = replace(raw.study, study_instance_uid=STUDY, frame_of_reference_uid=FRAME_OF_REFERENCE)
-    truth = raw.truth["b1"]
-    body = raw.truth["labels"] > 0
+    truth, body = raw.truth["b1"], raw.truth["labels"] > 0
     rel, geometry = simulate_b1_series(truth[None], body[None], raw.geometry, matrix=32, fov_mm=240.0, noise=0.0)
-    files = write_b1_series(rel, geometry, raw.study, tmp_path / "b1")
+    return raw, truth, body, write_b1_series(rel, geometry, raw.study, tmp_path / "b1")
 
-    node = start_node(tmp_path, {
+
+def _node(tmp_path, **mrf_route):
+    return start_node(tmp_path, {
         "node": {"ae_title": NODE_AE},
         "grouping": {"default": {"by": "series", "quiet_seconds": 1}},
         "routes": [
             {"name": "b1", "match": {"input": "dicom", "series_description": "tfl_b1map"}, "pipeline": "b1_map",
              "params": {"nominal": 800}},
-            {"name": "raw-mrf", "match": {"input": "mrd"}, "pipeline": "mrf"},
+            {"name": "raw-mrf", "match": {"input": "mrd"}, "pipeline": "mrf", **mrf_route},
         ],
     })
+
+
+def _storescu(node, files):
+    p = subprocess.run([STORESCU, "-aet", "TEST_SCU", "-aec", NODE_AE, "127.0.0.1", str(node.dicom_port),
+                        *map(str, files)], capture_output=True, text=True,
+                       env={**os.environ, "TCP_NODELAY": "1"}, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+
+def test_the_study_b1_series_is_used_by_its_raw_mrf_job_and_no_other(tmp_path):
+    raw, truth, body, files = _study_and_b1_series(tmp_path, seed=3)
+    node = _node(tmp_path)
     try:
-        p = subprocess.run([STORESCU, "-aet", "TEST_SCU", "-aec", NODE_AE, "127.0.0.1", str(node.dicom_port),
-                            *map(str, files)], capture_output=True, text=True,
-                           env={**os.environ, "TCP_NODELAY": "1"}, timeout=120)
-        assert p.returncode == 0, p.stderr
+        _storescu(node, files)
         b1_job = node.wait_job_state("done", timeout=120)
         assert b1_job.pipeline == "b1_map" and "B1 series" in b1_job.log, b1_job.log
 
@@ -121,26 +132,8 @@ def test_a_raw_job_waits_for_a_b1_series_sent_after_it(tmp_path):
     """A scanner that sends its DICOM at the end of the exam: the raw MRF stream comes first. With the route's
     ``wait_for_b1_seconds`` its job waits, queued and saying so in ``recon-node status``, until the study's B1
     series has come and been processed, and then uses it."""
-    if not os.path.exists(STORESCU):
-        pytest.skip("DCMTK storescu is not installed")
-    with one_torch_thread():
-        raw = simulate_study(
-            "brain", fisp_sequence(), AcquisitionSettings(trajectory="spiral", coils=4, snr=50.0, seed=5), matrix=32
-        )
-    raw.study = replace(raw.study, study_instance_uid=STUDY, frame_of_reference_uid=FRAME_OF_REFERENCE)
-    truth, body = raw.truth["b1"], raw.truth["labels"] > 0
-    rel, geometry = simulate_b1_series(truth[None], body[None], raw.geometry, matrix=32, fov_mm=240.0, noise=0.0)
-    files = write_b1_series(rel, geometry, raw.study, tmp_path / "b1")
-
-    node = start_node(tmp_path, {
-        "node": {"ae_title": NODE_AE},
-        "grouping": {"default": {"by": "series", "quiet_seconds": 1}},
-        "routes": [
-            {"name": "b1", "match": {"input": "dicom", "series_description": "tfl_b1map"}, "pipeline": "b1_map",
-             "params": {"nominal": 800}},
-            {"name": "raw-mrf", "match": {"input": "mrd"}, "pipeline": "mrf", "wait_for_b1_seconds": 600},
-        ],
-    })
+    raw, truth, body, files = _study_and_b1_series(tmp_path, seed=5)
+    node = _node(tmp_path, wait_for_b1_seconds=600)
     try:
         said = [r for r in send_study(raw, "127.0.0.1", node.mrd_port, timeout=120) if isinstance(r, str)]
         assert len(said) == 1 and said[0].endswith(" queued"), said
@@ -149,10 +142,7 @@ def test_a_raw_job_waits_for_a_b1_series_sent_after_it(tmp_path):
         queued = node.wait_job_state("queued", job_id=job_id)
         assert queued.error.startswith("waiting for the study's B1 series until "), queued.error
         assert "waiting for the study's B1 series" in json.dumps(node.status_json())
-        p = subprocess.run([STORESCU, "-aet", "TEST_SCU", "-aec", NODE_AE, "127.0.0.1", str(node.dicom_port),
-                            *map(str, files)], capture_output=True, text=True,
-                           env={**os.environ, "TCP_NODELAY": "1"}, timeout=120)
-        assert p.returncode == 0, p.stderr
+        _storescu(node, files)
         job = node.wait_job_state("done", job_id=job_id, timeout=600)
         b1_job = next(j for j in node.jobs() if j.pipeline == "b1_map")
     finally:
